@@ -1,0 +1,42 @@
+# The README's two commands: `make run` (the pipeline on the embedded default) and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install run test lint format world-judge world-teacher dry-run clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m cdm.params params.yaml
+	snakemake --cores all
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	ruff check src tests bench
+	ruff format --check src tests bench
+
+format: $(STAMP)
+	ruff format src tests bench
+	ruff check --fix src tests bench
+
+# The shapes world's pretrained models (committed): retrain them on purpose only.
+world-judge: $(STAMP)
+	snakemake --cores all --force world_judge
+
+world-teacher: $(STAMP)
+	snakemake --cores all --force world_teacher
+
+dry-run: $(STAMP)
+	snakemake --cores all -n
+
+clean:
+	rm -rf models cache samples logs .snakemake

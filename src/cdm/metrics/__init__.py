@@ -1,0 +1,1 @@
+"""Metrics: Fréchet distance, precision/recall, judge alignment."""

@@ -1,0 +1,79 @@
+"""Stage prepare_teacher: resolve and check the teacher, then measure it.
+
+For the shapes world: load the committed teacher and judge, check the judge on fresh
+renders, and write the teacher's judge alignment and Fréchet distance with and without
+CFG to results/teacher.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from cdm import params as P
+from cdm.backends import load_backend
+from cdm.cli import run_stage, stage_parser
+from cdm.io import atomic_dir, atomic_write_json
+from cdm.world.evaluate import EvalPairs, teacher_report
+from cdm.world.judge import Judge
+from cdm.world.teacher import WorldTeacher
+from cdm.world.train import judge_accuracy
+
+log = logging.getLogger("prepare_teacher")
+JUDGE_MIN_ACCURACY = 0.99
+
+
+def check_judge(judge: Judge, renders: int, seed: int) -> dict[str, float]:
+    accuracy = judge_accuracy(judge, renders, seed)
+    worst = min(accuracy, key=accuracy.get)
+    if accuracy[worst] < JUDGE_MIN_ACCURACY:
+        raise ValueError(
+            f"judge reads '{worst}' right on only {accuracy[worst]:.3f} of fresh renders "
+            f"(need {JUDGE_MIN_ACCURACY}); retrain it with `make world-judge`"
+        )
+    return accuracy
+
+
+def prepare_shapes(params: P.Params, models: str, out: str) -> dict[str, float]:
+    cfg, stage = params.teacher, params.prepare_teacher
+    torch.manual_seed(params.seed)
+    backend = load_backend(cfg.backend, cfg.path)
+    judge = Judge.from_pretrained(params.judge.path)
+    accuracy = check_judge(judge, stage.judge_renders, params.seed + 7)
+    log.info("judge accuracy on %d fresh renders: %s", stage.judge_renders, accuracy)
+    teacher: WorldTeacher = backend.teacher  # type: ignore[attr-defined]
+    start = time.time()
+    pairs = EvalPairs.world(stage.n_pairs)
+    report = teacher_report(teacher, judge, pairs, cfg.steps, cfg.cfg_scale, stage.batch_size)
+    report |= {
+        "n_pairs": stage.n_pairs,
+        "cfg_scale": cfg.cfg_scale,
+        "steps": cfg.steps,
+        "judge_accuracy": accuracy,
+        "teacher_parameters": teacher.num_parameters,
+        "eval_seconds": round(time.time() - start, 1),
+    }
+    log.info("teacher: %s", report)
+    with atomic_dir(f"{models}/teacher") as tmp:
+        backend.save_teacher(tmp)
+    with atomic_dir(f"{models}/judge") as tmp:
+        judge.save_pretrained(tmp)
+    atomic_write_json(out, report)
+    return report
+
+
+def main() -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--models", default="models", help="output folder of the resolved models")
+    parser.add_argument("--out", default="results/teacher.json")
+    args = parser.parse_args()
+    params = P.load(args.params)
+    if params.teacher.backend != "shapes":
+        raise ValueError(f"backend '{params.teacher.backend}' is not available in this build")
+    prepare_shapes(params, args.models, args.out)
+
+
+if __name__ == "__main__":
+    run_stage(main)

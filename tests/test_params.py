@@ -1,0 +1,46 @@
+import subprocess
+
+import pytest
+import yaml
+
+from cdm import params as P
+from tests.conftest import PYTHON, ROOT
+
+
+def test_default_params_file_validates():
+    loaded = P.load(ROOT / "params.yaml")
+    assert loaded.teacher.backend == "shapes"
+    assert loaded.prepare_teacher.n_pairs == 512
+
+
+def test_unknown_key_is_named_with_the_allowed_ones():
+    with pytest.raises(P.ParamsError) as err:
+        P.parse({"prepare_teacher": {"n_pair": 5}})
+    msg = str(err.value)
+    assert "prepare_teacher.n_pair" in msg and "n_pairs" in msg and "\n" not in msg
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(P.ParamsError, match=r"teacher\.steps: .*integer"):
+        P.parse({"teacher": {"steps": "many"}})
+
+
+def test_negative_step_count_is_rejected():
+    with pytest.raises(P.ParamsError, match=r"teacher\.steps: .*greater than 0 \(got -3\)"):
+        P.parse({"teacher": {"steps": -3}})
+
+
+def test_unknown_backend_lists_choices():
+    with pytest.raises(P.ParamsError, match="'shapes', 'sd3' or 'longcat'"):
+        P.parse({"teacher": {"backend": "sdxl"}})
+
+
+def test_cli_exits_non_zero_with_one_line(tmp_path):
+    bad = tmp_path / "params.yaml"
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["world_teacher"]["steps"] = -1
+    bad.write_text(yaml.safe_dump(data))
+    proc = subprocess.run([PYTHON, "-m", "cdm.params", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "world_teacher.steps" in proc.stderr

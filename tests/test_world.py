@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from cdm.world import ATTRIBUTES, Attributes, all_prompts, parse_prompt, prompt_of, render
+from cdm.world.render import random_batch
+from cdm.world.text import WordTokenizer
+
+
+def test_world_has_enough_distinct_prompts():
+    prompts = all_prompts()
+    assert len(prompts) == len(set(prompts)) >= 100
+    assert len(ATTRIBUTES) >= 3
+
+
+def test_prompt_attribute_round_trip():
+    for index, prompt in enumerate(all_prompts()):
+        attrs = parse_prompt(prompt)
+        assert attrs.index == index
+        assert Attributes.from_index(index) == attrs
+        assert prompt_of(attrs) == prompt
+
+
+def test_prompt_reads_like_english():
+    assert prompt_of(Attributes(shape=2, colour=0, position=0)) == "a red triangle at the top left"
+    assert prompt_of(Attributes(shape=1, colour=2, position=4)) == "a blue circle in the center"
+
+
+@pytest.mark.parametrize("bad", ["", "a red blob at the top left", "a red square somewhere", "hello"])
+def test_parse_rejects_non_world_text(bad):
+    with pytest.raises(ValueError, match="not a shapes-world prompt"):
+        parse_prompt(bad)
+
+
+def test_render_is_deterministic_per_seed():
+    attrs = [Attributes(0, 1, 2), Attributes(3, 4, 4)]
+    a = render(attrs, [5, 6])
+    b = render(attrs, [5, 6])
+    assert torch.equal(a, b)
+    # An image depends on its own pair only, not on its batch neighbours.
+    assert torch.equal(render(attrs[1:], [6])[0], a[1])
+    # Another seed gives another image of the same prompt (nuisance variation).
+    assert not torch.allclose(render(attrs[:1], [7])[0], a[0])
+
+
+def test_render_range_and_shape():
+    images, index = random_batch(64, torch.Generator().manual_seed(0))
+    assert images.shape == (64, 3, 32, 32)
+    assert images.min() >= -1 and images.max() <= 1
+    assert index.min() >= 0 and index.max() < len(all_prompts())
+
+
+def test_colour_and_position_show_in_pixels():
+    # A red object at the top left: the top-left quadrant is redder than the bottom right.
+    image = render([Attributes(shape=0, colour=0, position=0)], [0])[0]
+    red_minus_green = image[0] - image[1]
+    assert red_minus_green[:16, :16].mean() > red_minus_green[16:, 16:].mean() + 0.3
+
+
+def test_tokenizer_round_trip(tmp_path):
+    tok = WordTokenizer.for_world()
+    ids = tok(["a red square at the top left", ""])
+    assert ids.shape == (2, tok.max_length)
+    assert (ids[0] == tok.vocab["<unk>"]).sum() == 0
+    assert ids[1, 1] == tok.eos_id  # null prompt: BOS EOS PAD...
+    tok.save_pretrained(tmp_path)
+    again = WordTokenizer.from_pretrained(tmp_path)
+    assert torch.equal(again(["a cyan cross in the center"]), tok(["a cyan cross in the center"]))

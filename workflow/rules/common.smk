@@ -1,0 +1,3 @@
+# Shared settings of every rule.
+PARAMS_FILE = "params.yaml"
+PYTHON = "python"

@@ -1,0 +1,21 @@
+# Stage prepare_teacher: resolve and check the teacher, measure it with and without CFG.
+# The teacher and judge paths are params, not inputs: like a hub id they name a given
+# checkpoint, and as inputs they would tie this rule to the world_* training rules.
+
+
+rule prepare_teacher:
+    input:
+        script="src/prepare_teacher.py",
+    output:
+        teacher=directory("models/teacher"),
+        judge=directory("models/judge"),
+        report="results/teacher.json",
+    params:
+        seed=config["seed"],
+        teacher=config["teacher"],
+        judge=config["judge"],
+        stage=config["prepare_teacher"],
+    log:
+        "logs/prepare_teacher.log",
+    shell:
+        "{PYTHON} src/prepare_teacher.py --params {PARAMS_FILE} 2>&1 | tee {log}"
