@@ -61,7 +61,8 @@ def main() -> None:
     section = "world_teacher" if args.what == "teacher" else "world_judge"
     if args.steps is not None:
         params = P.parse(
-            params.model_dump() | {section: getattr(params, section).model_dump() | {"steps": args.steps}}
+            params.model_dump()
+            | {section: getattr(params, section).model_dump() | {"steps": args.steps}}
         )
     out = Path(args.out or getattr(params, section).out)
     (teacher if args.what == "teacher" else judge)(params, out)

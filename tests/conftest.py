@@ -26,5 +26,7 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny_teacher")
-    WorldTeacher.new(shift=2.0, num_layers=1, heads=2, head_dim=8, text_width=16).save_pretrained(path)
+    WorldTeacher.new(shift=2.0, num_layers=1, heads=2, head_dim=8, text_width=16).save_pretrained(
+        path
+    )
     return path

@@ -26,7 +26,11 @@ def _params(tmp: Path, **sections: dict) -> Path:
 
 def _run(script: str, tmp: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [PYTHON, str(ROOT / "src" / script), *args], cwd=tmp, capture_output=True, text=True, timeout=600
+        [PYTHON, str(ROOT / "src" / script), *args],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -66,8 +70,20 @@ def test_missing_teacher_folder_is_one_line(tmp_path):
 
 def test_world_teacher_target_trains_a_few_steps(tmp_path):
     out = tmp_path / "teacher"
-    params = _params(tmp_path, world_teacher={"num_layers": 1, "heads": 2, "head_dim": 8, "text_width": 16})
-    proc = _run("train_world.py", tmp_path, "teacher", "--params", str(params), "--steps", "3", "--out", str(out))
+    params = _params(
+        tmp_path, world_teacher={"num_layers": 1, "heads": 2, "head_dim": 8, "text_width": 16}
+    )
+    proc = _run(
+        "train_world.py",
+        tmp_path,
+        "teacher",
+        "--params",
+        str(params),
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = (out / "loss.csv").read_text().splitlines()
     assert rows[0] == "step,loss,lr,seconds" and rows[-1].startswith("3,")
@@ -77,7 +93,9 @@ def test_world_teacher_target_trains_a_few_steps(tmp_path):
 
 def test_make_run_with_broken_params_writes_nothing(tmp_path):
     """`make run` on a copy of the project whose params.yaml is broken."""
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
     if not files:  # not a git checkout: copy the essentials
         files = ["Makefile", "Snakefile", "params.yaml", "pyproject.toml"]
     for name in files:
@@ -89,10 +107,15 @@ def test_make_run_with_broken_params_writes_nothing(tmp_path):
     venv = Path(PYTHON).parent.parent
     proc = subprocess.run(
         ["make", "run", f"VENV={venv}", f"STAMP={venv}/.installed"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: params.yaml: teacher.steps: input should be greater than 0 (got -28); fix it in params.yaml"]
+    assert errors == [
+        "error: params.yaml: teacher.steps: input should be greater than 0 (got -28); fix it in params.yaml"
+    ]
     assert not (tmp_path / "models").exists()
     assert not any((tmp_path / "results").glob("*.json"))

@@ -39,7 +39,9 @@ def test_committed_teacher_loads_and_is_small(root):
     assert (path / "params.json").is_file() and (path / "loss.csv").is_file()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        v = TransformerVelocity(teacher.transformer)(x, torch.tensor([0.5, 0.5]), teacher.condition(["", ""]))
+        v = TransformerVelocity(teacher.transformer)(
+            x, torch.tensor([0.5, 0.5]), teacher.condition(["", ""])
+        )
     assert v.shape == x.shape and torch.isfinite(v).all()
 
 

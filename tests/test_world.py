@@ -25,7 +25,9 @@ def test_prompt_reads_like_english():
     assert prompt_of(Attributes(shape=1, colour=2, position=4)) == "a blue circle in the center"
 
 
-@pytest.mark.parametrize("bad", ["", "a red blob at the top left", "a red square somewhere", "hello"])
+@pytest.mark.parametrize(
+    "bad", ["", "a red blob at the top left", "a red square somewhere", "hello"]
+)
 def test_parse_rejects_non_world_text(bad):
     with pytest.raises(ValueError, match="not a shapes-world prompt"):
         parse_prompt(bad)

@@ -15,7 +15,9 @@ INPUT_ERRORS = (ParamsError, FileNotFoundError, ValueError)
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: params.yaml)"
+    )
     return parser
 
 

@@ -28,6 +28,4 @@ class Condition(NamedTuple):
 
     @staticmethod
     def cat(parts: list[Condition]) -> Condition:
-        return Condition(
-            torch.cat([p.embeds for p in parts]), torch.cat([p.pooled for p in parts])
-        )
+        return Condition(torch.cat([p.embeds for p in parts]), torch.cat([p.pooled for p in parts]))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_PATH = Path("params.yaml")
 
@@ -43,6 +43,87 @@ class PrepareTeacher(Section):
     n_pairs: int = Field(512, gt=0)  # held-out prompt/seed pairs of the teacher check
     batch_size: int = Field(256, gt=0)
     judge_renders: int = Field(2048, gt=0)  # fresh renders of the judge accuracy check
+
+
+class Prompts(Section):
+    """Which prompts train and evaluate (shared by cache_teacher, sample, score)."""
+
+    train_file: str | None = None  # one prompt per line; None: every shapes-world prompt
+    eval_file: str | None = None  # None: the shapes world's prompts, cycled to eval_pairs
+    eval_pairs: int = Field(2048, gt=0)  # prompt/seed pairs of the evaluation
+
+
+class CacheTeacher(Section):
+    batch_size: int = Field(64, gt=0)
+
+
+class Method(Section):
+    """A named distillation variant: which schedule and which student losses."""
+
+    schedule: Literal["fixed", "dynamic"]
+    ca: bool = True  # CFG augmentation
+    dm: bool = True  # distribution matching
+    cdm: bool = False  # off-trajectory continuous-time matching
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> Method:
+        if not (self.ca or self.dm or self.cdm):
+            raise ValueError("a method needs at least one of ca, dm, cdm")
+        return self
+
+
+DEFAULT_METHODS = {
+    "dmd2": Method(schedule="fixed", ca=True, dm=True, cdm=False),
+    "dynamic": Method(schedule="dynamic", ca=True, dm=True, cdm=False),
+    "cdm": Method(schedule="dynamic", ca=True, dm=True, cdm=True),
+    "dm_only": Method(schedule="dynamic", ca=False, dm=True, cdm=False),
+}
+
+
+class Distill(Section):
+    """CDM distillation (METHOD.md); the defaults fit the shapes world on a CPU."""
+
+    methods: list[str] = ["dmd2", "cdm"]  # which presets of `methods` the pipeline runs
+    iterations: int = Field(400, gt=0)  # fake-score updates; the student gets 1/update_ratio
+    batch_size: int = Field(32, gt=0)  # per process
+    update_ratio: int = Field(2, gt=0)  # fake-score updates per student update
+    lr_student: float = Field(1e-4, gt=0)
+    lr_fake: float = Field(5e-5, gt=0)
+    warmup: int = Field(20, ge=0)  # optimizer steps of linear warm-up, then constant
+    betas: list[float] = Field([0.9, 0.999], min_length=2, max_length=2)
+    weight_decay: float = Field(1e-4, ge=0)
+    adam_eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    guidance: float = Field(7.0, ge=0)  # g of the CA loss, (alpha - 1) of Decoupled DMD
+    fake_blend: float = Field(0.999, ge=0, le=1)  # F <- fake_blend F + (1 - fake_blend) G
+    ema_max: float = Field(0.999, ge=0, lt=1)  # student EMA decay min((1+n)/(10+n), ema_max)
+    normaliser_floor: float = Field(0.1, gt=0)
+    tau_min: float = Field(0.02, gt=0, lt=1)  # re-noising range of every loss
+    tau_max: float = Field(0.98, gt=0, lt=1)
+    inference_sigmas: list[float] = [1.0, 0.75, 0.5, 0.25]  # raw; the fixed schedule too
+    k_min: int = Field(1, gt=0)  # dynamic schedule: K ~ U{k_min..k_max}
+    k_max: int = Field(28, gt=0)
+    u_min: float = Field(0.25, gt=0, lt=1)  # inner raw sigmas ~ U[u_min, u_max]
+    u_max: float = Field(0.95, gt=0, lt=1)
+    zero_stage: Literal[2, 3] = 2
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(50, gt=0)  # student steps between checkpoints
+    keep_checkpoints: int = Field(2, gt=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Distill:
+        if self.k_min > self.k_max:
+            raise ValueError(f"k_min ({self.k_min}) must be <= k_max ({self.k_max})")
+        if self.u_min > self.u_max:
+            raise ValueError(f"u_min ({self.u_min}) must be <= u_max ({self.u_max})")
+        if self.tau_min >= self.tau_max:
+            raise ValueError(f"tau_min ({self.tau_min}) must be < tau_max ({self.tau_max})")
+        raw = self.inference_sigmas
+        if not raw or raw[0] != 1.0 or any(not 0 < s <= 1 for s in raw):
+            raise ValueError(f"inference_sigmas must start at 1.0 and lie in (0, 1], got {raw}")
+        if any(b >= a for a, b in zip(raw, raw[1:], strict=False)):
+            raise ValueError(f"inference_sigmas must be strictly decreasing, got {raw}")
+        return self
 
 
 class WorldTeacher(Section):
@@ -80,8 +161,22 @@ class Params(Section):
     teacher: Teacher = Teacher()
     judge: Judge = Judge()
     prepare_teacher: PrepareTeacher = PrepareTeacher()
+    prompts: Prompts = Prompts()
+    cache_teacher: CacheTeacher = CacheTeacher()
+    methods: dict[str, Method] = DEFAULT_METHODS
+    distill: Distill = Distill()
     world_teacher: WorldTeacher = WorldTeacher()
     world_judge: WorldJudge = WorldJudge()
+
+    @model_validator(mode="after")
+    def _known_methods(self) -> Params:
+        unknown = [m for m in self.distill.methods if m not in self.methods]
+        if unknown:
+            raise ValueError(
+                f"distill.methods names unknown method '{unknown[0]}'; "
+                f"define it under `methods` or choose one of {', '.join(self.methods)}"
+            )
+        return self
 
 
 def _describe(err: dict[str, Any], source: str) -> str:
@@ -93,6 +188,9 @@ def _describe(err: dict[str, Any], source: str) -> str:
             parent = parent.model_fields[str(part)].annotation  # type: ignore[assignment]
         allowed = ", ".join(parent.model_fields)  # type: ignore[union-attr]
         return f"{source}: unknown key '{key}'; allowed keys here: {allowed}"
+    if kind == "value_error":  # a cross-field rule: its message names the keys
+        where = f"{key}: " if key else ""
+        return f"{source}: {where}{err['msg'].removeprefix('Value error, ')}"
     got = err.get("input")
     return f"{source}: {key}: {err['msg'].lower()} (got {got!r}); fix it in {source}"
 
@@ -112,7 +210,9 @@ def parse(data: dict[str, Any] | None, source: str = "params.yaml") -> Params:
 def load(path: str | Path = DEFAULT_PATH) -> Params:
     path = Path(path)
     if not path.is_file():
-        raise ParamsError(f"{path}: no such params file; run from the project root or pass --params")
+        raise ParamsError(
+            f"{path}: no such params file; run from the project root or pass --params"
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

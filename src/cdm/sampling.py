@@ -19,7 +19,11 @@ def inference_sigmas(steps: int, shift: float, raw: list[float] | None = None) -
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    base = torch.tensor(raw, dtype=torch.float64) if raw is not None else torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    base = (
+        torch.tensor(raw, dtype=torch.float64)
+        if raw is not None
+        else torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    )
     shifted = time_shift(base, shift)
     return torch.cat([shifted, shifted.new_zeros(1)]).float()
 

@@ -16,11 +16,13 @@ class TransformerVelocity(torch.nn.Module):
         self.transformer = transformer
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """Velocity in float32 whatever the weights' precision (bf16 on GPU)."""
+        dtype = self.transformer.dtype
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
         return self.transformer(
-            hidden_states=x,
-            encoder_hidden_states=cond.embeds.to(x.dtype),
-            pooled_projections=cond.pooled.to(x.dtype),
-            timestep=1000 * sigma.to(x.dtype),
+            hidden_states=x.to(dtype),
+            encoder_hidden_states=cond.embeds.to(dtype),
+            pooled_projections=cond.pooled.to(dtype),
+            timestep=1000 * sigma.float(),
             return_dict=False,
-        )[0]
+        )[0].float()

@@ -1,19 +1,25 @@
-"""Name -> backend registry; its keys are the choices of `teacher.backend` in params.yaml."""
+"""Name -> backend registry; its keys are the choices of `teacher.backend` in params.yaml.
+
+Each backend module offers `load(path)` (the whole teacher, text encoders included, for
+prepare_teacher and cache_teacher), `load_velocity(path)` (the velocity network alone,
+for distill and sample) and `export(student, teacher_dir, out, inference)`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
+from types import ModuleType
 
+from cdm.backends import shapes
 from cdm.backends.base import Backend
-from cdm.backends.shapes import ShapesBackend
 
-BACKENDS: dict[str, Callable[[str | Path], Backend]] = {
-    "shapes": ShapesBackend.load,
-}
+BACKENDS: dict[str, ModuleType] = {"shapes": shapes}
 
 
-def load_backend(name: str, path: str | Path) -> Backend:
+def backend_module(name: str) -> ModuleType:
     if name not in BACKENDS:
         raise ValueError(f"backend '{name}' is not available; choose one of {', '.join(BACKENDS)}")
-    return BACKENDS[name](path)
+    return BACKENDS[name]
+
+
+def load_backend(name: str, path) -> Backend:
+    return backend_module(name).load(path)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 from cdm.conditioning import Condition
 from cdm.velocity import TransformerVelocity
@@ -41,3 +44,32 @@ class ShapesBackend:
 
     def save_teacher(self, path: Path) -> None:
         self.teacher.save_pretrained(path)
+
+
+def load_velocity(path: str | Path) -> tuple[TransformerVelocity, float, tuple[int, int, int]]:
+    """The teacher's velocity network alone (no text encoder): (model, shift, latent shape)."""
+    path = Path(path)
+    if not (path / "transformer").is_dir() or not (path / "scheduler").is_dir():
+        raise FileNotFoundError(
+            f"{path} is not a resolved teacher (expected transformer/ and scheduler/); "
+            "run the prepare_teacher stage first"
+        )
+    transformer = SD3Transformer2DModel.from_pretrained(path / "transformer")
+    shift = float(FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler").config.shift)
+    c, size = int(transformer.config.in_channels), int(transformer.config.sample_size)
+    return TransformerVelocity(transformer), shift, (c, size, size)
+
+
+def export(
+    student: TransformerVelocity, teacher_dir: str | Path, out: Path, inference: dict
+) -> None:
+    """A teacher-shaped folder whose transformer is the student; `inference.json` gives its
+    few-step recipe (raw sigmas, shift, guidance). Text parts are copied, not loaded."""
+    teacher_dir = Path(teacher_dir)
+    student.transformer.save_pretrained(out / "transformer")
+    for part in ("text_encoder", "tokenizer", "scheduler"):
+        shutil.copytree(teacher_dir / part, out / part)
+    (out / "inference.json").write_text(json.dumps(inference, indent=1))
+
+
+load = ShapesBackend.load

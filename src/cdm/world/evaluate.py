@@ -48,7 +48,9 @@ class EvalPairs:
         return render(attrs, [s - NOISE_SEED_BASE + REAL_SEED_BASE for s in self.seeds])
 
 
-def judge_scores(judge: Judge, images: torch.Tensor, attributes: torch.Tensor) -> dict[str, torch.Tensor]:
+def judge_scores(
+    judge: Judge, images: torch.Tensor, attributes: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Per-image correctness of each attribute and of all of them, plus judge features."""
     pred, feats = judge.predict(images)
     right = pred == attributes
@@ -71,7 +73,9 @@ def sample_teacher(
     out = []
     for lo in range(0, len(pairs.prompts), batch_size):
         cond = teacher.condition(pairs.prompts[lo : lo + batch_size])
-        out.append(sample_euler(velocity, noise[lo : lo + batch_size], sigmas, cond, null, cfg_scale))
+        out.append(
+            sample_euler(velocity, noise[lo : lo + batch_size], sigmas, cond, null, cfg_scale)
+        )
     return torch.cat(out).clamp(-1, 1)
 
 

@@ -33,7 +33,9 @@ class Judge(nn.Module):
             nn.Flatten(),
             nn.Linear(2 * w * (image_size // 8) ** 2, FEATURE_DIM), nn.GELU(),
         )  # fmt: skip
-        self.heads = nn.ModuleDict({k: nn.Linear(FEATURE_DIM, len(v)) for k, v in ATTRIBUTES.items()})
+        self.heads = nn.ModuleDict(
+            {k: nn.Linear(FEATURE_DIM, len(v)) for k, v in ATTRIBUTES.items()}
+        )
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Penultimate features (B, FEATURE_DIM) of images in [-1, 1]."""
@@ -44,7 +46,9 @@ class Judge(nn.Module):
         return {k: head(feats) for k, head in self.heads.items()}
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(
+        self, images: torch.Tensor, batch_size: int = 512
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(attribute predictions (B, n_kinds) in ATTRIBUTES order, features (B, FEATURE_DIM))."""
         preds, feats = [], []
         for chunk in images.split(batch_size):

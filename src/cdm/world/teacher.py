@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import CLIPTextModelWithProjection
 
@@ -58,7 +57,9 @@ class WorldTeacher:
     def new(cls, shift: float, **arch: int) -> WorldTeacher:
         tokenizer = WordTokenizer.for_world()
         text_width = arch.get("text_width", 64)
-        return cls(tiny_transformer(**arch), tiny_text_encoder(tokenizer, text_width), tokenizer, shift)
+        return cls(
+            tiny_transformer(**arch), tiny_text_encoder(tokenizer, text_width), tokenizer, shift
+        )
 
     def condition(self, prompts: list[str]) -> Condition:
         """Encode prompts ("" is the null prompt) with gradients if the encoder trains."""
@@ -97,10 +98,3 @@ class WorldTeacher:
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for m in (self.transformer, self.text_encoder) for p in m.parameters())
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
-    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p.detach(), 1 - decay)

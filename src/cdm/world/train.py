@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cdm.ema import blend_
 from cdm.flow import add_noise, time_shift, velocity_target
+from cdm.velocity import TransformerVelocity
 from cdm.world.judge import Judge
 from cdm.world.prompts import ATTRIBUTES, Attributes, all_prompts
 from cdm.world.render import random_batch
-from cdm.world.teacher import WorldTeacher, ema_update
-from cdm.velocity import TransformerVelocity
+from cdm.world.teacher import WorldTeacher
 
 
 def _attr_labels(index: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,16 @@ def train_judge(
     accuracy = judge_accuracy(judge, eval_renders, seed + 10_000)
     judge.save_pretrained(out_dir)
     (Path(out_dir) / "train.json").write_text(
-        json.dumps({"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "accuracy": accuracy}, indent=1)
+        json.dumps(
+            {
+                "steps": steps,
+                "batch_size": batch_size,
+                "lr": lr,
+                "seed": seed,
+                "accuracy": accuracy,
+            },
+            indent=1,
+        )
     )
     return accuracy
 
@@ -119,8 +129,8 @@ def train_teacher(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        ema_update(ema.transformer, teacher.transformer, ema_decay)
-        ema_update(ema.text_encoder, teacher.text_encoder, ema_decay)
+        blend_(ema.transformer, teacher.transformer, ema_decay)
+        blend_(ema.text_encoder, teacher.text_encoder, ema_decay)
         running, since = running + loss.item(), since + 1
         if (step + 1) % log_every == 0 or step + 1 == steps:
             mean = running / since

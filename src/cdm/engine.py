@@ -1,0 +1,344 @@
+"""One CDM distillation iteration and the training loop (accelerate + DeepSpeed ZeRO).
+
+Three networks (METHOD.md): the student G and the fake score F, each in its own DeepSpeed
+engine with its own AdamW, and the frozen teacher T outside ZeRO. Each iteration:
+rollout of the student (no grad) -> every `update_ratio` iterations a student update with
+L = CA + DM + CDM -> a fake-score update -> the blend F <- keep F + (1 - keep) G.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from cdm import zero
+from cdm.conditioning import Condition
+from cdm.ema import ema_decay
+from cdm.flow import add_noise, euler_step, x0_from_v
+from cdm.losses import ca_loss, cdm_loss, dm_loss, fake_score_loss, renoise_tau
+from cdm.params import Distill, Method
+from cdm.rollout import Rollout, evals_needed, rollout
+from cdm.schedules import draw_anchor, dynamic_schedule, fixed_schedule
+
+log = logging.getLogger("cdm.engine")
+Velocity = Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]
+
+LOG_COLUMNS = [
+    "iteration", "student_step", "loss_ca", "loss_dm", "loss_cdm", "loss_fake",
+    "w_ca", "w_dm", "w_cdm", "grad_norm_student", "grad_norm_fake", "K", "anchor_sigma",
+    "n_student_evals", "n_teacher_evals", "n_fake_evals", "seconds", "lr_student", "lr_fake",
+]  # fmt: skip
+
+
+def generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from (seed, step, rank, ...): runs are reproducible and resumable."""
+    mixed = seed
+    for k in keys:
+        mixed = (mixed * 1_000_003 + k + 1) % (2**63 - 1)
+    return torch.Generator(device).manual_seed(mixed)
+
+
+def schedule_for(method: Method, cfg: Distill, shift: float, gen: torch.Generator) -> torch.Tensor:
+    """The iteration's sigmas: the inference schedule (DMD2) or a fresh dynamic one (CDM)."""
+    if method.schedule == "fixed":
+        return fixed_schedule(cfg.inference_sigmas, shift)
+    return dynamic_schedule(cfg.k_min, cfg.k_max, cfg.u_min, cfg.u_max, shift, gen)
+
+
+@dataclass
+class StudentLosses:
+    total: torch.Tensor
+    stats: dict[str, float]
+    n_student: int
+    n_teacher: int
+    n_fake: int
+
+
+def student_losses(
+    student: Velocity,
+    teacher: Velocity,
+    fake: Velocity,
+    roll: Rollout,
+    cond: Condition,
+    null: Condition,
+    method: Method,
+    cfg: Distill,
+    gen: torch.Generator,
+) -> StudentLosses:
+    """L = CA + DM + CDM at the rollout's anchors (paper §3.1-3.3), each switchable."""
+    b, s_i = len(cond), roll.sigma_anchor
+    randn = lambda: torch.randn(roll.x_anchor.shape, generator=gen, device=gen.device)  # noqa: E731
+    tau = lambda: renoise_tau(b, gen, cfg.tau_min, cfg.tau_max)  # noqa: E731
+
+    # One student forward with gradient: the anchor (CA and DM) and the off-trajectory point (CDM).
+    xs, sigmas = [roll.x_anchor], [s_i]
+    if method.cdm:
+        s_off = tau()
+        xs.append(euler_step(roll.x_anchor, roll.v_anchor, s_i, s_off))
+        sigmas.append(s_off)
+    x_in, s_in = torch.cat(xs), torch.cat(sigmas)
+    x0_all = x0_from_v(x_in, student(x_in, s_in, Condition.cat([cond] * len(xs))).float(), s_in)
+    x0_s, x0_off = x0_all[:b], x0_all[b:]
+
+    # Re-noise the detached estimates; batch every teacher call, then every fake-score call.
+    t_in: list[tuple[torch.Tensor, torch.Tensor, Condition]] = []
+    f_in: list[tuple[torch.Tensor, torch.Tensor, Condition]] = []
+    if method.ca:
+        t_ca = renoise_tau(b, gen, cfg.tau_min, cfg.tau_max, upper=s_i)
+        z_ca = add_noise(x0_s.detach(), randn(), t_ca)
+        t_in += [(z_ca, t_ca, cond), (z_ca, t_ca, null.expand(b))]
+    if method.dm:
+        t_dm = tau()
+        z_dm = add_noise(x0_s.detach(), randn(), t_dm)
+        t_in.append((z_dm, t_dm, cond))
+        f_in.append((z_dm, t_dm, cond))
+    if method.cdm:
+        t_cdm = tau()
+        z_cdm = add_noise(x0_off.detach(), randn(), t_cdm)
+        t_in.append((z_cdm, t_cdm, cond))
+        f_in.append((z_cdm, t_cdm, cond))
+    x0_t = _batched_x0(teacher, t_in)
+    x0_f = _batched_x0(fake, f_in)
+
+    total = x0_s.new_zeros(())
+    stats: dict[str, float] = {}
+    if method.ca:
+        ca = ca_loss(x0_s, x0_t.pop(0), x0_t.pop(0), cfg.guidance)
+        total, stats["loss_ca"], stats["w_ca"] = total + ca.loss, ca.loss.item(), ca.weight.item()
+    if method.dm:
+        dm = dm_loss(x0_s, x0_t.pop(0), x0_f.pop(0))
+        total, stats["loss_dm"], stats["w_dm"] = total + dm.loss, dm.loss.item(), dm.weight.item()
+    if method.cdm:
+        cd = cdm_loss(x0_off, x0_t.pop(0), x0_f.pop(0))
+        total, stats["loss_cdm"], stats["w_cdm"] = total + cd.loss, cd.loss.item(), cd.weight.item()
+    return StudentLosses(
+        total, stats, len(x_in), sum(len(c) for _, _, c in t_in), sum(len(c) for _, _, c in f_in)
+    )
+
+
+@torch.no_grad()
+def _batched_x0(
+    velocity: Velocity, inputs: list[tuple[torch.Tensor, torch.Tensor, Condition]]
+) -> list[torch.Tensor]:
+    """Clean estimates of several (z, tau, cond) groups from one forward call."""
+    if not inputs:
+        return []
+    z = torch.cat([i[0] for i in inputs])
+    tau = torch.cat([i[1] for i in inputs])
+    x0 = x0_from_v(z, velocity(z, tau, Condition.cat([i[2] for i in inputs])).float(), tau)
+    return list(x0.split([len(i[0]) for i in inputs]))
+
+
+def fake_score_step_loss(
+    fake: Velocity, roll: Rollout, cond: Condition, cfg: Distill, gen: torch.Generator
+) -> torch.Tensor:
+    """Flow matching of F on the student's clean estimate one step after the anchor."""
+    x0 = roll.x0_next
+    tau = renoise_tau(len(x0), gen, cfg.tau_min, cfg.tau_max)
+    eps = torch.randn(x0.shape, generator=gen, device=gen.device)
+    return fake_score_loss(fake(add_noise(x0, eps, tau), tau, cond), x0, eps)
+
+
+# --- checkpoints ----------------------------------------------------------------------
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    done = [p for p in root.glob("it-*") if (p / "state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name[3:]))
+
+
+def save_checkpoint(
+    root: Path, iteration: int, student, fake, ema: torch.nn.Module, keep: int, rank: int
+) -> None:
+    """One atomic folder: both engines (weights, optimizer, scheduler), the EMA and the step."""
+    tmp = root / f".tmp-it-{iteration:07d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    zero.barrier()
+    student.save_checkpoint(str(tmp / "student"), tag="state")
+    fake.save_checkpoint(str(tmp / "fake"), tag="state")
+    zero.barrier()
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"iteration": iteration}))
+        tmp.rename(root / f"it-{iteration:07d}")
+        for old in _checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    zero.barrier()
+
+
+def load_latest(root: Path, student, fake, ema: torch.nn.Module) -> int:
+    """Resume from the newest complete checkpoint; returns the iteration to start from."""
+    if zero.rank() == 0:  # a crash while saving leaves a temporary folder: never resume from it
+        for stale in root.glob(".tmp-it-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    zero.barrier()
+    found = _checkpoints(root)
+    if not found:
+        return 0
+    latest = found[-1]
+    student.load_checkpoint(str(latest / "student"), tag="state")
+    fake.load_checkpoint(str(latest / "fake"), tag="state")
+    ema.load_state_dict(load_file(latest / "ema.safetensors"))
+    return json.loads((latest / "state.json").read_text())["iteration"]
+
+
+# --- the loop ---------------------------------------------------------------------------
+
+
+@dataclass
+class RunPaths:
+    checkpoints: Path  # checkpoints/<method>/ (outside the stage's outputs: survives a rerun)
+    log_csv: Path  # logs/<method>/train.csv
+
+
+def train(
+    teacher_model: torch.nn.Module,  # velocity(x, sigma, cond) of the frozen teacher
+    train_cond: Condition,  # cached prompt embeddings (N, ...) on CPU
+    null: Condition,  # cached null-prompt embedding (1, ...)
+    shift: float,
+    latent_shape: tuple[int, ...],
+    method: Method,
+    cfg: Distill,
+    paths: RunPaths,
+    seed: int,
+    device: torch.device,
+    ds_base: dict | None = None,  # DeepSpeed settings when accelerate did not launch with any
+    stop_after: int | None = None,  # stop early (tests); the run resumes from its checkpoint
+) -> torch.nn.Module:
+    """Distil `teacher_model` into a few-step student; returns the student EMA (fp32 module)."""
+    rank, _, launched = zero.init_distributed(device)
+    bf16 = device.type == "cuda"
+    teacher = (
+        teacher_model.to(device, torch.bfloat16 if bf16 else torch.float32)
+        .eval()
+        .requires_grad_(False)
+    )
+    # Student and fake score start from the teacher.
+    student_model = copy.deepcopy(teacher_model).float().requires_grad_(True).train()
+    fake_model = copy.deepcopy(teacher_model).float().requires_grad_(True).train()
+    if cfg.gradient_checkpointing:
+        for m in (student_model, fake_model):
+            m.transformer.enable_gradient_checkpointing()
+    ema = copy.deepcopy(teacher_model).float().to(device).requires_grad_(False).eval()
+    conf = zero.ds_config(cfg.batch_size, cfg.zero_stage, bf16, cfg.grad_clip, launched or ds_base)
+    opt = dict(
+        warmup=cfg.warmup, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.adam_eps
+    )
+    student = zero.make_engine(student_model, cfg.lr_student, config=conf, **opt)
+    fake = zero.make_engine(fake_model, cfg.lr_fake, config=conf, **opt)
+
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    start = load_latest(paths.checkpoints, student, fake, ema)
+    if start:
+        log.info("resuming from iteration %d", start)
+    writer = _open_log(paths.log_csv, start) if rank == 0 else None
+    train_cond, null = train_cond.to(device), null.to(device)
+    zero3 = cfg.zero_stage == 3
+    end = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
+    bar = tqdm(
+        range(start, end),
+        desc="distill",
+        initial=start,
+        total=cfg.iterations,
+        disable=rank != 0,
+        mininterval=5,
+    )
+    for it in bar:
+        t0 = time.time()
+        shared = generator(seed, it, device=device)  # K and the schedule: same on every rank
+        gen = generator(seed, it, rank + 1, device=device)  # this rank's samples
+        sigmas = schedule_for(method, cfg, shift, shared).to(device)
+        k = len(sigmas) - 1
+        idx = torch.randint(len(train_cond), (cfg.batch_size,), generator=gen, device=device)
+        cond = train_cond.take(idx)
+        anchor = draw_anchor(k, cfg.batch_size, gen)
+        noise = torch.randn((cfg.batch_size, *latent_shape), generator=gen, device=device)
+
+        # Backward simulation: the student's own trajectory, only as far as each anchor needs.
+        steps = zero.all_reduce_max(int(evals_needed(anchor, k).max()), device) if zero3 else None
+        roll = rollout(student.module, noise, sigmas, cond, anchor, steps)
+        row: dict[str, float] = {
+            "iteration": it + 1,
+            "K": k,
+            "anchor_sigma": roll.sigma_anchor.mean().item(),
+        }
+        n_student, n_teacher, n_fake = roll.n_evals, 0, 0
+
+        # Update the student every update_ratio iterations.
+        if (it + 1) % cfg.update_ratio == 0:
+            out = student_losses(student, teacher, fake.module, roll, cond, null, method, cfg, gen)
+            student.backward(out.total)
+            student.step()
+            n = (it + 1) // cfg.update_ratio
+            decay = ema_decay(n - 1, cfg.ema_max)
+            for (_, full), e in zip(zero.full_fp32_params(student), ema.parameters(), strict=True):
+                e.lerp_(full.to(e.device), 1 - decay)
+            row |= out.stats | {"grad_norm_student": _grad_norm(student)}
+            n_student, n_teacher, n_fake = n_student + out.n_student, out.n_teacher, out.n_fake
+
+        # Update the fake score on the rollout's samples, then blend the student into it.
+        loss_f = fake_score_step_loss(fake, roll, cond, cfg, gen)
+        fake.backward(loss_f)
+        fake.step()
+        zero.blend_engines_(fake, student, cfg.fake_blend)
+        n_fake += cfg.batch_size
+
+        row |= {
+            "student_step": (it + 1) // cfg.update_ratio, "loss_fake": loss_f.item(),
+            "grad_norm_fake": _grad_norm(fake), "n_student_evals": n_student,
+            "n_teacher_evals": n_teacher, "n_fake_evals": n_fake, "seconds": round(time.time() - t0, 4),
+            "lr_student": student.get_lr()[0], "lr_fake": fake.get_lr()[0],
+        }  # fmt: skip
+        if writer is not None:
+            writer.writerow([row.get(c, "") for c in LOG_COLUMNS])
+        if (it + 1) % cfg.update_ratio == 0 and (
+            (it + 1) // cfg.update_ratio
+        ) % cfg.checkpoint_every == 0:
+            save_checkpoint(
+                paths.checkpoints, it + 1, student, fake, ema, cfg.keep_checkpoints, rank
+            )
+    done = _checkpoints(paths.checkpoints)
+    if end > start and (not done or done[-1].name != f"it-{end:07d}"):
+        save_checkpoint(paths.checkpoints, end, student, fake, ema, cfg.keep_checkpoints, rank)
+    return ema
+
+
+def _grad_norm(engine) -> float:
+    value = engine.get_global_grad_norm()
+    return float(value) if value is not None else math.nan
+
+
+class _CsvLog:
+    def __init__(self, path: Path, start: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = []
+        if start and path.is_file():  # keep the rows up to the checkpoint we resume from
+            with open(path, newline="") as f:
+                rows = [r for r in csv.reader(f)][1:]
+            rows = [r for r in rows if int(r[0]) <= start]
+        self.file = open(path, "w", newline="")
+        self.csv = csv.writer(self.file)
+        self.csv.writerow(LOG_COLUMNS)
+        self.csv.writerows(rows)
+        self.file.flush()
+
+    def writerow(self, row: list) -> None:
+        self.csv.writerow(row)
+        self.file.flush()
+
+
+def _open_log(path: Path, start: int) -> _CsvLog:
+    return _CsvLog(path, start)

@@ -1,0 +1,1 @@
+"""Report: the paper's findings checked on measured metrics, tables, plots, HTML/Markdown."""

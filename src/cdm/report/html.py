@@ -1,0 +1,87 @@
+"""The report itself: report.md (links to out_dir/plots/) and a self-contained report.html."""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import re
+from pathlib import Path
+
+from cdm.io import atomic_write_text
+from cdm.report.tables import metrics_table, to_html, to_markdown
+
+TITLE = "CDM distillation report"
+STATUS = {True: "held", False: "did not hold", None: "not measured"}
+CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+table.metrics { border-collapse: collapse; font-size: 0.9em; }
+table.metrics th, table.metrics td { padding: 0.25em 0.6em; border-bottom: 1px solid #ddd; }
+table.metrics td { text-align: right; }
+.finding { margin: 0.8em 0; padding: 0.5em 0.8em; border-left: 4px solid #999; }
+.held { border-color: #2a7; } .did-not-hold { border-color: #c33; } .not-measured { border-color: #aaa; }
+code { background: #f3f3f3; padding: 0 0.2em; }
+img { max-width: 100%; }
+""".strip()
+
+
+def _status(finding: dict) -> str:
+    return STATUS[finding["held"]]
+
+
+def _link(image: Path, out_dir: Path) -> str:
+    return Path(os.path.relpath(Path(image).resolve(), out_dir.resolve())).as_posix()
+
+
+def report_markdown(out_dir: Path, metrics: dict, findings: list, images: dict[str, Path]) -> str:
+    """Markdown text: findings, metrics table, figures linked relative to out_dir."""
+    lines = [f"# {TITLE}", "", "## Findings", ""]
+    for f in findings:
+        lines += [f"- **({f['id']}) {_status(f)}**: {f['claim']}  ", f"  {f['text']}"]
+    lines += ["", "## Metrics", "", to_markdown(metrics_table(metrics)), "## Figures", ""]
+    for name, image in images.items():
+        lines += [f"### {name}", "", f"![{name}]({_link(image, out_dir)})", ""]
+    return "\n".join(lines)
+
+
+def _inline(text: str) -> str:
+    """Escape text for HTML, rendering `code` spans."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(str(text)))
+
+
+def _data_uri(image: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(image).read_bytes()).decode("ascii")
+
+
+def report_html(metrics: dict, findings: list, images: dict[str, Path]) -> str:
+    """Self-contained HTML: inline CSS, tables as HTML, PNGs embedded as data URIs."""
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(TITLE)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(TITLE)}</h1>",
+        "<h2>Findings</h2>",
+    ]
+    for f in findings:
+        status = _status(f)
+        parts.append(
+            f'<div class="finding {status.replace(" ", "-")}"><b>({f["id"]}) {status}</b>: '
+            f"{_inline(f['claim'])}<br>{_inline(f['text'])}</div>"
+        )
+    parts += ["<h2>Metrics</h2>", to_html(metrics_table(metrics)), "<h2>Figures</h2>"]
+    for name, image in images.items():
+        alt = html.escape(name, quote=True)
+        parts += [f"<h3>{alt}</h3>", f'<img src="{_data_uri(image)}" alt="{alt}">']
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(
+    out_dir: Path, metrics: dict, findings: list, images: dict[str, Path]
+) -> tuple[Path, Path]:
+    """Write out_dir/report.md and out_dir/report.html atomically; return both paths."""
+    out_dir = Path(out_dir)
+    md_path, html_path = out_dir / "report.md", out_dir / "report.html"
+    atomic_write_text(md_path, report_markdown(out_dir, metrics, findings, images))
+    atomic_write_text(html_path, report_html(metrics, findings, images))
+    return md_path, html_path

@@ -1,0 +1,152 @@
+"""Report figures as PNG files: quality vs NFE, training losses, labelled sample grids.
+
+Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas (no pyplot state) and
+written atomically, like every other output of the pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
+
+from cdm.report.tables import model_key
+
+LOSS_COLUMNS = ("loss_ca", "loss_dm", "loss_cdm", "loss_fake")
+DPI = 120
+
+
+@contextlib.contextmanager
+def _atomic_png(path: str | Path) -> Iterator[str]:
+    """Yield a temporary .png path beside `path`; on success it replaces `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    with _atomic_png(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    return Path(path)
+
+
+def _curve(by_steps: dict, key: str) -> tuple[list[float], list[float]]:
+    """(nfe, value) pairs of one model sorted by NFE, NaN or missing entries dropped."""
+    pts = sorted(
+        (float(m["nfe"]), float(m[key]))
+        for m in by_steps.values()
+        if m.get("nfe") is not None and m.get(key) is not None
+    )
+    pts = [(x, y) for x, y in pts if not (math.isnan(x) or math.isnan(y))]
+    return [x for x, _ in pts], [y for _, y in pts]
+
+
+def quality_vs_nfe(metrics: dict, path: str | Path) -> Path:
+    """Two panels, alignment and FD against NFE (log x), one line per model."""
+    fig = Figure(figsize=(10, 4))
+    panels = (("alignment", "alignment (judge, higher is better)"), ("fd", "FD (lower is better)"))
+    for i, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for model in sorted(metrics, key=model_key):
+            x, y = _curve(metrics[model], key)
+            if x:
+                ax.plot(
+                    x, y, marker="o", label=model, ls="--" if model.startswith("teacher") else "-"
+                )
+        ax.set_xscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _read_losses(csv_path: Path) -> pd.DataFrame | None:
+    """The step and loss columns of a train.csv, numeric; None if missing or empty."""
+    try:
+        df = pd.read_csv(csv_path)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return None
+    if "step" not in df.columns or df.empty:
+        return None
+    cols = ["step", *(c for c in LOSS_COLUMNS if c in df.columns)]
+    return df[cols].apply(pd.to_numeric, errors="coerce").dropna(subset=["step"])
+
+
+def training_curves(csv_paths: dict[str, Path], path: str | Path) -> Path:
+    """One panel per loss column present, one line per method (rolling mean over ~2% of steps)."""
+    logs = {m: df for m, p in csv_paths.items() if (df := _read_losses(Path(p))) is not None}
+    columns = [
+        c for c in LOSS_COLUMNS if any(c in df and df[c].notna().any() for df in logs.values())
+    ]
+    fig = Figure(figsize=(4 * max(1, len(columns)), 3.5))
+    if not columns:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "no training logs", ha="center", va="center", fontsize=14)
+        ax.set_axis_off()
+        return _save(fig, path)
+    for i, col in enumerate(columns):
+        ax = fig.add_subplot(1, len(columns), i + 1)
+        for method in sorted(logs, key=model_key):
+            df = logs[method]
+            if col not in df or not df[col].notna().any():
+                continue
+            series = df[["step", col]].dropna()
+            window = max(1, len(series) // 50)
+            smooth = series[col].rolling(window, center=True, min_periods=1).mean()
+            ax.plot(series["step"], smooth, label=method)
+        ax.set_title(col)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def image_grid(rows: dict[str, np.ndarray], path: str | Path, scale: int = 4) -> Path:
+    """One labelled row per model of uint8 images (N, H, W, 3), nearest-neighbour upscaled."""
+    if not rows:
+        raise ValueError("image_grid needs at least one row")
+    shape = next(iter(rows.values())).shape
+    for name, a in rows.items():
+        if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3 or a.shape != shape:
+            raise ValueError(
+                f"row {name!r}: need uint8 (N, H, W, 3) like {shape}, got {a.dtype} {a.shape}"
+            )
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    n, h, w, _ = shape
+    cell_h, cell_w, gap, pad = h * scale, w * scale, 2, 8
+    font = ImageFont.load_default(size=max(10, min(16, cell_h // 4)))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = int(max(measure.textlength(name, font=font) for name in rows)) + 2 * pad
+    canvas = Image.new(
+        "RGB", (label_w + n * (cell_w + gap), len(rows) * (cell_h + gap) + gap), "white"
+    )
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, images) in enumerate(rows.items()):
+        top = gap + r * (cell_h + gap)
+        draw.text((pad, top + cell_h // 2), name, fill="black", font=font, anchor="lm")
+        for c, img in enumerate(images):
+            tile = Image.fromarray(img).resize((cell_w, cell_h), Image.Resampling.NEAREST)
+            canvas.paste(tile, (label_w + c * (cell_w + gap), top))
+    with _atomic_png(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return Path(path)

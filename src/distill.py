@@ -1,0 +1,80 @@
+"""Stage distill: CDM distillation of the teacher into a few-step student, one method per run.
+
+Single process: `python src/distill.py --method cdm`. Several processes or GPUs:
+`accelerate launch --config_file configs/accelerate/<cfg>.yaml src/distill.py --method cdm`.
+A rerun after a crash resumes from the newest checkpoint in checkpoints/<method>/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from cdm import params as P
+from cdm import zero
+from cdm.backends import backend_module
+from cdm.cache import load_condition
+from cdm.cli import run_stage, stage_parser
+from cdm.engine import RunPaths, train
+from cdm.io import atomic_dir
+
+log = logging.getLogger("distill")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--method", required=True, help="a preset under `methods` in params.yaml")
+    parser.add_argument("--teacher", default="models/teacher")
+    parser.add_argument("--cache", default="cache/prompts")
+    parser.add_argument("--out", default="models/students", help="students go to <out>/<method>/")
+    parser.add_argument("--checkpoints", default="checkpoints")
+    parser.add_argument("--logs", default="logs")
+    parser.add_argument("--stop-after", type=int, help="stop at this iteration (tests of resume)")
+    args = parser.parse_args()
+    params = P.load(args.params)
+    if args.method not in params.methods:
+        raise ValueError(
+            f"unknown method '{args.method}'; choose one of {', '.join(params.methods)}"
+        )
+    method, cfg = params.methods[args.method], params.distill
+    train_cond, _ = load_condition(Path(args.cache) / "train.safetensors")
+    null, _ = load_condition(Path(args.cache) / "null.safetensors")
+    backend = backend_module(params.teacher.backend)
+    velocity, shift, latent_shape = backend.load_velocity(args.teacher)
+
+    device = (
+        torch.device("cuda", zero.local_rank())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    ds_file = ROOT / "configs" / "deepspeed" / f"zero{cfg.zero_stage}.json"
+    ema = train(
+        velocity, train_cond, null, shift, latent_shape, method, cfg,
+        RunPaths(Path(args.checkpoints) / args.method, Path(args.logs) / args.method / "train.csv"),
+        params.seed, device, json.loads(ds_file.read_text()), args.stop_after,
+    )  # fmt: skip
+    if args.stop_after is not None and args.stop_after < cfg.iterations:
+        return
+    if zero.rank() == 0:
+        inference = {
+            "sigmas_raw": cfg.inference_sigmas, "shift": shift, "steps": len(cfg.inference_sigmas),
+            "guidance": 1.0, "method": args.method,
+        }  # fmt: skip
+        with atomic_dir(Path(args.out) / args.method) as tmp:
+            backend.export(ema, args.teacher, tmp, inference)
+            resolved = {
+                "method": method.model_dump(),
+                "distill": cfg.model_dump(),
+                "seed": params.seed,
+            }
+            (tmp / "params.json").write_text(json.dumps(resolved, indent=1))
+        log.info("student written to %s", Path(args.out) / args.method)
+    zero.barrier()
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,175 @@
+"""Distillation end to end on tiny models: every preset, ZeRO-2/3, two processes, resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from cdm.engine import LOG_COLUMNS
+from tests.conftest import PYTHON, ROOT
+
+ACCELERATE = str(Path(PYTHON).parent / "accelerate")
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _write_params(path: Path, **distill) -> Path:
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["teacher"].update(path="tiny_teacher", steps=2)
+    data["judge"]["path"] = str(ROOT / data["judge"]["path"])
+    data["prepare_teacher"].update(n_pairs=8, judge_renders=64)
+    data["distill"].update(
+        {
+            "iterations": 20,
+            "batch_size": 4,
+            "k_min": 1,
+            "k_max": 6,
+            "checkpoint_every": 5,
+            "warmup": 2,
+        }
+        | distill
+    )
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _run(cwd: Path, *args: str, launcher: list[str] | None = None, check: bool = True):
+    cmd = (launcher or [PYTHON]) + [str(ROOT / "src" / args[0]), *args[1:]]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=ENV, timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_teacher_dir) -> Path:
+    """A scratch project with the tiny teacher prepared and its prompts cached."""
+    path = tmp_path_factory.mktemp("project")
+    shutil.copytree(tiny_teacher_dir, path / "tiny_teacher")
+    _write_params(path / "params.yaml")
+    _run(path, "prepare_teacher.py")
+    _run(path, "cache_teacher.py")
+    return path
+
+
+def _clone(project: Path, dst: Path, **distill) -> Path:
+    for part in ("models", "cache"):
+        shutil.copytree(project / part, dst / part)
+    shutil.copytree(
+        ROOT / "configs", dst / "configs"
+    )  # accelerate configs name paths from the root
+    _write_params(dst / "params.yaml", **distill)
+    return dst
+
+
+def _student(path: Path, method: str) -> dict[str, torch.Tensor]:
+    return load_file(
+        path / "models/students" / method / "transformer/diffusion_pytorch_model.safetensors"
+    )
+
+
+@pytest.mark.parametrize("method", ["dmd2", "dynamic", "cdm", "dm_only"])
+def test_every_preset_runs_20_iterations_under_zero2(project, tmp_path, method):
+    work = _clone(project, tmp_path)
+    _run(work, "distill.py", "--method", method)
+    rows = (work / f"logs/{method}/train.csv").read_text().splitlines()
+    assert rows[0].split(",") == LOG_COLUMNS and len(rows) == 21
+    header = rows[0].split(",")
+    last = dict(zip(header, rows[-1].split(","), strict=True))
+    assert int(last["iteration"]) == 20 and int(last["student_step"]) == 10
+    uses = yaml.safe_load((ROOT / "params.yaml").read_text())["methods"][method]
+    for loss in ("ca", "dm", "cdm"):
+        assert (last[f"loss_{loss}"] != "") == uses[loss], loss
+    if uses["schedule"] == "fixed":
+        assert {r.split(",")[header.index("K")] for r in rows[1:]} == {"4"}
+    # The student moved away from the teacher, and it is a loadable diffusers model.
+    student = _student(work, method)
+    teacher = load_file(work / "models/teacher/transformer/diffusion_pytorch_model.safetensors")
+    assert max((student[k] - teacher[k]).abs().max().item() for k in teacher) > 0
+    assert (work / f"models/students/{method}/inference.json").is_file()
+
+
+def test_fake_score_and_teacher_counts_per_iteration(project, tmp_path):
+    work = _clone(project, tmp_path, batch_size=3)
+    _run(work, "distill.py", "--method", "cdm")
+    import csv
+
+    rows = list(csv.DictReader(open(work / "logs/cdm/train.csv")))
+    for row in rows:
+        student_step = int(row["iteration"]) % 2 == 0
+        # Teacher: CA cond + uncond, DM, CDM; fake score: DM, CDM, and its own update.
+        assert int(row["n_teacher_evals"]) == (4 * 3 if student_step else 0)
+        assert int(row["n_fake_evals"]) == (2 * 3 + 3 if student_step else 3)
+        assert int(row["n_student_evals"]) <= 3 * int(row["K"]) + (6 if student_step else 0)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_cdm_with_two_processes(project, tmp_path, stage):
+    work = _clone(project, tmp_path, zero_stage=stage)
+    launcher = [
+        ACCELERATE, "launch", "--config_file", str(ROOT / f"configs/accelerate/zero{stage}.yaml"),
+        "--num_processes", "2", "--main_process_port", str(29600 + stage),
+    ]  # fmt: skip
+    _run(work, "distill.py", "--method", "cdm", launcher=launcher)
+    assert len((work / "logs/cdm/train.csv").read_text().splitlines()) == 21
+    shards = list((work / "checkpoints/cdm").glob("it-*/student/state/*optim_states.pt"))
+    assert {p.name.split("_")[3] for p in shards} == {"0", "1"}  # both ranks hold a shard
+    assert torch.isfinite(next(iter(_student(work, "cdm").values()))).all()
+
+
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(project, tmp_path):
+    straight = _clone(project, tmp_path / "straight", iterations=40)
+    _run(straight, "distill.py", "--method", "cdm")
+    crashed = _clone(project, tmp_path / "crashed", iterations=40)
+    cmd = [PYTHON, str(ROOT / "src/distill.py"), "--method", "cdm"]
+    proc = subprocess.Popen(
+        cmd, cwd=crashed, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 600
+    while not (crashed / "checkpoints/cdm/it-0000020/state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (crashed / "models/students/cdm").exists()
+    _run(crashed, "distill.py", "--method", "cdm")
+    a, b = _student(straight, "cdm"), _student(crashed, "cdm")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    log = (crashed / "logs/cdm/train.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in log[1:]] == list(range(1, 41))
+
+
+@pytest.mark.parametrize(
+    ("distill", "args", "message"),
+    [
+        ({}, ["--method", "sdxl_turbo"], "unknown method 'sdxl_turbo'"),
+        ({"k_min": 9, "k_max": 3}, ["--method", "cdm"], "k_min (9) must be <= k_max (3)"),
+        ({"u_max": 1.2}, ["--method", "cdm"], "distill.u_max: input should be less than 1"),
+        (
+            {"inference_sigmas": [1.0, 0.5, -0.5]},
+            ["--method", "dmd2"],
+            "must start at 1.0 and lie in (0, 1]",
+        ),
+        (
+            {},
+            ["--method", "cdm", "--cache", "nowhere"],
+            "missing cache file nowhere/train.safetensors",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(project, tmp_path, distill, args, message):
+    work = _clone(project, tmp_path, **distill)
+    proc = _run(work, "distill.py", *args, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    assert message in proc.stderr
+    for out in ("models/students", "checkpoints", "logs"):
+        assert not (work / out).exists()
