@@ -7,8 +7,14 @@ configfile: "params.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/world.smk"
 include: "workflow/rules/teacher.smk"
+include: "workflow/rules/cache.smk"
+include: "workflow/rules/distill.smk"
+include: "workflow/rules/sample.smk"
+include: "workflow/rules/score.smk"
 
 
 rule all:
     input:
         "results/teacher.json",
+        "results/metrics.json",
+        "results/report.html",

@@ -7,8 +7,10 @@ A rerun after a crash resumes from the newest checkpoint in checkpoints/<method>
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -23,6 +25,18 @@ from cdm.io import atomic_dir
 
 log = logging.getLogger("distill")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def checkpoint_dir(root: Path, method: str, resolved: dict) -> Path:
+    """checkpoints/<method>-<fingerprint of its params>/: a rerun with the same params resumes
+    there; changed params start afresh (and the stale runs of that method are removed)."""
+    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:10]
+    path = root / f"{method}-{digest}"
+    if zero.rank() == 0 and root.is_dir():
+        for stale in root.glob(f"{method}-*"):
+            if stale != path and stale.name.rsplit("-", 1)[0] == method:
+                shutil.rmtree(stale, ignore_errors=True)
+    return path
 
 
 def main() -> None:

@@ -120,7 +120,7 @@ def test_cdm_with_two_processes(project, tmp_path, stage):
     ]  # fmt: skip
     _run(work, "distill.py", "--method", "cdm", launcher=launcher)
     assert len((work / "logs/cdm/train.csv").read_text().splitlines()) == 21
-    shards = list((work / "checkpoints/cdm").glob("it-*/student/state/*optim_states.pt"))
+    shards = list(work.glob("checkpoints/cdm-*/it-*/student/state/*optim_states.pt"))
     assert {p.name.split("_")[3] for p in shards} == {"0", "1"}  # both ranks hold a shard
     assert torch.isfinite(next(iter(_student(work, "cdm").values()))).all()
 
@@ -134,7 +134,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(project, tmp_path):
         cmd, cwd=crashed, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 600
-    while not (crashed / "checkpoints/cdm/it-0000020/state.json").exists():
+    while not list(crashed.glob("checkpoints/cdm-*/it-0000020/state.json")):
         assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -126,11 +126,34 @@ class Distill(Section):
         return self
 
 
+StepCount = Annotated[int, Field(gt=0)]
+
+
+class Sample(Section):
+    """Which step counts the sample stage runs (one sample set per model and count)."""
+
+    student_steps: list[StepCount] = Field([1, 2, 4], min_length=1)  # every distilled method
+    teacher_steps: list[StepCount] = Field([4, 28], min_length=1)  # teacher_cfg, teacher_nocfg
+    batch_size: int = Field(256, gt=0)
+
+
+class Score(Section):
+    """Judge-based world metrics of every sample set."""
+
+    batch_size: int = Field(512, gt=0)  # judge batch
+    k: int = Field(3, gt=0)  # nearest neighbours of precision/recall
+
+
+class Report(Section):
+    grid_prompts: int = Field(8, gt=0)  # pairs 0..grid_prompts-1 shown for every sample set
+    steps: str = Field("4", pattern=r"^[1-9][0-9]*$")  # student step count the findings compare
+
+
 class WorldTeacher(Section):
     """The `make world-teacher` target: trains the world's teacher once (committed)."""
 
     out: str = "src/cdm/world/pretrained/teacher"
-    steps: int = Field(20_000, gt=0)
+    steps: int = Field(12_000, gt=0)
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
     warmup: int = Field(500, ge=0)
@@ -142,7 +165,7 @@ class WorldTeacher(Section):
     heads: int = Field(2, gt=0)
     head_dim: int = Field(32, gt=0)
     text_width: int = Field(64, gt=0)
-    eval_every: int = Field(2500, gt=0)  # steps between alignment checks in the log
+    eval_every: int = Field(2000, gt=0)  # steps between alignment checks in the log
     eval_pairs: int = Field(256, gt=0)
 
 
@@ -165,6 +188,9 @@ class Params(Section):
     cache_teacher: CacheTeacher = CacheTeacher()
     methods: dict[str, Method] = DEFAULT_METHODS
     distill: Distill = Distill()
+    sample: Sample = Sample()
+    score: Score = Score()
+    report: Report = Report()
     world_teacher: WorldTeacher = WorldTeacher()
     world_judge: WorldJudge = WorldJudge()
 
@@ -175,6 +201,11 @@ class Params(Section):
             raise ValueError(
                 f"distill.methods names unknown method '{unknown[0]}'; "
                 f"define it under `methods` or choose one of {', '.join(self.methods)}"
+            )
+        if int(self.report.steps) not in self.sample.student_steps:
+            raise ValueError(
+                f"report.steps ({self.report.steps}) must be one of sample.student_steps "
+                f"{self.sample.student_steps}"
             )
         return self
 

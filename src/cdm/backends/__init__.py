@@ -2,7 +2,8 @@
 
 Each backend module offers `load(path)` (the whole teacher, text encoders included, for
 prepare_teacher and cache_teacher), `load_velocity(path)` (the velocity network alone,
-for distill and sample) and `export(student, teacher_dir, out, inference)`.
+for distill and sample), `load_decoder(path)` (latents -> uint8 images, for sample) and
+`export(student, teacher_dir, out, inference)`.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,8 +40,7 @@ class ShapesBackend:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixel space already: [-1, 1] -> uint8 (B, H, W, 3)."""
-        images = ((latents.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return images.permute(0, 2, 3, 1).contiguous()
+        return decode(latents)
 
     def save_teacher(self, path: Path) -> None:
         self.teacher.save_pretrained(path)
@@ -58,6 +58,17 @@ def load_velocity(path: str | Path) -> tuple[TransformerVelocity, float, tuple[i
     shift = float(FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler").config.shift)
     c, size = int(transformer.config.in_channels), int(transformer.config.sample_size)
     return TransformerVelocity(transformer), shift, (c, size, size)
+
+
+def decode(latents: torch.Tensor) -> torch.Tensor:
+    """Pixel space already: [-1, 1] -> uint8 (B, H, W, 3)."""
+    images = ((latents.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return images.permute(0, 2, 3, 1).contiguous()
+
+
+def load_decoder(path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Latents -> uint8 images (B, H, W, 3) without loading the teacher (no VAE in pixel space)."""
+    return decode
 
 
 def export(

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import os
 import re
 from pathlib import Path
+
+import pandas as pd
 
 from cdm.io import atomic_write_text
 from cdm.report.tables import metrics_table, to_html, to_markdown
 
 TITLE = "CDM distillation report"
+TEACHER_COLUMNS = ("alignment", "shape", "colour", "position", "fd")
 STATUS = {True: "held", False: "did not hold", None: "not measured"}
 CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -33,12 +37,46 @@ def _link(image: Path, out_dir: Path) -> str:
     return Path(os.path.relpath(Path(image).resolve(), out_dir.resolve())).as_posix()
 
 
-def report_markdown(out_dir: Path, metrics: dict, findings: list, images: dict[str, Path]) -> str:
-    """Markdown text: findings, metrics table, figures linked relative to out_dir."""
+def teacher_table(teacher: dict) -> pd.DataFrame:
+    """The teacher check (results/teacher.json): one row with CFG, one without."""
+    rows = []
+    for name, label in (
+        ("cfg", f"with CFG {teacher.get('cfg_scale', '')}".strip()),
+        ("nocfg", "without CFG"),
+    ):
+        row = {"sampling": label, "steps": teacher.get("steps", math.nan)}
+        row |= {k: teacher.get(f"{k}_{name}", math.nan) for k in TEACHER_COLUMNS}
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["sampling", "steps", *TEACHER_COLUMNS])
+
+
+def teacher_note(teacher: dict) -> str:
+    """One sentence: how many pairs, the judge's accuracy, the teacher's size."""
+    accuracy = teacher.get("judge_accuracy") or {}
+    judged = ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items())
+    parts = [f"{teacher.get('n_pairs', '?')} held-out prompt/seed pairs"]
+    if judged:
+        parts.append(f"judge accuracy on fresh renders: {judged}")
+    if "teacher_parameters" in teacher:
+        parts.append(f"{teacher['teacher_parameters']:,} teacher parameters")
+    return "Teacher check (`results/teacher.json`): " + "; ".join(parts) + "."
+
+
+def report_markdown(
+    out_dir: Path,
+    metrics: dict,
+    findings: list,
+    images: dict[str, Path],
+    teacher: dict | None = None,
+) -> str:
+    """Markdown text: findings, metrics table, teacher check, figures linked relative to out_dir."""
     lines = [f"# {TITLE}", "", "## Findings", ""]
     for f in findings:
         lines += [f"- **({f['id']}) {_status(f)}**: {f['claim']}  ", f"  {f['text']}"]
-    lines += ["", "## Metrics", "", to_markdown(metrics_table(metrics)), "## Figures", ""]
+    lines += ["", "## Metrics", "", to_markdown(metrics_table(metrics))]
+    if teacher:
+        lines += ["## Teacher", "", teacher_note(teacher), "", to_markdown(teacher_table(teacher))]
+    lines += ["## Figures", ""]
     for name, image in images.items():
         lines += [f"### {name}", "", f"![{name}]({_link(image, out_dir)})", ""]
     return "\n".join(lines)
@@ -53,7 +91,9 @@ def _data_uri(image: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(image).read_bytes()).decode("ascii")
 
 
-def report_html(metrics: dict, findings: list, images: dict[str, Path]) -> str:
+def report_html(
+    metrics: dict, findings: list, images: dict[str, Path], teacher: dict | None = None
+) -> str:
     """Self-contained HTML: inline CSS, tables as HTML, PNGs embedded as data URIs."""
     parts = [
         "<!doctype html>",
@@ -68,7 +108,14 @@ def report_html(metrics: dict, findings: list, images: dict[str, Path]) -> str:
             f'<div class="finding {status.replace(" ", "-")}"><b>({f["id"]}) {status}</b>: '
             f"{_inline(f['claim'])}<br>{_inline(f['text'])}</div>"
         )
-    parts += ["<h2>Metrics</h2>", to_html(metrics_table(metrics)), "<h2>Figures</h2>"]
+    parts += ["<h2>Metrics</h2>", to_html(metrics_table(metrics))]
+    if teacher:
+        parts += [
+            "<h2>Teacher</h2>",
+            f"<p>{_inline(teacher_note(teacher))}</p>",
+            to_html(teacher_table(teacher)),
+        ]
+    parts.append("<h2>Figures</h2>")
     for name, image in images.items():
         alt = html.escape(name, quote=True)
         parts += [f"<h3>{alt}</h3>", f'<img src="{_data_uri(image)}" alt="{alt}">']
@@ -77,11 +124,17 @@ def report_html(metrics: dict, findings: list, images: dict[str, Path]) -> str:
 
 
 def write_report(
-    out_dir: Path, metrics: dict, findings: list, images: dict[str, Path]
+    out_dir: Path,
+    metrics: dict,
+    findings: list,
+    images: dict[str, Path],
+    teacher: dict | None = None,
 ) -> tuple[Path, Path]:
-    """Write out_dir/report.md and out_dir/report.html atomically; return both paths."""
+    """Write out_dir/report.md and out_dir/report.html atomically; return both paths.
+
+    `teacher` (results/teacher.json, optional) adds a section on the teacher check."""
     out_dir = Path(out_dir)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    atomic_write_text(md_path, report_markdown(out_dir, metrics, findings, images))
-    atomic_write_text(html_path, report_html(metrics, findings, images))
+    atomic_write_text(md_path, report_markdown(out_dir, metrics, findings, images, teacher))
+    atomic_write_text(html_path, report_html(metrics, findings, images, teacher))
     return md_path, html_path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +28,21 @@ class EvalPairs:
     seeds: list[int]
 
     @classmethod
+    def of(cls, prompts: Sequence[str], pairs: Iterable[int]) -> EvalPairs:
+        """Pair j uses prompt j % len(prompts) and noise seed NOISE_SEED_BASE + j."""
+        if not prompts:
+            raise ValueError("no evaluation prompts; the eval prompt cache is empty")
+        pairs = list(pairs)
+        return cls([prompts[j % len(prompts)] for j in pairs], [NOISE_SEED_BASE + j for j in pairs])
+
+    @classmethod
     def world(cls, n: int, offset: int = 0) -> EvalPairs:
-        names = all_prompts()
-        idx = range(offset, offset + n)
-        return cls([names[i % len(names)] for i in idx], [NOISE_SEED_BASE + i for i in idx])
+        return cls.of(all_prompts(), range(offset, offset + n))
+
+    @property
+    def pairs(self) -> list[int]:
+        """Index j of each pair (its noise seed is NOISE_SEED_BASE + j)."""
+        return [s - NOISE_SEED_BASE for s in self.seeds]
 
     @property
     def attributes(self) -> torch.Tensor:
@@ -49,10 +61,10 @@ class EvalPairs:
 
 
 def judge_scores(
-    judge: Judge, images: torch.Tensor, attributes: torch.Tensor
+    judge: Judge, images: torch.Tensor, attributes: torch.Tensor, batch_size: int = 512
 ) -> dict[str, torch.Tensor]:
     """Per-image correctness of each attribute and of all of them, plus judge features."""
-    pred, feats = judge.predict(images)
+    pred, feats = judge.predict(images, batch_size)
     right = pred == attributes
     out = {k: right[:, i] for i, k in enumerate(ATTRIBUTES)}
     out["all"] = right.all(1)

@@ -120,8 +120,9 @@ def train_teacher(
         drop = torch.rand(batch_size, generator=gen) < p_uncond
         text = ["" if d else prompts[i] for d, i in zip(drop.tolist(), index.tolist(), strict=True)]
         eps = torch.randn(x0.shape, generator=gen)
-        # Logit-normal sigmas (SD3), shifted like the inference schedule.
-        sigma = time_shift(torch.sigmoid(torch.randn(batch_size, generator=gen)), shift)
+        # Uniform sigmas, shifted like the inference schedule. (SD3's logit-normal almost never
+        # draws sigma < 0.05 after the shift: the last sampling steps then leave speckle noise.)
+        sigma = time_shift(torch.rand(batch_size, generator=gen), shift)
         v = velocity(add_noise(x0, eps, sigma), sigma, teacher.condition(text))
         loss = F.mse_loss(v, velocity_target(x0, eps))
         opt.zero_grad(set_to_none=True)

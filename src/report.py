@@ -1,0 +1,104 @@
+"""Stage report: the paper's findings checked on the measured metrics, as Markdown and HTML.
+
+Reads results/metrics.json (score), results/teacher.json (prepare_teacher), logs/*/train.csv
+(distill) and samples/<model>/<steps>/ (sample); writes results/report.md,
+results/report.html (self-contained) and results/plots/*.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from cdm import params as P
+from cdm.cli import run_stage, stage_parser
+from cdm.report.findings import findings
+from cdm.report.html import write_report
+from cdm.report.plots import image_grid, quality_vs_nfe, training_curves
+from cdm.report.tables import model_key
+
+log = logging.getLogger("report")
+INDEX = "index.parquet"
+GRID_SCALE = 3  # 32 px images -> 96 px cells
+
+
+def sample_sets(samples: Path) -> list[tuple[str, int, Path]]:
+    """(model, steps, folder) of every complete sample set, teachers first, then by steps."""
+    sets = []
+    for index in samples.glob(f"*/*/{INDEX}"):
+        folder = index.parent
+        if folder.parent.name.startswith(".") or not folder.name.isdigit():
+            continue
+        sets.append((folder.parent.name, int(folder.name), folder))
+    return sorted(sets, key=lambda s: (model_key(s[0]), s[1]))
+
+
+def grid_rows(samples: Path, n: int) -> dict[str, np.ndarray]:
+    """{"model @ N": uint8 (n, H, W, 3)} of pairs 0..n-1 (those every set holds)."""
+    sets = sample_sets(samples)
+    files = {}
+    for model, steps, folder in sets:
+        index = pd.read_parquet(folder / INDEX)
+        files[(model, steps, folder)] = dict(
+            zip(index["pair"].tolist(), index["file"], strict=True)
+        )
+    common = set(range(n)).intersection(*(f.keys() for f in files.values())) if files else set()
+    pairs = sorted(common)
+    if not pairs:
+        return {}
+    return {
+        f"{model} @ {steps}": np.stack(
+            [np.asarray(Image.open(folder / by_pair[p]).convert("RGB")) for p in pairs]
+        )
+        for (model, steps, folder), by_pair in files.items()
+    }
+
+
+def read_json(path: Path, stage: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path}; run the {stage} stage first")
+    return json.loads(path.read_text())
+
+
+def main() -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--samples", default="samples")
+    parser.add_argument("--logs", default="logs")
+    args = parser.parse_args()
+    params = P.load(args.params)
+    results = Path(args.results)
+    metrics = read_json(results / "metrics.json", "score")
+    teacher_path = results / "teacher.json"
+    teacher = json.loads(teacher_path.read_text()) if teacher_path.is_file() else None
+    if teacher is None:
+        log.warning("no %s; the report has no teacher section", teacher_path)
+    rows = grid_rows(Path(args.samples), params.report.grid_prompts)
+
+    plots = results / "plots"
+    images = {"Quality vs NFE": quality_vs_nfe(metrics, plots / "quality_vs_nfe.png")}
+    logs = {p.parent.name: p for p in sorted(Path(args.logs).glob("*/train.csv"))}
+    images["Training losses"] = training_curves(logs, plots / "training_curves.png")
+    if rows:
+        label = f"Samples: pairs 0-{len(next(iter(rows.values()))) - 1}, same noise in every row"
+        images[label] = image_grid(rows, plots / "samples.png", scale=GRID_SCALE)
+    else:
+        log.warning("no sample sets under %s; the report has no image grid", args.samples)
+    found = findings(metrics, steps=params.report.steps)
+    md, page = write_report(results, metrics, found, images, teacher)
+    for f in found:
+        log.info(
+            "finding %d: %s",
+            f["id"],
+            {True: "held", False: "did not hold"}.get(f["held"], "not measured"),
+        )
+    log.info("wrote %s and %s", md, page)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,328 @@
+"""The evaluation stages end to end on a tiny project: sample (sharded too), score, report.
+
+The CLIs run as subprocesses once each; the many other calls run the same scripts in this
+process (runpy), which saves the ~8 s start of a Python with torch per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from cdm.cache import load_condition
+from cdm.world.evaluate import NOISE_SEED_BASE, EvalPairs
+from tests.conftest import PYTHON, ROOT
+
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+N_PAIRS = 16
+SETS = [("teacher_cfg", 2), ("teacher_nocfg", 1), ("teacher_nocfg", 2), ("cdm", 1), ("cdm", 2)]
+INDEX_COLUMNS = ["prompt", "pair", "seed", "model", "steps", "nfe", "seconds", "file"]
+METRIC_KEYS = {
+    "alignment", "fd", "precision", "recall", "fd_to_teacher_nocfg", "nfe", "images_per_s",
+    "shape", "colour", "position",
+}  # fmt: skip
+
+
+def _params(path: Path, **sections: dict) -> Path:
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["teacher"].update(path="tiny_teacher", steps=2)
+    data["judge"]["path"] = str(ROOT / data["judge"]["path"])
+    data["prepare_teacher"].update(n_pairs=8, judge_renders=64)
+    data["prompts"]["eval_pairs"] = N_PAIRS
+    data["sample"].update(student_steps=[1, 2], teacher_steps=[1, 2], batch_size=4)
+    data["score"].update(batch_size=8)
+    data["report"].update(grid_prompts=4, steps="2")
+    for name, values in sections.items():
+        data[name] = data[name] | values
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _run(cwd: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [PYTHON, str(ROOT / "src" / script), *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=ENV, timeout=600)
+
+
+def _call(cwd: Path, script: str, *args: str) -> tuple[int, str]:
+    """Run a stage script as __main__ in this process: (exit code, stderr)."""
+    old_cwd, old_argv, err = os.getcwd(), sys.argv, io.StringIO()
+    try:
+        os.chdir(cwd)
+        sys.argv = [script, *args]
+        with contextlib.redirect_stderr(err):
+            runpy.run_path(str(ROOT / "src" / script), run_name="__main__")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        os.chdir(old_cwd)
+        sys.argv = old_argv
+    return code, err.getvalue()
+
+
+def _ok(cwd: Path, script: str, *args: str) -> None:
+    code, err = _call(cwd, script, *args)
+    assert code == 0, err[-3000:]
+
+
+def _one_line_error(code: int, err: str, message: str) -> None:
+    assert code == 2, err[-2000:]
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err, err
+
+
+def _pngs(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_teacher_dir) -> Path:
+    """Tiny teacher prepared and cached; a `cdm` student that is a copy of the teacher."""
+    path = tmp_path_factory.mktemp("eval_project")
+    shutil.copytree(tiny_teacher_dir, path / "tiny_teacher")
+    _params(path / "params.yaml")
+    for script in ("prepare_teacher.py", "cache_teacher.py"):
+        proc = _run(path, script)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    student = path / "models/students/cdm"
+    shutil.copytree(path / "models/teacher", student)
+    recipe = {"sigmas_raw": [1.0, 0.75, 0.5, 0.25], "shift": 2.0, "steps": 4, "guidance": 1.0}
+    (student / "inference.json").write_text(json.dumps(recipe | {"method": "cdm"}))
+    (path / "logs/cdm").mkdir(parents=True)
+    rows = "\n".join(f"{i},{1 / i:.4f},{2 / i:.4f}" for i in range(1, 21))
+    (path / "logs/cdm/train.csv").write_text("step,loss_dm,loss_fake\n" + rows + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sampled(project) -> Path:
+    (model, steps), *rest = SETS
+    proc = _run(project, "sample.py", "--model", model, "--steps", str(steps))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for model, steps in rest:
+        _ok(project, "sample.py", "--model", model, "--steps", str(steps))
+    return project
+
+
+@pytest.fixture(scope="module")
+def scored(sampled) -> Path:
+    proc = _run(sampled, "score.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sampled
+
+
+def test_every_sample_set_has_its_images_and_index(sampled):
+    _, prompts = load_condition(sampled / "cache/prompts/eval.safetensors")
+    assert len(prompts) == 120  # the unique world prompts, fewer pairs than prompts here
+    for model, steps in SETS:
+        folder = sampled / "samples" / model / str(steps)
+        index = pd.read_parquet(folder / "index.parquet")
+        assert list(index.columns) == INDEX_COLUMNS
+        assert index["pair"].tolist() == list(range(N_PAIRS))
+        assert index["seed"].tolist() == [NOISE_SEED_BASE + j for j in range(N_PAIRS)]
+        assert index["prompt"].tolist() == [prompts[j % len(prompts)] for j in range(N_PAIRS)]
+        assert set(index["model"]) == {model} and set(index["steps"]) == {steps}
+        assert set(index["nfe"]) == {2 * steps if model == "teacher_cfg" else steps}
+        assert (index["seconds"] > 0).all()
+        assert (
+            sorted(index["file"])
+            == sorted(_pngs(folder))
+            == [f"{j:05d}.png" for j in range(N_PAIRS)]
+        )
+        image = np.asarray(Image.open(folder / "00000.png"))
+        assert image.dtype == np.uint8 and image.shape == (32, 32, 3)
+    # Nothing half-written or temporary is left beside the sets.
+    assert sorted(p.name for p in (sampled / "samples").iterdir()) == [
+        "cdm",
+        "teacher_cfg",
+        "teacher_nocfg",
+    ]
+    assert sorted(p.name for p in (sampled / "samples/cdm").iterdir()) == ["1", "2"]
+
+
+def test_shards_then_merge_equal_the_unsharded_run(sampled, tmp_path):
+    out = tmp_path / "sharded"
+    for i in (1, 0):
+        _ok(
+            sampled,
+            "sample.py",
+            "--model",
+            "cdm",
+            "--steps",
+            "2",
+            "--shard",
+            f"{i}/2",
+            "--out",
+            str(out),
+        )
+    part = out / "cdm/2/part-1-of-2"
+    assert sorted(_pngs(part)) == [f"{j:05d}.png" for j in range(1, N_PAIRS, 2)]
+    assert pd.read_parquet(part / "index.parquet")["pair"].tolist() == list(range(1, N_PAIRS, 2))
+    assert not (out / "cdm/2/index.parquet").exists()  # no complete set before the merge
+
+    _ok(
+        sampled,
+        "sample.py",
+        "merge",
+        "--model",
+        "cdm",
+        "--steps",
+        "2",
+        "--parts",
+        "2",
+        "--out",
+        str(out),
+    )
+    merged, straight = out / "cdm/2", sampled / "samples/cdm/2"
+    assert sorted(p.name for p in merged.iterdir() if not p.name.endswith(".png")) == [
+        "index.parquet"
+    ]
+    assert _pngs(merged) == _pngs(straight)
+    a = pd.read_parquet(merged / "index.parquet").drop(columns="seconds")
+    b = pd.read_parquet(straight / "index.parquet").drop(columns="seconds")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_a_pair_gets_the_same_noise_for_every_model(sampled):
+    # The student is a copy of the teacher: at one step without guidance they must agree.
+    student, teacher = (_pngs(sampled / f"samples/{m}/1") for m in ("cdm", "teacher_nocfg"))
+    assert student == teacher
+    # CFG changes the images, and different pairs get different noise.
+    assert _pngs(sampled / "samples/teacher_cfg/2") != _pngs(sampled / "samples/teacher_nocfg/2")
+    pairs = EvalPairs.of(["a", "b", "c"], range(6))
+    noise = pairs.noise((3, 4, 4))
+    assert pairs.prompts == ["a", "b", "c", "a", "b", "c"] and pairs.pairs == list(range(6))
+    assert torch.equal(EvalPairs.of(["x"], [4, 1]).noise((3, 4, 4)), noise[[4, 1]])
+    assert not torch.equal(noise[0], noise[3])
+
+
+def test_score_writes_metrics_of_every_set(scored):
+    metrics = json.loads((scored / "results/metrics.json").read_text())
+    assert set(metrics) == {"teacher_cfg", "teacher_nocfg", "cdm"}
+    for model, steps in SETS:
+        m = metrics[model][str(steps)]
+        assert set(m) == METRIC_KEYS
+        for key in ("alignment", "precision", "recall", "shape", "colour", "position"):
+            assert 0 <= m[key] <= 1, (model, steps, key)
+        assert m["fd"] > 0 and m["fd_to_teacher_nocfg"] >= 0 and m["images_per_s"] > 0
+        assert m["nfe"] == (2 * steps if model == "teacher_cfg" else steps)
+        assert all(v == round(v, 4) for v in m.values())
+    # The reference is teacher_nocfg at its largest step count; the student copies it.
+    assert metrics["teacher_nocfg"]["2"]["fd_to_teacher_nocfg"] == 0
+    assert metrics["cdm"]["2"]["fd_to_teacher_nocfg"] == 0
+    assert metrics["cdm"]["1"] == metrics["teacher_nocfg"]["1"] | {
+        "images_per_s": metrics["cdm"]["1"]["images_per_s"]
+    }
+    scores = pd.read_parquet(scored / "results/scores.parquet")
+    assert list(scores.columns) == [
+        "model", "steps", "pair", "prompt", "correct", "shape", "colour", "position",
+    ]  # fmt: skip
+    assert len(scores) == len(SETS) * N_PAIRS
+    ours = scores[(scores["model"] == "cdm") & (scores["steps"] == 2)]
+    assert ours["correct"].mean() == pytest.approx(metrics["cdm"]["2"]["alignment"])
+    assert (ours["correct"] == (ours["shape"] & ours["colour"] & ours["position"])).all()
+
+
+def test_score_without_the_reference_set_gives_nan(sampled, tmp_path):
+    samples = tmp_path / "samples"
+    shutil.copytree(sampled / "samples/cdm", samples / "cdm")
+    _ok(sampled, "score.py", "--samples", str(samples), "--out", str(tmp_path / "results"))
+    metrics = json.loads((tmp_path / "results/metrics.json").read_text())
+    assert set(metrics) == {"cdm"} and set(metrics["cdm"]) == {"1", "2"}
+    assert math.isnan(metrics["cdm"]["1"]["fd_to_teacher_nocfg"])
+
+
+def test_report_is_written_with_embedded_figures(scored):
+    proc = _run(scored, "report.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = scored / "results"
+    assert sorted(p.name for p in (results / "plots").iterdir()) == [
+        "quality_vs_nfe.png", "samples.png", "training_curves.png",
+    ]  # fmt: skip
+    for png in (results / "plots").iterdir():
+        assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size < 500_000
+    md = (results / "report.md").read_text()
+    assert "## Findings" in md and "| cdm | 2 | 2 |" in md and "| teacher_cfg | 2 | 4 |" in md
+    assert "## Teacher" in md and "without CFG" in md  # results/teacher.json
+    assert "](plots/samples.png)" in md
+    page = (results / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 3
+    assert "plots/" not in page and "<h2>Teacher</h2>" in page
+    grid = Image.open(results / "plots/samples.png")
+    assert grid.height >= len(SETS) * 32 * 3  # one row per sample set
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "cdm", "--steps", "1", "--shard", "3/2"], "--shard must be i/n"),
+        (["--model", "cdm", "--steps", "1", "--shard", "a/b"], "got 'a/b'"),
+        (["--model", "cdm", "--steps", "1", "--shard", "0/0"], "got '0/0'"),
+        (["--model", "cdm", "--steps", "0"], "--steps must be a positive integer"),
+        (["--model", "sdxl", "--steps", "1"], "unknown model 'sdxl'"),
+        (["--model", "dmd2", "--steps", "1"], "run distill for method dmd2 first"),
+        (["--model", "cdm", "--steps", "1", "--cache", "nowhere"], "missing cache file nowhere/"),
+    ],
+)
+def test_bad_sample_input_is_one_line_and_writes_nothing(project, tmp_path, args, message):
+    code, err = _call(project, "sample.py", *args, "--out", str(tmp_path / "samples"))
+    _one_line_error(code, err, message)
+    assert not (tmp_path / "samples").exists()
+
+
+def test_bad_sample_input_from_the_command_line(project, tmp_path):
+    proc = _run(project, "sample.py", "--model", "cdm", "--steps", "1", "--shard", "3/2",
+                "--out", str(tmp_path / "samples"))  # fmt: skip
+    _one_line_error(proc.returncode, proc.stderr, "--shard must be i/n with 0 <= i < n")
+    assert not (tmp_path / "samples").exists()
+
+
+def test_zero_step_count_in_params_is_named(project, tmp_path):
+    params = _params(tmp_path / "params.yaml", sample={"student_steps": [1, 0]})
+    code, err = _call(project, "sample.py", "--params", str(params), "--model", "cdm",
+                      "--steps", "1", "--out", str(tmp_path / "samples"))  # fmt: skip
+    _one_line_error(code, err, "sample.student_steps.1: input should be greater than 0")
+    assert not (tmp_path / "samples").exists()
+
+
+def test_merge_needs_every_part(project, tmp_path):
+    code, err = _call(project, "sample.py", "merge", "--model", "cdm", "--steps", "2",
+                      "--parts", "3", "--out", str(tmp_path / "samples"))  # fmt: skip
+    _one_line_error(code, err, "missing shard")
+    assert not (tmp_path / "samples").exists()
+
+
+def test_empty_eval_prompts_file_fails_in_cache_teacher(project, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    params = _params(tmp_path / "params.yaml", prompts={"eval_file": str(tmp_path / "empty.txt")})
+    code, err = _call(project, "cache_teacher.py", "--params", str(params),
+                      "--out", str(tmp_path / "cache"))  # fmt: skip
+    _one_line_error(code, err, "is empty; it needs one prompt per line")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_score_and_report_input_errors(project, tmp_path):
+    params = _params(tmp_path / "params.yaml", teacher={"backend": "sd3"})
+    code, err = _call(project, "score.py", "--params", str(params), "--out", str(tmp_path / "r"))
+    _one_line_error(code, err, "world metrics need the shapes backend")
+    code, err = _call(project, "score.py", "--samples", str(tmp_path / "none"),
+                      "--out", str(tmp_path / "r"))  # fmt: skip
+    _one_line_error(code, err, "no sample sets under")
+    code, err = _call(project, "report.py", "--results", str(tmp_path / "r"))
+    _one_line_error(code, err, "run the score stage first")
+    assert not (tmp_path / "r").exists()

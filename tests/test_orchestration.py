@@ -1,0 +1,102 @@
+"""Both orchestrators over the whole DAG on a tiny config, in a scratch copy of the project."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import PYTHON, ROOT
+
+BIN = str(Path(PYTHON).parent)
+ENV = os.environ | {
+    "PATH": f"{BIN}:{os.environ['PATH']}",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONWARNINGS": "ignore",
+}
+
+
+def _sh(cwd: Path, *cmd: str) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc.stdout + proc.stderr
+
+
+def _edit(path: Path, **changes: dict) -> None:
+    data = yaml.safe_load(path.read_text())
+    for section, values in changes.items():
+        data[section] = data[section] | values
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory, tiny_teacher_dir) -> Path:
+    """The project's files (tracked and new) with a tiny teacher and tiny params."""
+    path = tmp_path_factory.mktemp("orchestrated")
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    for name in files:
+        src = ROOT / name
+        if src.is_file() and not name.startswith(("results/", "tests/")) and name != "dvc.lock":
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, path / name, follow_symlinks=False)
+    shutil.copytree(tiny_teacher_dir, path / "tiny_teacher")
+    _edit(
+        path / "params.yaml",
+        teacher={"path": "tiny_teacher", "steps": 2},
+        prepare_teacher={"n_pairs": 8, "judge_renders": 64},
+        prompts={"eval_pairs": 8},
+        distill={"iterations": 4, "batch_size": 2, "k_max": 4, "checkpoint_every": 1},
+        sample={"student_steps": [1], "teacher_steps": [2], "batch_size": 8},
+        score={"k": 2},
+        report={"grid_prompts": 2, "steps": "1"},
+    )
+    return path
+
+
+def _check_results(path: Path) -> None:
+    metrics = json.loads((path / "results/metrics.json").read_text())
+    assert set(metrics) == {"teacher_cfg", "teacher_nocfg", "dmd2", "cdm"}
+    assert set(metrics["cdm"]) == {"1"} and set(metrics["teacher_cfg"]) == {"2"}
+    html = (path / "results/report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3
+
+
+def test_snakemake_runs_the_whole_dag(scratch, tmp_path):
+    work = tmp_path / "smk"
+    shutil.copytree(scratch, work, symlinks=True)
+    _sh(work, "snakemake", "--cores", "2")
+    _check_results(work)
+    assert "Nothing to be done" in _sh(work, "snakemake", "--cores", "2", "-n")
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def test_dvc_repro_reruns_only_what_a_param_change_affects(scratch, tmp_path):
+    work = tmp_path / "dvc"
+    shutil.copytree(scratch, work, symlinks=True)
+    _sh(work, "git", "init", "-q")
+    _sh(work, "dvc", "init", "-q", "--force")
+    first = _ran(_sh(work, "dvc", "repro"))
+    assert {"prepare_teacher", "cache_teacher", "distill@cdm", "score", "report"} <= first
+    _check_results(work)
+    assert "up to date" in _sh(work, "dvc", "status")
+
+    _edit(work / "params.yaml", report={"grid_prompts": 1})
+    assert _ran(_sh(work, "dvc", "repro")) == {"report"}
+
+    _edit(work / "params.yaml", distill={"iterations": 6})
+    rerun = _ran(_sh(work, "dvc", "repro"))
+    assert {"distill@dmd2", "distill@cdm", "score", "report"} <= rerun
+    assert not rerun & {"prepare_teacher", "cache_teacher", "sample_teacher@0", "sample_teacher@1"}
+    assert "teacher_cfg" in _sh(work, "dvc", "metrics", "show")

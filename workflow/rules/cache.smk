@@ -1,0 +1,17 @@
+# Stage cache_teacher: encode train, eval and null prompts once; later stages read only these.
+
+
+rule cache_teacher:
+    input:
+        teacher="models/teacher",
+        script="src/cache_teacher.py",
+    output:
+        directory("cache/prompts"),
+    params:
+        backend=config["teacher"]["backend"],
+        prompts=config["prompts"],
+        stage=config["cache_teacher"],
+    log:
+        "logs/cache_teacher.log",
+    shell:
+        "{PYTHON} src/cache_teacher.py --params {PARAMS_FILE} 2>&1 | tee {log}"

@@ -1,0 +1,31 @@
+# Stage distill: one run per method preset, under accelerate + DeepSpeed ZeRO.
+# Checkpoints live in checkpoints/<method>-<params fingerprint>/, outside the rule's outputs,
+# so a rerun after a crash finds them and resumes instead of starting over.
+
+
+def distill_port(wildcards):
+    """A fixed rendezvous port per method, so two runs on one node do not collide."""
+    return 29500 + sum(map(ord, wildcards.method)) % 400
+
+
+rule distill:
+    input:
+        cache="cache/prompts",
+        teacher="models/teacher",
+        script="src/distill.py",
+    output:
+        student=directory("models/students/{method}"),
+        log_csv="logs/{method}/train.csv",
+    params:
+        seed=config["seed"],
+        method=lambda wc: config["methods"][wc.method],
+        distill=config["distill"],
+        zero=config["distill"]["zero_stage"],
+        port=distill_port,
+    threads: workflow.cores
+    log:
+        "logs/distill_{method}.log",
+    shell:
+        "accelerate launch --config_file configs/accelerate/zero{params.zero}.yaml"
+        " --num_processes {NPROC} --main_process_port {params.port}"
+        " src/distill.py --method {wildcards.method} --params {PARAMS_FILE} 2>&1 | tee {log}"

@@ -1,0 +1,73 @@
+# Stage sample: one image per evaluation pair for every sample set (model x steps).
+# Locally each set is one job; with `--config shards=N` (a cluster) each set is split over
+# N jobs whose parts a merge job joins. Targets are index.parquet files, written last.
+
+SHARDS = int(config.get("shards", 1))
+TEACHER_MODELS = ["teacher_cfg", "teacher_nocfg"]
+
+
+def sample_sets():
+    """samples/<model>/<steps>/index.parquet of every set the pipeline evaluates."""
+    teacher = [(m, s) for m in TEACHER_MODELS for s in config["sample"]["teacher_steps"]]
+    students = [(m, s) for m in METHODS for s in config["sample"]["student_steps"]]
+    return [f"samples/{m}/{s}/index.parquet" for m, s in teacher + students]
+
+
+def sample_inputs(wildcards):
+    inputs = {"cache": "cache/prompts", "teacher": "models/teacher"}
+    if wildcards.model not in TEACHER_MODELS:
+        inputs["student"] = f"models/students/{wildcards.model}"
+    return inputs
+
+
+def sample_params(wildcards):
+    """The params a set depends on: the teacher's CFG, or the student's own method."""
+    if wildcards.model in TEACHER_MODELS:
+        return {"cfg_scale": config["teacher"]["cfg_scale"]}
+    return {"method": config["methods"][wildcards.model]}
+
+
+if SHARDS == 1:
+
+    rule sample:
+        input:
+            unpack(sample_inputs),
+        output:
+            "samples/{model}/{steps}/index.parquet",
+        params:
+            model=sample_params,
+            pairs=config["prompts"]["eval_pairs"],
+            batch=config["sample"]["batch_size"],
+        log:
+            "logs/sample/{model}_{steps}.log",
+        shell:
+            "{PYTHON} src/sample.py --model {wildcards.model} --steps {wildcards.steps}"
+            " --params {PARAMS_FILE} 2>&1 | tee {log}"
+
+else:
+
+    rule sample_part:
+        input:
+            unpack(sample_inputs),
+        output:
+            temp("samples/{model}/{steps}/part-{i}-of-{n}/index.parquet"),
+        params:
+            model=sample_params,
+            pairs=config["prompts"]["eval_pairs"],
+            batch=config["sample"]["batch_size"],
+        log:
+            "logs/sample/{model}_{steps}_part{i}of{n}.log",
+        shell:
+            "{PYTHON} src/sample.py --model {wildcards.model} --steps {wildcards.steps}"
+            " --shard {wildcards.i}/{wildcards.n} --params {PARAMS_FILE} 2>&1 | tee {log}"
+
+    rule sample:
+        input:
+            [f"samples/{{model}}/{{steps}}/part-{i}-of-{SHARDS}/index.parquet" for i in range(SHARDS)],
+        output:
+            "samples/{model}/{steps}/index.parquet",
+        log:
+            "logs/sample/{model}_{steps}_merge.log",
+        shell:
+            "{PYTHON} src/sample.py merge --model {wildcards.model} --steps {wildcards.steps}"
+            " --parts {SHARDS} --params {PARAMS_FILE} 2>&1 | tee {log}"

@@ -1,0 +1,37 @@
+# Stages score and report: world metrics of every sample set, then the report.
+
+
+rule score:
+    input:
+        sets=sample_sets(),
+        script="src/score.py",
+    output:
+        scores="results/scores.parquet",
+        metrics="results/metrics.json",
+    params:
+        judge=config["judge"],
+        score=config["score"],
+    threads: workflow.cores
+    log:
+        "logs/score.log",
+    shell:
+        "{PYTHON} src/score.py --params {PARAMS_FILE} 2>&1 | tee {log}"
+
+
+rule report:
+    input:
+        metrics="results/metrics.json",
+        teacher="results/teacher.json",
+        curves=expand("logs/{method}/train.csv", method=METHODS),
+        sets=sample_sets(),
+        script="src/report.py",
+    output:
+        md="results/report.md",
+        html="results/report.html",
+        plots=directory("results/plots"),
+    params:
+        report=config["report"],
+    log:
+        "logs/report.log",
+    shell:
+        "{PYTHON} src/report.py --params {PARAMS_FILE} 2>&1 | tee {log}"
