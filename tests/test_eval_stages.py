@@ -26,6 +26,7 @@ from PIL import Image
 
 from cdm.cache import load_condition
 from cdm.world.evaluate import NOISE_SEED_BASE, EvalPairs
+from cdm.world.prompts import ATTRIBUTES
 from tests.conftest import PYTHON, ROOT
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -34,7 +35,7 @@ SETS = [("teacher_cfg", 2), ("teacher_nocfg", 1), ("teacher_nocfg", 2), ("cdm", 
 INDEX_COLUMNS = ["prompt", "pair", "seed", "model", "steps", "nfe", "seconds", "file"]
 METRIC_KEYS = {
     "alignment", "fd", "precision", "recall", "fd_to_teacher_nocfg", "nfe", "images_per_s",
-    "shape", "colour", "position",
+    *ATTRIBUTES,
 }  # fmt: skip
 
 
@@ -217,7 +218,7 @@ def test_score_writes_metrics_of_every_set(scored):
     for model, steps in SETS:
         m = metrics[model][str(steps)]
         assert set(m) == METRIC_KEYS
-        for key in ("alignment", "precision", "recall", "shape", "colour", "position"):
+        for key in ("alignment", "precision", "recall", *ATTRIBUTES):
             assert 0 <= m[key] <= 1, (model, steps, key)
         assert m["fd"] > 0 and m["fd_to_teacher_nocfg"] >= 0 and m["images_per_s"] > 0
         assert m["nfe"] == (2 * steps if model == "teacher_cfg" else steps)
@@ -229,13 +230,11 @@ def test_score_writes_metrics_of_every_set(scored):
         "images_per_s": metrics["cdm"]["1"]["images_per_s"]
     }
     scores = pd.read_parquet(scored / "results/scores.parquet")
-    assert list(scores.columns) == [
-        "model", "steps", "pair", "prompt", "correct", "shape", "colour", "position",
-    ]  # fmt: skip
+    assert list(scores.columns) == ["model", "steps", "pair", "prompt", "correct", *ATTRIBUTES]
     assert len(scores) == len(SETS) * N_PAIRS
     ours = scores[(scores["model"] == "cdm") & (scores["steps"] == 2)]
     assert ours["correct"].mean() == pytest.approx(metrics["cdm"]["2"]["alignment"])
-    assert (ours["correct"] == (ours["shape"] & ours["colour"] & ours["position"])).all()
+    assert (ours["correct"] == ours[list(ATTRIBUTES)].all(axis=1)).all()
 
 
 def test_score_without_the_reference_set_gives_nan(sampled, tmp_path):

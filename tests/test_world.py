@@ -21,12 +21,25 @@ def test_prompt_attribute_round_trip():
 
 
 def test_prompt_reads_like_english():
-    assert prompt_of(Attributes(shape=2, colour=0, position=0)) == "a red triangle at the top left"
-    assert prompt_of(Attributes(shape=1, colour=2, position=4)) == "a blue circle in the center"
+    assert (
+        prompt_of(Attributes(shape=2, colour=0, position=0, background=1))
+        == "a red triangle on the left on a light background"
+    )
+    assert (
+        prompt_of(Attributes(shape=1, colour=2, position=1, background=0))
+        == "a blue circle in the center on a dark background"
+    )
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "a red blob at the top left", "a red square somewhere", "hello"]
+    "bad",
+    [
+        "",
+        "a red blob on the left on a dark background",
+        "a red square on the center on a dark background",
+        "a red square on the left on a grey background",
+        "hello",
+    ],
 )
 def test_parse_rejects_non_world_text(bad):
     with pytest.raises(ValueError, match="not a shapes-world prompt"):
@@ -34,7 +47,7 @@ def test_parse_rejects_non_world_text(bad):
 
 
 def test_render_is_deterministic_per_seed():
-    attrs = [Attributes(0, 1, 2), Attributes(3, 4, 4)]
+    attrs = [Attributes(0, 1, 2, 0), Attributes(3, 4, 1, 1)]
     a = render(attrs, [5, 6])
     b = render(attrs, [5, 6])
     assert torch.equal(a, b)
@@ -51,19 +64,22 @@ def test_render_range_and_shape():
     assert index.min() >= 0 and index.max() < len(all_prompts())
 
 
-def test_colour_and_position_show_in_pixels():
-    # A red object at the top left: the top-left quadrant is redder than the bottom right.
-    image = render([Attributes(shape=0, colour=0, position=0)], [0])[0]
+def test_colour_position_and_background_show_in_pixels():
+    # A red object on the left: the left third is redder than the right third.
+    image = render([Attributes(shape=0, colour=0, position=0, background=0)], [0])[0]
     red_minus_green = image[0] - image[1]
-    assert red_minus_green[:16, :16].mean() > red_minus_green[16:, 16:].mean() + 0.3
+    assert red_minus_green[:, :11].mean() > red_minus_green[:, 21:].mean() + 0.3
+    light = render([Attributes(shape=0, colour=0, position=0, background=1)], [0])[0]
+    assert light[:, :, 28:].mean() > image[:, :, 28:].mean() + 0.8  # the right edge is background
 
 
 def test_tokenizer_round_trip(tmp_path):
     tok = WordTokenizer.for_world()
-    ids = tok(["a red square at the top left", ""])
+    ids = tok(["a red square on the left on a dark background", ""])
     assert ids.shape == (2, tok.max_length)
     assert (ids[0] == tok.vocab["<unk>"]).sum() == 0
     assert ids[1, 1] == tok.eos_id  # null prompt: BOS EOS PAD...
     tok.save_pretrained(tmp_path)
     again = WordTokenizer.from_pretrained(tmp_path)
-    assert torch.equal(again(["a cyan cross in the center"]), tok(["a cyan cross in the center"]))
+    prompt = ["a cyan cross in the center on a light background"]
+    assert torch.equal(again(prompt), tok(prompt))

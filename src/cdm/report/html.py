@@ -13,9 +13,10 @@ import pandas as pd
 
 from cdm.io import atomic_write_text
 from cdm.report.tables import metrics_table, to_html, to_markdown
+from cdm.world.prompts import ATTRIBUTES
 
 TITLE = "CDM distillation report"
-TEACHER_COLUMNS = ("alignment", "shape", "colour", "position", "fd")
+TEACHER_COLUMNS = ("alignment", *ATTRIBUTES, "fd")
 STATUS = {True: "held", False: "did not hold", None: "not measured"}
 CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }

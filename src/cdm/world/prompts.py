@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import math
+from dataclasses import astuple, dataclass
 
 # Each attribute kind with its values, in a fixed order: the index of a value is its label.
 SHAPES = ("square", "circle", "triangle", "cross")
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
-POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
+POSITIONS = ("left", "center", "right")
+BACKGROUNDS = ("dark", "light")
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "shape": SHAPES,
     "colour": COLOURS,
     "position": POSITIONS,
+    "background": BACKGROUNDS,
 }
+N_PROMPTS = math.prod(len(v) for v in ATTRIBUTES.values())
 
 
 @dataclass(frozen=True)
@@ -23,50 +27,61 @@ class Attributes:
     shape: int
     colour: int
     position: int
+    background: int
 
-    def as_tuple(self) -> tuple[int, int, int]:
-        return (self.shape, self.colour, self.position)
+    def as_tuple(self) -> tuple[int, ...]:
+        return astuple(self)
 
     @property
     def index(self) -> int:
-        """Position of this prompt in `all_prompts()`."""
-        return (self.shape * len(COLOURS) + self.colour) * len(POSITIONS) + self.position
+        """Position of this prompt in `all_prompts()` (mixed radix, last kind fastest)."""
+        index = 0
+        for value, values in zip(self.as_tuple(), ATTRIBUTES.values(), strict=True):
+            index = index * len(values) + value
+        return index
 
     @classmethod
     def from_index(cls, index: int) -> Attributes:
-        n = len(SHAPES) * len(COLOURS) * len(POSITIONS)
-        if not 0 <= index < n:
-            raise ValueError(f"prompt index {index} out of range [0, {n})")
-        rest, position = divmod(index, len(POSITIONS))
-        shape, colour = divmod(rest, len(COLOURS))
-        return cls(shape, colour, position)
+        if not 0 <= index < N_PROMPTS:
+            raise ValueError(f"prompt index {index} out of range [0, {N_PROMPTS})")
+        digits = []
+        for values in reversed(ATTRIBUTES.values()):
+            index, digit = divmod(index, len(values))
+            digits.append(digit)
+        return cls(*reversed(digits))
 
 
 def prompt_of(attrs: Attributes) -> str:
-    """English prompt, e.g. "a red triangle at the top left"."""
+    """English prompt, e.g. "a red triangle on the left on a light background"."""
     where = POSITIONS[attrs.position]
-    place = "in the center" if where == "center" else f"at the {where}"
-    return f"a {COLOURS[attrs.colour]} {SHAPES[attrs.shape]} {place}"
+    place = "in the center" if where == "center" else f"on the {where}"
+    colour, shape = COLOURS[attrs.colour], SHAPES[attrs.shape]
+    return f"a {colour} {shape} {place} on a {BACKGROUNDS[attrs.background]} background"
 
 
 def parse_prompt(prompt: str) -> Attributes:
     """Inverse of `prompt_of`; raises ValueError on text that is not a world prompt."""
     words = prompt.strip().lower().split()
-    if len(words) < 5 or words[0] != "a":
-        raise ValueError(f"not a shapes-world prompt: {prompt!r}")
     try:
-        colour = COLOURS.index(words[1])
-        shape = SHAPES.index(words[2])
+        if (
+            len(words) != 10
+            or words[0] != "a"
+            or words[6:8] != ["on", "a"]
+            or words[9] != "background"
+        ):
+            raise ValueError
+        place = words[3:6]
+        if place == ["in", "the", "center"]:
+            position = POSITIONS.index("center")
+        elif place[:2] == ["on", "the"] and place[2] != "center":
+            position = POSITIONS.index(place[2])
+        else:
+            raise ValueError
+        return Attributes(
+            SHAPES.index(words[2]), COLOURS.index(words[1]), position, BACKGROUNDS.index(words[8])
+        )
     except ValueError:
         raise ValueError(f"not a shapes-world prompt: {prompt!r}") from None
-    tail = words[3:]
-    if tail == ["in", "the", "center"]:
-        position = POSITIONS.index("center")
-    elif len(tail) == 4 and tail[:2] == ["at", "the"] and " ".join(tail[2:]) in POSITIONS:
-        position = POSITIONS.index(" ".join(tail[2:]))
-    else:
-        raise ValueError(f"not a shapes-world prompt: {prompt!r}")
-    return Attributes(shape, colour, position)
 
 
 def all_attributes() -> list[Attributes]:

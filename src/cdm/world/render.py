@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from cdm.world.prompts import COLOURS, POSITIONS, Attributes
+from cdm.world.prompts import BACKGROUNDS, COLOURS, N_PROMPTS, POSITIONS, Attributes
 
 IMAGE_SIZE = 32
 SUPERSAMPLE = 4
@@ -26,25 +26,22 @@ _RGB = {
     "magenta": (0.9, -0.8, 0.9),
     "cyan": (-0.8, 0.85, 0.9),
 }
-# Object centre of each position, as a fraction of the image side (x, y).
-_CENTRE = {
-    "top left": (0.29, 0.29),
-    "top right": (0.71, 0.29),
-    "bottom left": (0.29, 0.71),
-    "bottom right": (0.71, 0.71),
-    "center": (0.5, 0.5),
-}
+# Object centre of each position, as a fraction of the image side (x, y). Objects are
+# large (about 18 of 32 pixels across) so that a shape spans several transformer patches.
+_CENTRE = {"left": (0.3, 0.5), "center": (0.5, 0.5), "right": (0.7, 0.5)}
+# Background grey level of each background, before its per-image shade nuisance.
+_BACKGROUND = {"dark": -0.7, "light": 0.45}
 
 
 def draw_nuisance(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The nuisance variables of n images, drawn from `generator`."""
     u = torch.rand(n, 8, generator=generator)
     return {
-        "radius": 0.18 + 0.06 * u[:, 0],  # half-size, fraction of the side
-        "dx": 0.05 * (2 * u[:, 1] - 1),
-        "dy": 0.05 * (2 * u[:, 2] - 1),
+        "radius": 0.25 + 0.05 * u[:, 0],  # half-size, fraction of the side
+        "dx": 0.04 * (2 * u[:, 1] - 1),
+        "dy": 0.06 * (2 * u[:, 2] - 1),
         "angle": (math.pi / 9) * (2 * u[:, 3] - 1),  # +-20 degrees
-        "background": -0.75 + 0.35 * u[:, 4],
+        "shade": 0.15 * (2 * u[:, 4] - 1),  # background grey offset
         "tint": 0.12 * (2 * u[:, 5:8] - 1),
     }
 
@@ -64,13 +61,10 @@ def _masks(shape: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: torch.Tenso
 
 
 def render_batch(
-    shape: torch.Tensor,
-    colour: torch.Tensor,
-    position: torch.Tensor,
-    nuisance: dict[str, torch.Tensor],
-    size: int = IMAGE_SIZE,
+    attrs: torch.Tensor, nuisance: dict[str, torch.Tensor], size: int = IMAGE_SIZE
 ) -> torch.Tensor:
-    """Render a batch from attribute indices (B,) and nuisance draws -> (B, 3, size, size)."""
+    """Render a batch from attribute indices (B, n_kinds) and nuisance draws -> (B, 3, s, s)."""
+    shape, colour, position, background = attrs.unbind(1)
     hi = size * SUPERSAMPLE
     centres = torch.tensor([_CENTRE[p] for p in POSITIONS])[position]  # (B, 2)
     cx = centres[:, 0] + nuisance["dx"]
@@ -84,7 +78,8 @@ def render_batch(
     cover = torch.nn.functional.avg_pool2d(cover.unsqueeze(1), SUPERSAMPLE)  # (B, 1, s, s)
     rgb = torch.tensor([_RGB[c] for c in COLOURS])[colour] + nuisance["tint"]
     fg = rgb.clamp(-1, 1).view(-1, 3, 1, 1)
-    bg = nuisance["background"].view(-1, 1, 1, 1)
+    grey = torch.tensor([_BACKGROUND[b] for b in BACKGROUNDS])[background] + nuisance["shade"]
+    bg = grey.view(-1, 1, 1, 1)
     return cover * fg + (1 - cover) * bg
 
 
@@ -98,19 +93,14 @@ def render(
         raise ValueError("render needs at least one (attributes, seed) pair")
     draws = [draw_nuisance(1, torch.Generator().manual_seed(int(s))) for s in seeds]
     nuisance = {k: torch.cat([d[k] for d in draws]) for k in draws[0]}
-    idx = torch.tensor([a.as_tuple() for a in attrs], dtype=torch.long).view(-1, 3)
-    return render_batch(idx[:, 0], idx[:, 1], idx[:, 2], nuisance, size)
+    idx = torch.tensor([a.as_tuple() for a in attrs], dtype=torch.long)
+    return render_batch(idx, nuisance, size)
 
 
 def random_batch(
     n: int, generator: torch.Generator, size: int = IMAGE_SIZE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fresh training renders: (images (n,3,s,s), prompt indices (n,)) of uniform random prompts."""
-    from cdm.world.prompts import SHAPES
-
-    n_prompts = len(SHAPES) * len(COLOURS) * len(POSITIONS)
-    index = torch.randint(n_prompts, (n,), generator=generator)
-    rest, position = index.div(len(POSITIONS), rounding_mode="floor"), index % len(POSITIONS)
-    shape, colour = rest.div(len(COLOURS), rounding_mode="floor"), rest % len(COLOURS)
-    images = render_batch(shape, colour, position, draw_nuisance(n, generator), size)
-    return images, index
+    index = torch.randint(N_PROMPTS, (n,), generator=generator)
+    attrs = torch.tensor([Attributes.from_index(int(i)).as_tuple() for i in index])
+    return render_batch(attrs, draw_nuisance(n, generator), size), index

@@ -17,7 +17,7 @@ VOCAB_FILE = "vocab.json"
 class WordTokenizer:
     """Splits on whitespace; each word maps to one id. Fixed length: BOS words EOS PAD..."""
 
-    def __init__(self, vocab: dict[str, int], max_length: int = 10):
+    def __init__(self, vocab: dict[str, int], max_length: int = 14):
         for special in (PAD, BOS, EOS, UNK):
             if special not in vocab:
                 raise ValueError(f"tokenizer vocab lacks the special token {special}")
@@ -25,7 +25,7 @@ class WordTokenizer:
         self.max_length = max_length
 
     @classmethod
-    def for_world(cls, max_length: int = 10) -> WordTokenizer:
+    def for_world(cls, max_length: int = 14) -> WordTokenizer:
         words = [PAD, BOS, EOS, UNK, *vocabulary()]
         return cls({w: i for i, w in enumerate(words)}, max_length)
 

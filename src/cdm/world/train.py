@@ -88,7 +88,7 @@ def train_teacher(
     batch_size: int = 64,
     lr: float = 1e-3,  # peak AdamW learning rate (cosine decay after warm-up)
     warmup: int = 500,
-    ema_decay: float = 0.999,  # the saved weights are the EMA
+    ema_decay: float = 0.999,  # the saved weights are the EMA (warm-up min(., (1+n)/(10+n)))
     p_uncond: float = 0.1,  # prompts dropped to the null prompt, for CFG
     shift: float = 2.0,  # SD3 time shift of the training and inference sigmas
     seed: int = 0,
@@ -130,8 +130,10 @@ def train_teacher(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        blend_(ema.transformer, teacher.transformer, ema_decay)
-        blend_(ema.text_encoder, teacher.text_encoder, ema_decay)
+        # EMA with warm-up, so that evaluations during training mean something.
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        blend_(ema.transformer, teacher.transformer, decay)
+        blend_(ema.text_encoder, teacher.text_encoder, decay)
         running, since = running + loss.item(), since + 1
         if (step + 1) % log_every == 0 or step + 1 == steps:
             mean = running / since
