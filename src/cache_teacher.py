@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     params = P.load(args.params)
     sets = prompt_sets(params)
-    backend = load_backend(params.teacher.backend, args.teacher)
+    backend = load_backend(params.teacher.backend, args.teacher, params.teacher.resolution)
     with atomic_dir(args.out) as tmp:
         for name in FILES:
             cond = encode_all(backend, sets[name], params.cache_teacher.batch_size, name)

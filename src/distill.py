@@ -58,7 +58,7 @@ def main() -> None:
     train_cond, _ = load_condition(Path(args.cache) / "train.safetensors")
     null, _ = load_condition(Path(args.cache) / "null.safetensors")
     backend = backend_module(params.teacher.backend)
-    velocity, shift, latent_shape = backend.load_velocity(args.teacher)
+    velocity, shift, latent_shape = backend.load_velocity(args.teacher, params.teacher.resolution)
 
     device = (
         torch.device("cuda", zero.local_rank())
@@ -79,12 +79,13 @@ def main() -> None:
             "guidance": 1.0, "method": args.method,
         }  # fmt: skip
         with atomic_dir(Path(args.out) / args.method) as tmp:
-            backend.export(ema, args.teacher, tmp, inference)
             resolved = {
                 "method": method.model_dump(),
                 "distill": cfg.model_dump(),
                 "seed": params.seed,
             }
+            card = resolved | {"teacher": params.teacher.model_dump()}
+            backend.export(ema, args.teacher, tmp, inference, card)
             (tmp / "params.json").write_text(json.dumps(resolved, indent=1))
         log.info("student written to %s", Path(args.out) / args.method)
     zero.barrier()

@@ -3,6 +3,11 @@
 For the shapes world: load the committed teacher and judge, check the judge on fresh
 renders, and write the teacher's judge alignment and Fréchet distance with and without
 CFG to results/teacher.json.
+
+For sd3 / longcat: resolve teacher.path (a local folder or a hub id), check it holds the
+backend's pipeline family and that it loads and runs (one seeded forward and decode), link
+it to models/teacher and write its parameter counts, geometry and that check to
+results/teacher.json (the world metrics do not apply).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import time
 import torch
 
 from cdm import params as P
-from cdm.backends import load_backend
+from cdm.backends import backend_module, load_backend, pipelines
 from cdm.cli import run_stage, stage_parser
 from cdm.io import atomic_dir, atomic_write_json
 from cdm.world.evaluate import EvalPairs, teacher_report
@@ -64,15 +69,43 @@ def prepare_shapes(params: P.Params, models: str, out: str) -> dict[str, float]:
     return report
 
 
+def prepare_pipeline(params: P.Params, models: str, out: str) -> dict:
+    """A diffusers-pipeline teacher: resolve, check it loads and runs, link, report."""
+    cfg = params.teacher
+    backend = backend_module(cfg.backend)
+    folder = backend.resolve(cfg.path)
+    start = time.time()
+    teacher = backend.load(folder, cfg.resolution)
+    null = teacher.null_condition()
+    del teacher  # the text encoders are not needed past this point
+    velocity, shift, shape = backend.load_velocity(folder, cfg.resolution)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sanity = pipelines.sanity_check(
+        velocity, backend.load_decoder(folder), null, shape, params.seed, device
+    )
+    report = {
+        "backend": cfg.backend, "path": cfg.path, "resolved": str(folder.resolve()),
+        "resolution": shape[-1] * pipelines.vae_factor(folder), "latent_shape": list(shape),
+        "shift": shift, "parameters": pipelines.parameter_counts(folder), "sanity": sanity,
+        "seconds": round(time.time() - start, 1),
+    }  # fmt: skip
+    log.info("teacher: %s", report)
+    with atomic_dir(f"{models}/teacher") as tmp:
+        pipelines.link_tree(folder, tmp)
+    atomic_write_json(out, report)
+    return report
+
+
 def main() -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", default="models", help="output folder of the resolved models")
     parser.add_argument("--out", default="results/teacher.json")
     args = parser.parse_args()
     params = P.load(args.params)
-    if params.teacher.backend != "shapes":
-        raise ValueError(f"backend '{params.teacher.backend}' is not available in this build")
-    prepare_shapes(params, args.models, args.out)
+    if params.teacher.backend == "shapes":
+        prepare_shapes(params, args.models, args.out)
+    else:
+        prepare_pipeline(params, args.models, args.out)
 
 
 if __name__ == "__main__":

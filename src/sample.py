@@ -87,7 +87,7 @@ def load_sampler(model: str, params: P.Params, teacher: Path, students: Path) ->
     """The teacher (teacher_cfg / teacher_nocfg) or the student of method `model`."""
     backend = backend_module(params.teacher.backend)
     if model in TEACHERS:
-        velocity, shift, shape = backend.load_velocity(teacher)
+        velocity, shift, shape = backend.load_velocity(teacher, params.teacher.resolution)
         guidance = params.teacher.cfg_scale if model == "teacher_cfg" else 1.0
         return Sampler(velocity, shift, shape, guidance)
     if model not in params.methods:
@@ -99,7 +99,7 @@ def load_sampler(model: str, params: P.Params, teacher: Path, students: Path) ->
     if not (folder / "inference.json").is_file():
         raise FileNotFoundError(f"no student at {folder}; run distill for method {model} first")
     recipe = json.loads((folder / "inference.json").read_text())
-    velocity, shift, shape = backend.load_velocity(folder)
+    velocity, shift, shape = backend.load_velocity(folder, params.teacher.resolution)
     return Sampler(velocity, float(recipe.get("shift", shift)), shape, recipe.get("guidance", 1.0))
 
 

@@ -25,7 +25,7 @@ def _write_params(path: Path, **distill) -> Path:
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     data["teacher"].update(path="tiny_teacher", steps=2)
     data["judge"]["path"] = str(ROOT / data["judge"]["path"])
-    data["prepare_teacher"].update(n_pairs=8, judge_renders=64)
+    data["prepare_teacher"].update(n_pairs=8, judge_renders=512)
     data["distill"].update(
         {
             "iterations": 20,
@@ -173,3 +173,22 @@ def test_bad_input_is_one_line_and_writes_nothing(project, tmp_path, distill, ar
     assert message in proc.stderr
     for out in ("models/students", "checkpoints", "logs"):
         assert not (work / out).exists()
+
+
+def test_gradient_checkpointing_gives_the_same_student(project, tmp_path):
+    plain = _clone(project, tmp_path / "plain", iterations=6)
+    _run(plain, "distill.py", "--method", "cdm")
+    ckpt = _clone(project, tmp_path / "ckpt", iterations=6, gradient_checkpointing=True)
+    _run(ckpt, "distill.py", "--method", "cdm")
+    a, b = _student(plain, "cdm"), _student(ckpt, "cdm")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_changed_params_start_afresh(project, tmp_path):
+    work = _clone(project, tmp_path, iterations=4)
+    _run(work, "distill.py", "--method", "dmd2")
+    first = {p.name for p in (work / "checkpoints").iterdir()}
+    _write_params(work / "params.yaml", iterations=4, lr_student=3e-4)
+    _run(work, "distill.py", "--method", "dmd2")
+    second = {p.name for p in (work / "checkpoints").iterdir()}
+    assert len(first) == len(second) == 1 and first != second  # the stale run is gone

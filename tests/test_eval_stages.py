@@ -43,7 +43,7 @@ def _params(path: Path, **sections: dict) -> Path:
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     data["teacher"].update(path="tiny_teacher", steps=2)
     data["judge"]["path"] = str(ROOT / data["judge"]["path"])
-    data["prepare_teacher"].update(n_pairs=8, judge_renders=64)
+    data["prepare_teacher"].update(n_pairs=8, judge_renders=512)
     data["prompts"]["eval_pairs"] = N_PAIRS
     data["sample"].update(student_steps=[1, 2], teacher_steps=[1, 2], batch_size=4)
     data["score"].update(batch_size=8)

@@ -52,7 +52,7 @@ def scratch(tmp_path_factory, tiny_teacher_dir) -> Path:
     _edit(
         path / "params.yaml",
         teacher={"path": "tiny_teacher", "steps": 2},
-        prepare_teacher={"n_pairs": 8, "judge_renders": 64},
+        prepare_teacher={"n_pairs": 8, "judge_renders": 512},
         prompts={"eval_pairs": 8},
         distill={"iterations": 4, "batch_size": 2, "k_max": 4, "checkpoint_every": 1},
         sample={"student_steps": [1], "teacher_steps": [2], "batch_size": 8},

@@ -38,7 +38,7 @@ def test_prepare_teacher_writes_the_report(tmp_path, tiny_teacher_dir):
     params = _params(
         tmp_path,
         teacher={"path": str(tiny_teacher_dir), "steps": 2, "cfg_scale": 3.0},
-        prepare_teacher={"n_pairs": 24, "batch_size": 16, "judge_renders": 256},
+        prepare_teacher={"n_pairs": 24, "batch_size": 16, "judge_renders": 512},
     )
     proc = _run("prepare_teacher.py", tmp_path, "--params", str(params))
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -15,9 +15,9 @@ def test_save_load_round_trip_gives_identical_outputs(tiny_teacher_dir, tmp_path
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.2, 0.5, 0.9])
     prompts = [
-        "a red square on the left on a dark background",
+        "a red ring on the left on a dark background",
         "",
-        "a blue cross on the right on a light background",
+        "a blue pillar on the right on a light background",
     ]
     with torch.no_grad():
         ca, cb = a.condition(prompts), b.condition(prompts)

@@ -23,11 +23,11 @@ def test_prompt_attribute_round_trip():
 def test_prompt_reads_like_english():
     assert (
         prompt_of(Attributes(shape=2, colour=0, position=0, background=1))
-        == "a red triangle on the left on a light background"
+        == "a red bar on the left on a light background"
     )
     assert (
         prompt_of(Attributes(shape=1, colour=2, position=1, background=0))
-        == "a blue circle in the center on a dark background"
+        == "a blue ring in the center on a dark background"
     )
 
 
@@ -36,8 +36,9 @@ def test_prompt_reads_like_english():
     [
         "",
         "a red blob on the left on a dark background",
-        "a red square on the center on a dark background",
-        "a red square on the left on a grey background",
+        "a red square on the left on a dark background",
+        "a red ring on the center on a dark background",
+        "a red ring on the left on a grey background",
         "hello",
     ],
 )
@@ -75,11 +76,11 @@ def test_colour_position_and_background_show_in_pixels():
 
 def test_tokenizer_round_trip(tmp_path):
     tok = WordTokenizer.for_world()
-    ids = tok(["a red square on the left on a dark background", ""])
+    ids = tok(["a red ring on the left on a dark background", ""])
     assert ids.shape == (2, tok.max_length)
     assert (ids[0] == tok.vocab["<unk>"]).sum() == 0
     assert ids[1, 1] == tok.eos_id  # null prompt: BOS EOS PAD...
     tok.save_pretrained(tmp_path)
     again = WordTokenizer.from_pretrained(tmp_path)
-    prompt = ["a cyan cross in the center on a light background"]
+    prompt = ["a cyan pillar in the center on a light background"]
     assert torch.equal(again(prompt), tok(prompt))

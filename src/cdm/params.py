@@ -31,6 +31,10 @@ class Teacher(Section):
     path: str = "src/cdm/world/pretrained/teacher"  # local folder or hub id
     cfg_scale: float = Field(4.0, ge=1.0)  # the teacher's own CFG when it is sampled
     steps: int = Field(28, gt=0)  # the teacher's own Euler steps
+    # Square image size in pixels of distillation and sampling (sd3, longcat); None: the
+    # model's default (SD3: transformer sample_size x VAE factor; LongCat: 1024). The
+    # backend checks it against the VAE factor and patch size when it loads the model.
+    resolution: int | None = Field(None, gt=0)
 
 
 class Judge(Section):
@@ -153,10 +157,10 @@ class WorldTeacher(Section):
     """The `make world-teacher` target: trains the world's teacher once (committed)."""
 
     out: str = "src/cdm/world/pretrained/teacher"
-    steps: int = Field(12_000, gt=0)
+    steps: int = Field(5_000, gt=0)
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
-    warmup: int = Field(500, ge=0)
+    warmup: int = Field(300, ge=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     p_uncond: float = Field(0.1, ge=0, le=1)  # prompts dropped to the null prompt, for CFG
     shift: float = Field(2.0, gt=0)  # SD3 time shift
@@ -165,15 +169,15 @@ class WorldTeacher(Section):
     heads: int = Field(2, gt=0)
     head_dim: int = Field(32, gt=0)
     text_width: int = Field(64, gt=0)
-    eval_every: int = Field(2000, gt=0)  # steps between alignment checks in the log
-    eval_pairs: int = Field(256, gt=0)
+    eval_every: int = Field(1000, gt=0)  # steps between alignment checks in the log
+    eval_pairs: int = Field(128, gt=0)
 
 
 class WorldJudge(Section):
     """The `make world-judge` target: trains the judge once (committed)."""
 
     out: str = "src/cdm/world/pretrained/judge"
-    steps: int = Field(1500, gt=0)
+    steps: int = Field(500, gt=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(2e-3, gt=0)
     seed: int = 0
@@ -196,6 +200,13 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _known_methods(self) -> Params:
+        if self.teacher.backend != "shapes":
+            for key in ("train_file", "eval_file"):
+                if getattr(self.prompts, key) is None:
+                    raise ValueError(
+                        f"prompts.{key} must name a prompts file for teacher.backend "
+                        f"'{self.teacher.backend}' (null means the shapes world's prompts)"
+                    )
         unknown = [m for m in self.distill.methods if m not in self.methods]
         if unknown:
             raise ValueError(

@@ -26,3 +26,48 @@ class TransformerVelocity(torch.nn.Module):
             timestep=1000 * sigma.float(),
             return_dict=False,
         )[0].float()
+
+
+class LongCatVelocity(torch.nn.Module):
+    """Wraps diffusers' LongCatImageTransformer2DModel as velocity(x, sigma, cond).
+
+    x is the unpacked latent (B, 16, h, w); the transformer reads 2x2 patches packed into
+    tokens (B, h/2 * w/2, 64) with 3-axis rotary position ids: text tokens (0, i, i), image
+    tokens (1, text_tokens + row, text_tokens + col), as LongCatImagePipeline builds them.
+    It takes timestep = sigma (it multiplies by 1000 itself), and its flow is SD3's:
+    FlowMatchEulerDiscreteScheduler steps x + (s' - s) v from sigma 1 (noise), so v = eps - x0.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, text_tokens: int):
+        super().__init__()
+        self.transformer = transformer
+        self.text_tokens = text_tokens  # LongCatImagePipeline.tokenizer_max_length
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
+        from diffusers.pipelines.longcat_image.pipeline_longcat_image import (
+            LongCatImagePipeline,
+            prepare_pos_ids,
+        )
+
+        b, c, h, w = x.shape
+        dtype = self.transformer.dtype
+        sigma = sigma.expand(b) if sigma.ndim == 0 else sigma
+        txt_ids = prepare_pos_ids(0, "text", (0, 0), num_token=cond.embeds.shape[1])
+        start = (self.text_tokens, self.text_tokens)
+        img_ids = prepare_pos_ids(1, "image", start, height=h // 2, width=w // 2)
+        out = self.transformer(
+            hidden_states=LongCatImagePipeline._pack_latents(x.to(dtype), b, c, h, w),
+            encoder_hidden_states=cond.embeds.to(dtype),
+            timestep=sigma.to(dtype),
+            txt_ids=txt_ids.to(x.device),
+            img_ids=img_ids.to(x.device),
+            return_dict=False,
+        )[0]
+        return unpack_longcat(out.float(), c, h, w)
+
+
+def unpack_longcat(tokens: torch.Tensor, channels: int, h: int, w: int) -> torch.Tensor:
+    """(B, h/2 * w/2, 4 C) tokens -> (B, C, h, w) latents (the pipeline's packing undone)."""
+    b = tokens.shape[0]
+    x = tokens.view(b, h // 2, w // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels, h, w)

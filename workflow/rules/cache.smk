@@ -14,4 +14,4 @@ rule cache_teacher:
     log:
         "logs/cache_teacher.log",
     shell:
-        "{PYTHON} src/cache_teacher.py --params {PARAMS_FILE} 2>&1 | tee {log}"
+        "OMP_NUM_THREADS={threads} {PYTHON} src/cache_teacher.py --params {PARAMS_FILE} 2>&1 | tee {log}"

@@ -5,6 +5,13 @@ PYTHON = "python"
 # to the GPUs of one node (one launcher per node starts them all).
 NPROC = config.get("nproc", 1)
 METHODS = config["distill"]["methods"]
+# The world metrics (judge, score, report) exist only for the embedded shapes world; for
+# sd3 / longcat the DAG ends at the sample sets, which external scorers read.
+WORLD = config["teacher"]["backend"] == "shapes"
+RESOLUTION = config["teacher"].get("resolution")
+# Accelerate config variant: "" (1 process by default) locally; the SLURM profile sets
+# accelerate_suffix=-8gpu (configs/accelerate/zero{2,3}-8gpu.yaml, bf16).
+ACCELERATE_SUFFIX = config.get("accelerate_suffix", "")
 
 
 wildcard_constraints:

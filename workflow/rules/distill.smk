@@ -21,11 +21,12 @@ rule distill:
         method=lambda wc: config["methods"][wc.method],
         distill=config["distill"],
         zero=config["distill"]["zero_stage"],
+        resolution=RESOLUTION,
         port=distill_port,
-    threads: workflow.cores
+    threads: 1  # per process; the other cores sample the teacher meanwhile
     log:
         "logs/distill_{method}.log",
     shell:
-        "accelerate launch --config_file configs/accelerate/zero{params.zero}.yaml"
+        "OMP_NUM_THREADS={threads} accelerate launch --config_file configs/accelerate/zero{params.zero}{ACCELERATE_SUFFIX}.yaml"
         " --num_processes {NPROC} --main_process_port {params.port}"
         " src/distill.py --method {wildcards.method} --params {PARAMS_FILE} 2>&1 | tee {log}"

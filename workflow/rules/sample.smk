@@ -36,12 +36,13 @@ if SHARDS == 1:
             "samples/{model}/{steps}/index.parquet",
         params:
             model=sample_params,
+            resolution=RESOLUTION,
             pairs=config["prompts"]["eval_pairs"],
             batch=config["sample"]["batch_size"],
         log:
             "logs/sample/{model}_{steps}.log",
         shell:
-            "{PYTHON} src/sample.py --model {wildcards.model} --steps {wildcards.steps}"
+            "OMP_NUM_THREADS={threads} {PYTHON} src/sample.py --model {wildcards.model} --steps {wildcards.steps}"
             " --params {PARAMS_FILE} 2>&1 | tee {log}"
 
 else:
@@ -53,12 +54,13 @@ else:
             temp("samples/{model}/{steps}/part-{i}-of-{n}/index.parquet"),
         params:
             model=sample_params,
+            resolution=RESOLUTION,
             pairs=config["prompts"]["eval_pairs"],
             batch=config["sample"]["batch_size"],
         log:
             "logs/sample/{model}_{steps}_part{i}of{n}.log",
         shell:
-            "{PYTHON} src/sample.py --model {wildcards.model} --steps {wildcards.steps}"
+            "OMP_NUM_THREADS={threads} {PYTHON} src/sample.py --model {wildcards.model} --steps {wildcards.steps}"
             " --shard {wildcards.i}/{wildcards.n} --params {PARAMS_FILE} 2>&1 | tee {log}"
 
     rule sample:
@@ -69,5 +71,5 @@ else:
         log:
             "logs/sample/{model}_{steps}_merge.log",
         shell:
-            "{PYTHON} src/sample.py merge --model {wildcards.model} --steps {wildcards.steps}"
+            "OMP_NUM_THREADS={threads} {PYTHON} src/sample.py merge --model {wildcards.model} --steps {wildcards.steps}"
             " --parts {SHARDS} --params {PARAMS_FILE} 2>&1 | tee {log}"

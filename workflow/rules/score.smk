@@ -15,7 +15,7 @@ rule score:
     log:
         "logs/score.log",
     shell:
-        "{PYTHON} src/score.py --params {PARAMS_FILE} 2>&1 | tee {log}"
+        "OMP_NUM_THREADS={threads} {PYTHON} src/score.py --params {PARAMS_FILE} 2>&1 | tee {log}"
 
 
 rule report:
@@ -34,4 +34,4 @@ rule report:
     log:
         "logs/report.log",
     shell:
-        "{PYTHON} src/report.py --params {PARAMS_FILE} 2>&1 | tee {log}"
+        "OMP_NUM_THREADS={threads} {PYTHON} src/report.py --params {PARAMS_FILE} 2>&1 | tee {log}"

@@ -8,14 +8,15 @@ rule prepare_teacher:
         script="src/prepare_teacher.py",
     output:
         teacher=directory("models/teacher"),
-        judge=directory("models/judge"),
         report="results/teacher.json",
+        **({"judge": directory("models/judge")} if WORLD else {}),
     params:
         seed=config["seed"],
         teacher=config["teacher"],
         judge=config["judge"],
         stage=config["prepare_teacher"],
+    threads: workflow.cores
     log:
         "logs/prepare_teacher.log",
     shell:
-        "{PYTHON} src/prepare_teacher.py --params {PARAMS_FILE} 2>&1 | tee {log}"
+        "OMP_NUM_THREADS={threads} {PYTHON} src/prepare_teacher.py --params {PARAMS_FILE} 2>&1 | tee {log}"

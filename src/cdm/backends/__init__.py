@@ -1,19 +1,21 @@
 """Name -> backend registry; its keys are the choices of `teacher.backend` in params.yaml.
 
-Each backend module offers `load(path)` (the whole teacher, text encoders included, for
-prepare_teacher and cache_teacher), `load_velocity(path)` (the velocity network alone,
-for distill and sample), `load_decoder(path)` (latents -> uint8 images, for sample) and
-`export(student, teacher_dir, out, inference)`.
+Each backend module offers `load(path, resolution)` (the whole teacher, text encoders
+included, for prepare_teacher and cache_teacher), `load_velocity(path, resolution)` (the
+velocity network alone, for distill and sample), `load_decoder(path)` (latents -> uint8
+images, for sample) and `export(student, teacher_dir, out, inference, params)`. The
+diffusers-pipeline backends (sd3, longcat) also offer `resolve(path)`: a local folder or
+hub id, checked to hold their pipeline family.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from cdm.backends import shapes
+from cdm.backends import longcat, sd3, shapes
 from cdm.backends.base import Backend
 
-BACKENDS: dict[str, ModuleType] = {"shapes": shapes}
+BACKENDS: dict[str, ModuleType] = {"shapes": shapes, "sd3": sd3, "longcat": longcat}
 
 
 def backend_module(name: str) -> ModuleType:
@@ -22,5 +24,5 @@ def backend_module(name: str) -> ModuleType:
     return BACKENDS[name]
 
 
-def load_backend(name: str, path) -> Backend:
-    return backend_module(name).load(path)
+def load_backend(name: str, path, resolution: int | None = None) -> Backend:
+    return backend_module(name).load(path, resolution)

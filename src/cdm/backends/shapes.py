@@ -25,8 +25,10 @@ class ShapesBackend:
         self.latent_shape = (int(teacher.transformer.config.in_channels), size, size)
 
     @classmethod
-    def load(cls, path: str | Path) -> ShapesBackend:
-        return cls(WorldTeacher.from_pretrained(path))
+    def load(cls, path: str | Path, resolution: int | None = None) -> ShapesBackend:
+        backend = cls(WorldTeacher.from_pretrained(path))
+        _check_resolution(resolution, backend.latent_shape[-1])
+        return backend
 
     def velocity_model(self) -> torch.nn.Module:
         return TransformerVelocity(self.teacher.transformer)
@@ -46,7 +48,17 @@ class ShapesBackend:
         self.teacher.save_pretrained(path)
 
 
-def load_velocity(path: str | Path) -> tuple[TransformerVelocity, float, tuple[int, int, int]]:
+def _check_resolution(resolution: int | None, size: int) -> None:
+    if resolution is not None and resolution != size:
+        raise ValueError(
+            f"teacher.resolution ({resolution}): the shapes world renders {size} px only; "
+            "leave it null for the shapes backend"
+        )
+
+
+def load_velocity(
+    path: str | Path, resolution: int | None = None
+) -> tuple[TransformerVelocity, float, tuple[int, int, int]]:
     """The teacher's velocity network alone (no text encoder): (model, shift, latent shape)."""
     path = Path(path)
     if not (path / "transformer").is_dir() or not (path / "scheduler").is_dir():
@@ -57,6 +69,7 @@ def load_velocity(path: str | Path) -> tuple[TransformerVelocity, float, tuple[i
     transformer = SD3Transformer2DModel.from_pretrained(path / "transformer")
     shift = float(FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler").config.shift)
     c, size = int(transformer.config.in_channels), int(transformer.config.sample_size)
+    _check_resolution(resolution, size)
     return TransformerVelocity(transformer), shift, (c, size, size)
 
 
@@ -72,7 +85,11 @@ def load_decoder(path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def export(
-    student: TransformerVelocity, teacher_dir: str | Path, out: Path, inference: dict
+    student: TransformerVelocity,
+    teacher_dir: str | Path,
+    out: Path,
+    inference: dict,
+    params: dict | None = None,
 ) -> None:
     """A teacher-shaped folder whose transformer is the student; `inference.json` gives its
     few-step recipe (raw sigmas, shift, guidance). Text parts are copied, not loaded."""

@@ -48,15 +48,12 @@ def draw_nuisance(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]
 
 def _masks(shape: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """Coverage of each shape in the object's own frame (u right, v up), radius r."""
-    square = torch.maximum(u.abs(), v.abs()) <= 0.82 * r
-    circle = u**2 + v**2 <= r**2
-    # Upward equilateral triangle inscribed in the circle of radius r (centroid at 0).
-    # (drawn 1.2x larger so its area is close to the other shapes').
-    s3, t = math.sqrt(3.0), 1.2 * r
-    triangle = (v >= -0.5 * t) & (v <= t - s3 * u) & (v <= t + s3 * u)
-    arm = 0.34 * r
-    cross = ((u.abs() <= arm) & (v.abs() <= r)) | ((v.abs() <= arm) & (u.abs() <= r))
-    stack = torch.stack([square, circle, triangle, cross])  # (4, B, H, W)
+    d2 = u**2 + v**2
+    circle = d2 <= r**2
+    ring = circle & (d2 >= (0.55 * r) ** 2)
+    bar = (u.abs() <= r) & (v.abs() <= 0.38 * r)  # horizontal
+    pillar = (v.abs() <= r) & (u.abs() <= 0.38 * r)  # vertical
+    stack = torch.stack([circle, ring, bar, pillar])  # (4, B, H, W), in SHAPES order
     return stack.gather(0, shape.view(1, -1, 1, 1).expand(1, *u.shape)).squeeze(0)
 
 

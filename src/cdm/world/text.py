@@ -26,7 +26,8 @@ class WordTokenizer:
 
     @classmethod
     def for_world(cls, max_length: int = 14) -> WordTokenizer:
-        words = [PAD, BOS, EOS, UNK, *vocabulary()]
+        # EOS must not get id 2: CLIP's legacy pooling then takes the highest-id token instead.
+        words = [PAD, BOS, UNK, EOS, *vocabulary()]
         return cls({w: i for i, w in enumerate(words)}, max_length)
 
     @property

@@ -1,0 +1,131 @@
+"""Backend `longcat`: LongCat-Image pipelines (diffusers' LongCatImagePipeline).
+
+The transformer (LongCatImageTransformer2DModel, a Flux-style MMDiT) reads 2x2-packed
+latent tokens with rotary position ids and takes timestep = sigma; LongCatVelocity adapts
+it to velocity(x, sigma, cond) on unpacked 16-channel latents. Its flow follows the SD3
+conventions (sigma = 1 is noise, v = eps - x0). The shift is the scheduler's dynamic
+shift at the image's token count (exp(mu), mu from calculate_shift). The text encoder
+(Qwen2.5-VL) is loaded only by `load`, for cache_teacher; prompts are encoded as given
+(the pipeline's optional prompt rewriting is not applied).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, LongCatImageTransformer2DModel
+
+from cdm.backends import few_step, pipelines
+from cdm.conditioning import Condition
+from cdm.velocity import LongCatVelocity
+
+TEXT_TOKENS = 512  # LongCatImagePipeline.tokenizer_max_length: prompt length, image id offset
+DEFAULT_SAMPLE_SIZE = 128  # LongCatImagePipeline.default_sample_size (x the VAE factor = px)
+
+FAMILY = pipelines.Family(
+    backend="longcat",
+    pipeline="LongCatImagePipeline",
+    parts=("transformer", "scheduler", "vae"),
+    default_call=lambda raw, shift, base: few_step.longcat_default_call(raw, shift),
+    explicit=few_step.constant_mu,
+    pipeline_raw=lambda steps: list(np.linspace(1.0, 1.0 / steps, steps)),
+    call="num_inference_steps={steps}, guidance_scale=1.0, enable_prompt_rewrite=False{extra}",
+)
+
+
+def resolve(path: str | Path) -> Path:
+    return pipelines.resolve(path, FAMILY)
+
+
+def geometry(folder: Path, resolution: int | None) -> tuple[float, tuple[int, int, int], int]:
+    """(shift, unpacked latent shape (C, h, w), image tokens) from the configs alone."""
+    config = LongCatImageTransformer2DModel.load_config(folder / "transformer")
+    factor = pipelines.vae_factor(folder)
+    resolution = DEFAULT_SAMPLE_SIZE * factor if resolution is None else resolution
+    if resolution % (2 * factor):
+        raise ValueError(
+            f"teacher.resolution ({resolution}) must be a multiple of {2 * factor} "
+            f"(VAE factor {factor} x packing 2) for this longcat model"
+        )
+    size = resolution // factor
+    tokens = (size // 2) ** 2
+    scheduler = FlowMatchEulerDiscreteScheduler.load_config(folder / "scheduler")
+    shift = few_step.effective_shift(dict(scheduler), tokens)
+    return shift, (int(config["in_channels"]) // 4, size, size), tokens
+
+
+class LongCatTeacher:
+    """The teacher as cache_teacher and prepare_teacher see it: the text encoder loaded, the
+    transformer and VAE only when asked for."""
+
+    name = "longcat"
+
+    def __init__(self, folder: Path, resolution: int | None = None):
+        from diffusers import LongCatImagePipeline
+
+        self.folder, self.resolution = folder, resolution
+        self.shift, self.latent_shape, _ = geometry(folder, resolution)
+        self.device, dtype = pipelines.text_device()
+        self.pipe = LongCatImagePipeline.from_pretrained(
+            folder, transformer=None, vae=None, dtype=dtype
+        )
+        self.pipe.text_encoder.to(self.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Condition:
+        """LongCatImagePipeline.encode_prompt: the last hidden states of the padded prompt
+        (TEXT_TOKENS tokens). LongCat has no pooled input: a (B, 1) zero keeps the form."""
+        embeds, _ = self.pipe.encode_prompt(prompts)
+        return Condition(embeds.cpu(), embeds.new_zeros(len(prompts), 1).cpu())
+
+    def null_condition(self) -> Condition:
+        """The empty prompt, as the pipeline encodes its default negative prompt for CFG."""
+        return self.encode([""])
+
+    def velocity_model(self) -> torch.nn.Module:
+        return load_velocity(self.folder, self.resolution)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return load_decoder(self.folder)(latents)
+
+    def save_teacher(self, path: Path) -> None:
+        pipelines.link_tree(self.folder, path)
+
+
+def load(path: str | Path, resolution: int | None = None) -> LongCatTeacher:
+    return LongCatTeacher(pipelines.check(path, FAMILY), resolution)
+
+
+def load_velocity(
+    path: str | Path, resolution: int | None = None
+) -> tuple[LongCatVelocity, float, tuple[int, int, int]]:
+    """The transformer alone (no text encoder): (velocity, shift, latent shape)."""
+    folder = pipelines.check(path, FAMILY, "model folder")
+    shift, shape, _ = geometry(folder, resolution)
+    transformer = LongCatImageTransformer2DModel.from_pretrained(folder / "transformer")
+    return LongCatVelocity(transformer, TEXT_TOKENS), shift, shape
+
+
+def load_decoder(path: str | Path) -> pipelines.VaeDecoder:
+    """The VAE alone: latents / scaling_factor + shift_factor -> decode -> uint8 (B, H, W, 3)."""
+    folder = pipelines.check(path, FAMILY, "model folder")
+    return pipelines.VaeDecoder(AutoencoderKL.from_pretrained(folder / "vae"))
+
+
+def export(
+    student: LongCatVelocity,
+    teacher_dir: str | Path,
+    out: Path,
+    inference: dict,
+    params: dict | None = None,
+) -> None:
+    """A complete LongCatImagePipeline folder whose default call with num_inference_steps=4
+    (and enable_prompt_rewrite=False) is the student's sampler, plus a model card."""
+    teacher_dir = Path(teacher_dir)
+    resolution = (params or {}).get("teacher", {}).get("resolution")
+    _, _, tokens = geometry(teacher_dir, resolution)
+    pipelines.export_pipeline(
+        student.transformer, FAMILY, teacher_dir, out, inference, tokens, params
+    )

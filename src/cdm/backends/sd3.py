@@ -1,0 +1,157 @@
+"""Backend `sd3`: Stable Diffusion 3 pipelines (diffusers' StableDiffusion3Pipeline).
+
+Distillation runs in the VAE's latent space (16 channels for SD3) with the transformer's
+SD3 conventions (TransformerVelocity: timestep = 1000 sigma) and the scheduler's shift
+(3.0 for SD3-Medium). The three text encoders (two CLIPs and T5) are loaded only by `load`,
+for cache_teacher; `load_velocity` and `load_decoder` never touch them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+from cdm.backends import few_step, pipelines
+from cdm.conditioning import Condition
+from cdm.velocity import TransformerVelocity
+
+FAMILY = pipelines.Family(
+    backend="sd3",
+    pipeline="StableDiffusion3Pipeline",
+    parts=("transformer", "scheduler", "vae"),
+    default_call=lambda raw, shift, base: few_step.sd3_default_call(
+        raw, shift, int(base.get("num_train_timesteps", 1000))
+    ),
+    explicit=few_step.plain,
+    pipeline_raw=lambda steps: None,
+    call="num_inference_steps={steps}, guidance_scale=1.0{extra}",
+)
+
+
+def resolve(path: str | Path) -> Path:
+    return pipelines.resolve(path, FAMILY)
+
+
+def geometry(folder: Path, resolution: int | None) -> tuple[float, tuple[int, int, int], int]:
+    """(shift, latent shape (C, h, w), image tokens) from the configs alone (no weights).
+
+    resolution None: the transformer's sample_size latents (1024 px for SD3-Medium).
+    """
+    config = SD3Transformer2DModel.load_config(folder / "transformer")
+    factor, patch = pipelines.vae_factor(folder), int(config["patch_size"])
+    if resolution is None:
+        size = int(config["sample_size"])
+    elif resolution % (factor * patch):
+        raise ValueError(
+            f"teacher.resolution ({resolution}) must be a multiple of {factor * patch} "
+            f"(VAE factor {factor} x patch {patch}) for this sd3 model"
+        )
+    else:
+        size = resolution // factor
+    limit = config.get("pos_embed_max_size")
+    if limit is not None and size // patch > int(limit):
+        raise ValueError(
+            f"teacher.resolution ({size * factor}) exceeds this sd3 model's position grid "
+            f"({int(limit) * patch * factor} px at most)"
+        )
+    tokens = (size // patch) ** 2
+    scheduler = FlowMatchEulerDiscreteScheduler.load_config(folder / "scheduler")
+    shift = few_step.effective_shift(dict(scheduler), tokens)
+    return shift, (int(config["in_channels"]), size, size), tokens
+
+
+class SD3Teacher:
+    """The teacher as cache_teacher and prepare_teacher see it: text encoders loaded, the
+    transformer and VAE only when asked for."""
+
+    name = "sd3"
+
+    def __init__(self, folder: Path, resolution: int | None = None):
+        self.folder, self.resolution = folder, resolution
+        self.shift, self.latent_shape, _ = geometry(folder, resolution)
+        self.device, dtype = pipelines.text_device()
+        self.pipe = _text_pipeline(folder, dtype)
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                module.to(self.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Condition:
+        """StableDiffusion3Pipeline.encode_prompt: CLIP-L + CLIP-G + T5 tokens, pooled CLIPs."""
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompts, None, None, device=self.device, do_classifier_free_guidance=False
+        )
+        return Condition(embeds.cpu(), pooled.cpu())
+
+    def null_condition(self) -> Condition:
+        """The empty prompt, as the pipeline encodes its default negative prompt for CFG."""
+        return self.encode([""])
+
+    def velocity_model(self) -> torch.nn.Module:
+        return load_velocity(self.folder, self.resolution)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return load_decoder(self.folder)(latents)
+
+    def save_teacher(self, path: Path) -> None:
+        pipelines.link_tree(self.folder, path)
+
+
+def _text_pipeline(folder: Path, dtype: torch.dtype):
+    """The pipeline with its text encoders and tokenizers only. The transformer is built on
+    the meta device from its config (no weights): encode_prompt reads its
+    joint_attention_dim when a pipeline has no T5."""
+    from accelerate import init_empty_weights
+    from diffusers import StableDiffusion3Pipeline
+
+    with init_empty_weights():
+        stub = SD3Transformer2DModel.from_config(
+            SD3Transformer2DModel.load_config(folder / "transformer")
+        )
+    optional = {}
+    for part in ("text_encoder_3", "tokenizer_3"):
+        if not (folder / part).is_dir():  # a pipeline saved without T5
+            optional[part] = None
+    return StableDiffusion3Pipeline.from_pretrained(
+        folder, transformer=stub, vae=None, dtype=dtype, **optional
+    )
+
+
+def load(path: str | Path, resolution: int | None = None) -> SD3Teacher:
+    return SD3Teacher(pipelines.check(path, FAMILY), resolution)
+
+
+def load_velocity(
+    path: str | Path, resolution: int | None = None
+) -> tuple[TransformerVelocity, float, tuple[int, int, int]]:
+    """The transformer alone (no text encoder): (velocity, shift, latent shape)."""
+    folder = pipelines.check(path, FAMILY, "model folder")
+    shift, shape, _ = geometry(folder, resolution)
+    transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer")
+    return TransformerVelocity(transformer), shift, shape
+
+
+def load_decoder(path: str | Path) -> pipelines.VaeDecoder:
+    """The VAE alone: latents / scaling_factor + shift_factor -> decode -> uint8 (B, H, W, 3)."""
+    folder = pipelines.check(path, FAMILY, "model folder")
+    return pipelines.VaeDecoder(AutoencoderKL.from_pretrained(folder / "vae"))
+
+
+def export(
+    student: TransformerVelocity,
+    teacher_dir: str | Path,
+    out: Path,
+    inference: dict,
+    params: dict | None = None,
+) -> None:
+    """A complete StableDiffusion3Pipeline folder whose default 4-step call is the student's
+    sampler (see few_step.sd3_default_call), plus inference.json and a model card."""
+    teacher_dir = Path(teacher_dir)
+    resolution = (params or {}).get("teacher", {}).get("resolution")
+    _, _, tokens = geometry(teacher_dir, resolution)
+    pipelines.export_pipeline(
+        student.transformer, FAMILY, teacher_dir, out, inference, tokens, params
+    )

@@ -1,0 +1,268 @@
+"""Per-GPU memory plan of a distillation run: `python -m cdm.plan OVERLAY --gpus N --zero {2,3}`.
+
+Example: `python -m cdm.plan configs/sd3-medium.yaml --gpus 8 --zero 2`.
+
+The overlay is merged onto params.yaml (nothing is written). The transformer's parameter
+count P comes from its config, instantiated on the meta device (no weights): the config of
+a local pipeline folder, or for a hub id the published config stored below. What each GPU
+holds in a run of src/distill.py (cdm.engine; w = bytes per weight: 2 in bf16 on GPUs, 4
+in fp32 on CPUs; N = GPUs):
+
+- teacher: frozen, outside ZeRO, replicated: w P
+- student and fake score, each its own DeepSpeed engine: weights w P (ZeRO-2) or w P / N
+  (ZeRO-3; plus the gathered blocks of the layer running and the one prefetched)
+- optimizer states per engine: fp32 master + AdamW m and v, partitioned: 12 P / N
+- gradients per engine: w P / N partitioned, the reduce bucket, and a transient fp32 copy
+  of the partition (4 P / N) while an engine steps (one at a time)
+- student EMA: an fp32 module on every rank: 4 P
+- activations with gradient checkpointing: each block's input (B_s tokens x hidden, w bytes)
+  for the student's forward with gradient (B_s = 2 B with the CDM point, else B), plus one
+  block recomputed in backward (34 w/2 bytes per token x hidden, Korthikanti et al. 2022,
+  flash attention) or, whichever is larger, the no-grad working set of the teacher's batched
+  call (4 B samples: CA cond + uncond, DM, CDM) at ~10 values per token x hidden; without
+  checkpointing every block keeps its 34 w/2 bytes per token x hidden
+- the prompt cache: the engine moves every training prompt's embedding to each GPU
+- latents and loss tensors (fp32): ~24 latent-sized tensors of B_s samples
+Not counted: the CUDA context and allocator fragmentation (keep a few GiB free).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cdm import params as P
+from cdm.overlay import apply
+
+GIB = 1024**3
+ROOT = Path(__file__).resolve().parents[2]
+DS_REDUCE_BUCKET_DEFAULT = 500_000_000  # DeepSpeed's reduce_bucket_size when a config sets none
+
+# Published transformer configs (transformer/config.json of the hub repositories; LongCat-Image
+# is a 6B Flux-style MMDiT of 10 double-stream and 20 single-stream blocks) with the pipeline
+# facts the plan needs, so a plan needs no download.
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "stabilityai/stable-diffusion-3-medium-diffusers": {
+        "backend": "sd3",
+        "transformer": {
+            "_class_name": "SD3Transformer2DModel",
+            "sample_size": 128,
+            "patch_size": 2,
+            "in_channels": 16,
+            "out_channels": 16,
+            "num_layers": 24,
+            "attention_head_dim": 64,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 4096,
+            "caption_projection_dim": 1536,
+            "pooled_projection_dim": 2048,
+            "pos_embed_max_size": 192,
+        },  # fmt: skip
+        "vae_factor": 8,
+    },
+    "meituan-longcat/LongCat-Image": {
+        "backend": "longcat",
+        "transformer": {
+            "_class_name": "LongCatImageTransformer2DModel",
+            "patch_size": 1,
+            "in_channels": 64,
+            "num_layers": 10,
+            "num_single_layers": 20,
+            "attention_head_dim": 128,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 3584,
+            "pooled_projection_dim": 3584,
+            "axes_dims_rope": [16, 56, 56],
+        },  # fmt: skip
+        "vae_factor": 8,
+    },
+}
+SD3_TEXT_TOKENS = 77 + 256  # CLIP tokens + T5 max_sequence_length of StableDiffusion3Pipeline
+LONGCAT_TEXT_TOKENS = 512  # LongCatImagePipeline.tokenizer_max_length
+
+
+@dataclass(frozen=True)
+class Model:
+    """What the plan needs of a teacher: parameters and the shape of one forward."""
+
+    name: str
+    params: int  # P, the transformer's parameters
+    block_params: int  # the largest block's (ZeRO-3 gathers a block at a time)
+    blocks: int
+    hidden: int
+    image_tokens: int
+    text_tokens: int
+    text_width: int
+    latent_numel: int  # C x h x w of one latent
+
+
+def count_parameters(backend: str, config: dict[str, Any]) -> tuple[int, int, int]:
+    """(P, largest block's parameters, blocks) of the transformer built on the meta device."""
+    from accelerate import init_empty_weights
+    from diffusers import LongCatImageTransformer2DModel, SD3Transformer2DModel
+
+    cls = SD3Transformer2DModel if backend == "sd3" else LongCatImageTransformer2DModel
+    with init_empty_weights():
+        model = cls.from_config(config)
+    blocks = list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", []))
+    sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    return sum(p.numel() for p in model.parameters()), max(sizes), len(blocks)
+
+
+def describe(backend: str, path: str, resolution: int | None) -> tuple[Model, str]:
+    """The teacher's Model and where its config came from."""
+    if backend not in ("sd3", "longcat"):
+        raise ValueError(f"the memory plan covers the sd3 and longcat backends, not '{backend}'")
+    folder = Path(path)
+    if (folder / "transformer" / "config.json").is_file():
+        config = json.loads((folder / "transformer" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        factor, source = 2 ** (len(vae["block_out_channels"]) - 1), f"config of {folder}"
+    elif path in PUBLISHED:
+        known = PUBLISHED[path]
+        if known["backend"] != backend:
+            raise ValueError(f"{path} is a {known['backend']} model, not {backend}")
+        config, factor = known["transformer"], known["vae_factor"]
+        source = f"published config of {path}"
+    else:
+        raise FileNotFoundError(
+            f"teacher.path '{path}' is not a local pipeline folder and no published config is "
+            f"stored for it; known: {', '.join(PUBLISHED)}"
+        )
+    params, block, blocks = count_parameters(backend, config)
+    hidden = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    if backend == "sd3":
+        size = resolution // factor if resolution else int(config["sample_size"])
+        tokens, text, channels = (size // config["patch_size"]) ** 2, SD3_TEXT_TOKENS, 16
+    else:
+        size = (resolution or 1024) // factor
+        tokens, text, channels = (size // 2) ** 2, LONGCAT_TEXT_TOKENS, config["in_channels"] // 4
+    model = Model(
+        config["_class_name"], params, block, blocks, hidden, tokens, text,
+        int(config["joint_attention_dim"]), channels * size * size,
+    )  # fmt: skip
+    return model, source
+
+
+def estimate(
+    m: Model,
+    batch: int,
+    gpus: int,
+    zero: int,
+    checkpointing: bool = True,
+    cdm: bool = True,
+    weight_bytes: int = 2,
+    reduce_bucket: int = DS_REDUCE_BUCKET_DEFAULT,
+    train_prompts: int | None = None,
+) -> dict[str, float]:
+    """Bytes per GPU of each part of a run (see the module docstring for the formulas)."""
+    w, p, n = weight_bytes, m.params, gpus
+    gathered = 2 * m.block_params * w if zero == 3 else 0
+    weights = (w * p if zero == 2 else w * p / n) + gathered
+    grad_batch = 2 * batch if cdm else batch
+    tokens = m.image_tokens + m.text_tokens
+    unit = tokens * m.hidden * w / 2  # bytes of 16-bit values per (sample, hidden unit) of a block
+    if checkpointing:
+        stash = m.blocks * 2 * unit * grad_batch
+        activations = stash + max(34 * unit * grad_batch, 20 * unit * 4 * batch)
+    else:
+        activations = m.blocks * 34 * unit * grad_batch + 20 * unit * 4 * batch
+    rows = {
+        "teacher (frozen, replicated)": w * p,
+        "student weights": weights,
+        "fake score weights": weights,
+        "student EMA (fp32, replicated)": 4 * p,
+        "optimizer states (fp32 master + AdamW m, v; 2 engines)": 2 * 12 * p / n,
+        "gradients (partitioned + bucket; 2 engines)": 2 * (w * p / n + w * reduce_bucket)
+        + 4 * p / n,
+        "activations": activations,
+        "latents and loss tensors (fp32)": 24 * 4 * m.latent_numel * grad_batch,
+    }
+    if train_prompts is not None:
+        rows["prompt cache (train prompts on every GPU)"] = (
+            (train_prompts + 1) * m.text_tokens * m.text_width * w
+        )
+    return rows
+
+
+def _reduce_bucket(zero: int) -> int:
+    config = json.loads((ROOT / "configs" / "deepspeed" / f"zero{zero}.json").read_text())
+    return int(
+        config.get("zero_optimization", {}).get("reduce_bucket_size", DS_REDUCE_BUCKET_DEFAULT)
+    )
+
+
+def _count_lines(path: str | None) -> int | None:
+    if path is None or not Path(path).is_file():
+        return None
+    return len({line.strip() for line in Path(path).read_text().splitlines() if line.strip()})
+
+
+def plan(overlay: str, params_path: str, gpus: int, zero: int | None, memory_gib: float) -> str:
+    merged = yaml.safe_load(apply(overlay, params_path, write=False))
+    params = P.parse(merged, f"{params_path} + {overlay}")
+    cfg, teacher = params.distill, params.teacher
+    zero = zero or cfg.zero_stage
+    model, source = describe(teacher.backend, teacher.path, teacher.resolution)
+    cdm = any(params.methods[m].cdm for m in cfg.methods)
+    prompts = _count_lines(params.prompts.train_file)
+    rows = estimate(
+        model, cfg.batch_size, gpus, zero, cfg.gradient_checkpointing, cdm,
+        reduce_bucket=_reduce_bucket(zero), train_prompts=prompts,
+    )  # fmt: skip
+    total = sum(rows.values())
+    side = int(model.image_tokens**0.5)
+    lines = [
+        f"memory plan: {teacher.backend} {teacher.path}",
+        f"  {model.name}: {model.params:,} parameters ({source}, built on the meta device)",
+        f"  {gpus} GPUs, ZeRO-{zero}, bf16; batch {cfg.batch_size} per GPU; "
+        f"{model.image_tokens} image tokens ({side}x{side}) + {model.text_tokens} text tokens; "
+        f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}",
+        "",
+        f"  {'per GPU':<58}{'GiB':>8}",
+    ]
+    lines += [f"  {name:<58}{value / GIB:>8.2f}" for name, value in rows.items()]
+    if prompts is None:
+        lines.append(f"  {'prompt cache: not counted (train prompts file not found)':<58}{'-':>8}")
+    verdict = "fits" if total / GIB <= memory_gib else "does NOT fit"
+    fitting = [
+        b
+        for b in range(1, 257)
+        if sum(estimate(model, b, gpus, zero, cfg.gradient_checkpointing, cdm,
+                        reduce_bucket=_reduce_bucket(zero), train_prompts=prompts).values())
+        <= memory_gib * GIB
+    ]  # fmt: skip
+    lines += [
+        f"  {'total':<58}{total / GIB:>8.2f}",
+        f"  {verdict} in {memory_gib:g} GiB (not counted: CUDA context, fragmentation); "
+        f"largest batch per GPU that fits: {max(fitting) if fitting else 'none'}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overlay", help="params overlay, e.g. configs/sd3-medium.yaml")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--zero", type=int, choices=(2, 3), help="default: distill.zero_stage")
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (H100: 80)")
+    args = parser.parse_args(argv)
+    try:
+        if args.gpus < 1:
+            raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
+        print(plan(args.overlay, args.params, args.gpus, args.zero, args.gpu_memory))
+    except (P.ParamsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""The sd3 and longcat backends end to end on tiny random pipelines built offline.
+
+prepare_teacher -> cache_teacher -> distill (ZeRO-2, one process) -> sample -> export run as
+subprocesses in a scratch project; distill and sample run under a guard that makes building
+any transformers model (every text encoder) raise. The exported folder then samples with
+stock diffusers and must give the project's own sampler's images for the same noise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from cdm.backends import few_step, longcat, sd3
+from cdm.cache import load_condition
+from cdm.sampling import inference_sigmas
+from cdm.world.evaluate import EvalPairs
+from tests import tiny_pipelines
+from tests.conftest import PYTHON, ROOT
+
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+GUARD = ENV | {"PYTHONPATH": str(ROOT / "tests" / "guard"), "CDM_FORBID_TEXT_ENCODERS": "1"}
+PROMPTS = ["a red cat", "a blue dog on a green mat", "an apple", "two birds in the sky"]
+N_PAIRS = 3
+# backend -> (builder, pipeline class, resolution in px, latent shape (C, h, w))
+BACKENDS = {
+    "sd3": (tiny_pipelines.sd3_pipeline, "StableDiffusion3Pipeline", 16, (16, 8, 8)),
+    "longcat": (tiny_pipelines.longcat_pipeline, "LongCatImagePipeline", 32, (16, 16, 16)),
+}
+
+
+def _params(params_file: Path, backend: str, **teacher) -> Path:
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["teacher"].update(
+        {"backend": backend, "path": f"tiny_{backend}", "resolution": BACKENDS[backend][2]}
+        | {"steps": 2}
+        | teacher
+    )
+    data["prompts"].update(train_file="prompts.txt", eval_file="prompts.txt", eval_pairs=N_PAIRS)
+    data["distill"].update(
+        methods=["cdm"], iterations=4, batch_size=2, k_max=3, checkpoint_every=1, warmup=1
+    )
+    data["sample"].update(student_steps=[4], teacher_steps=[2], batch_size=2)
+    data["report"].update(steps="4")
+    params_file.write_text(yaml.safe_dump(data))
+    return params_file
+
+
+def _run(cwd: Path, script: str, *args: str, env: dict | None = None, check: bool = True):
+    cmd = [PYTHON, str(ROOT / "src" / script), *args]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env or ENV, timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _call(cwd: Path, script: str, *args: str) -> tuple[int, str]:
+    """Run a stage script as __main__ in this process: (exit code, stderr)."""
+    old_cwd, old_argv, err = os.getcwd(), sys.argv, io.StringIO()
+    try:
+        os.chdir(cwd)
+        sys.argv = [script, *args]
+        with contextlib.redirect_stderr(err):
+            runpy.run_path(str(ROOT / "src" / script), run_name="__main__")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        os.chdir(old_cwd)
+        sys.argv = old_argv
+    return code, err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_pipelines")
+    return {name: tiny_pipelines.save(spec[0](), root / name) for name, spec in BACKENDS.items()}
+
+
+@pytest.fixture(scope="module", params=list(BACKENDS))
+def project(request, tmp_path_factory, tiny_dirs) -> Path:
+    """A scratch project run through every stage; distill and sample under the guard."""
+    backend = request.param
+    path = tmp_path_factory.mktemp(f"project_{backend}")
+    shutil.copytree(tiny_dirs[backend], path / f"tiny_{backend}")
+    (path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    _params(path / "params.yaml", backend)
+    _run(path, "prepare_teacher.py")
+    _run(path, "cache_teacher.py")
+    _run(path, "distill.py", "--method", "cdm", env=GUARD)
+    _run(path, "sample.py", "--model", "cdm", "--steps", "4", env=GUARD)
+    _run(path, "sample.py", "--model", "teacher_cfg", "--steps", "2", env=GUARD)
+    return path
+
+
+def _backend(project: Path) -> str:
+    return yaml.safe_load((project / "params.yaml").read_text())["teacher"]["backend"]
+
+
+def test_prepare_teacher_links_the_pipeline_and_reports_it(project):
+    backend = _backend(project)
+    report = json.loads((project / "results/teacher.json").read_text())
+    assert report["backend"] == backend and report["resolution"] == BACKENDS[backend][2]
+    assert report["latent_shape"] == list(BACKENDS[backend][3])
+    assert report["parameters"]["transformer"] > 0 and "vae" in report["parameters"]
+    assert report["sanity"]["image_shape"] == [1, report["resolution"], report["resolution"], 3]
+    teacher = project / "models/teacher"
+    index = json.loads((teacher / "model_index.json").read_text())
+    assert index["_class_name"] == BACKENDS[backend][1]
+    weights = next((teacher / "transformer").glob("*.safetensors"))
+    assert weights.stat().st_nlink > 1 or weights.is_symlink()  # linked, not copied
+    assert not (project / "models/judge").exists()
+
+
+def test_cache_holds_the_pipelines_own_prompt_encoding(project, tiny_dirs):
+    backend = _backend(project)
+    cond, prompts = load_condition(project / "cache/prompts/eval.safetensors")
+    null, _ = load_condition(project / "cache/prompts/null.safetensors")
+    assert prompts == PROMPTS and len(null) == 1
+    if backend == "sd3":
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(tiny_dirs["sd3"])
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            PROMPTS, None, None, do_classifier_free_guidance=False
+        )
+        assert cond.embeds.shape == (4, 77 + 256, 16)
+        torch.testing.assert_close(cond.pooled, pooled)
+    else:
+        from diffusers import LongCatImagePipeline
+
+        pipe = LongCatImagePipeline.from_pretrained(tiny_dirs["longcat"])
+        embeds, _ = pipe.encode_prompt(PROMPTS)
+        assert cond.embeds.shape == (4, longcat.TEXT_TOKENS, 16)
+    torch.testing.assert_close(cond.embeds, embeds)
+
+
+def test_export_is_a_stock_pipeline_that_samples_like_our_sampler(project):
+    """Same prompt and noise: stock diffusers' default 4-step call on the exported folder
+    gives the images sample.py wrote (decoded uint8, at most 1 level apart)."""
+    backend = _backend(project)
+    _, cls_name, resolution, shape = BACKENDS[backend]
+    folder = project / "models/students/cdm"
+    recipe = json.loads((folder / "inference.json").read_text())
+    assert recipe["default_call_exact"] and recipe["sigmas_raw"] == [1.0, 0.75, 0.5, 0.25]
+    card = (folder / "README.md").read_text()
+    assert "num_inference_steps=4, guidance_scale=1.0" in card
+    assert "| distill.lr_student |" in card and "[1.0, 0.75, 0.5, 0.25]" in card
+
+    import diffusers
+
+    pipe = getattr(diffusers, cls_name).from_pretrained(folder)
+    pairs = EvalPairs.of(PROMPTS, range(N_PAIRS))
+    noise = pairs.noise(shape)
+    extra = {"enable_prompt_rewrite": False} if backend == "longcat" else {}
+    for j in range(N_PAIRS):
+        latents = noise[j : j + 1]
+        if backend == "longcat":
+            latents = pipe._pack_latents(latents, 1, *shape)
+        out = pipe(
+            pairs.prompts[j], num_inference_steps=4, guidance_scale=1.0, latents=latents,
+            height=resolution, width=resolution, output_type="np", **extra,
+        ).images[0]  # fmt: skip
+        stock = (out * 255).round().astype(np.int16)
+        ours = np.asarray(Image.open(project / f"samples/cdm/4/{j:05d}.png")).astype(np.int16)
+        assert stock.shape == ours.shape == (resolution, resolution, 3)
+        assert np.abs(stock - ours).max() <= 1, j
+    # The stock scheduler ran exactly our 4 sigmas.
+    torch.testing.assert_close(
+        pipe.scheduler.sigmas.cpu(), inference_sigmas(4, recipe["shift"]), rtol=0, atol=1e-6
+    )
+
+
+def test_distill_and_sample_never_build_a_text_encoder(project, tmp_path):
+    """The fixture ran distill and sample under the guard; here the guard itself is shown to
+    bite: cache_teacher, which must build the text encoders, fails under it."""
+    work = tmp_path / "guarded"
+    shutil.copytree(project, work, ignore=shutil.ignore_patterns("cache", "samples"))
+    proc = _run(work, "cache_teacher.py", env=GUARD, check=False)
+    assert proc.returncode != 0 and "text encoder instantiated" in proc.stderr
+    assert (project / "samples/teacher_cfg/2/index.parquet").is_file()
+
+
+@pytest.mark.parametrize(
+    ("backend", "path", "message"),
+    [
+        ("sd3", "/nonexistent/sd3", "does not exist; expected a StableDiffusion3Pipeline folder"),
+        ("sd3", "someone/no-such-model", "could not be fetched from the hub"),
+        (
+            "sd3",
+            "tiny_longcat",
+            "holds a LongCatImagePipeline, expected a StableDiffusion3Pipeline",
+        ),
+        (
+            "longcat",
+            "tiny_sd3",
+            "holds a StableDiffusion3Pipeline, expected a LongCatImagePipeline",
+        ),
+        ("longcat", "prompts.txt", "is not a folder; expected a LongCatImagePipeline folder"),
+        ("sd3", "empty", "has no model_index.json, so it is not a diffusers pipeline"),
+    ],
+)
+def test_a_wrong_teacher_path_is_one_line(tiny_dirs, tmp_path, backend, path, message):
+    for name, folder in tiny_dirs.items():
+        (tmp_path / f"tiny_{name}").symlink_to(folder)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    _params(tmp_path / "params.yaml", backend, path=path)
+    code, err = _call(tmp_path, "prepare_teacher.py")
+    assert code == 2, err[-2000:]
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err, err
+    assert not (tmp_path / "models").exists()
+
+
+def test_geometry_and_params_errors_are_one_line(tiny_dirs, tmp_path):
+    (tmp_path / "tiny_sd3").symlink_to(tiny_dirs["sd3"])
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    _params(tmp_path / "params.yaml", "sd3", resolution=18)
+    code, err = _call(tmp_path, "prepare_teacher.py")
+    assert code == 2 and "teacher.resolution (18) must be a multiple of 4" in err, err
+    _params(tmp_path / "params.yaml", "sd3", resolution=64)
+    code, err = _call(tmp_path, "prepare_teacher.py")
+    assert code == 2 and "exceeds this sd3 model's position grid (32 px at most)" in err, err
+    data = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    data["prompts"]["train_file"] = None
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    code, err = _call(tmp_path, "prepare_teacher.py")
+    assert code == 2 and "prompts.train_file must name a prompts file" in err, err
+
+
+@pytest.mark.parametrize("shift", [1.0, 2.0, 3.0, 3.16])
+@pytest.mark.parametrize(
+    "raw", [[1.0], [1.0, 0.5], [1.0, 0.75, 0.5, 0.25], [1.0, 0.8, 0.6, 0.4, 0.2]]
+)
+def test_scheduler_configs_reproduce_inference_sigmas(raw, shift):
+    """FlowMatchEulerDiscreteScheduler, driven as each pipeline drives it, yields exactly
+    time_shift(raw, shift) + [0] (float32) under the configs export writes."""
+    n = len(raw)
+    config = few_step.sd3_default_call(raw, shift, 1000)
+    theirs = few_step.pipeline_sigmas(config, n, seq_len=4096)
+    torch.testing.assert_close(theirs, inference_sigmas(n, shift, raw), rtol=0, atol=1e-6)
+    lc = few_step.longcat_default_call(raw, shift)
+    grid = list(np.linspace(1.0, 1.0 / n, n))
+    if np.allclose(raw, grid):
+        for seq_len in (64, 4096):  # mu is pinned: the same at every resolution
+            assert few_step.matches(lc, raw, shift, seq_len, grid)
+    else:
+        assert lc is None
+        assert few_step.matches(few_step.constant_mu(shift), raw, shift, 4096, raw)
+
+
+def test_uneven_sigmas_fall_back_to_an_explicit_sigmas_call():
+    raw = [1.0, 0.8, 0.3]
+    assert few_step.sd3_default_call(raw, 3.0, 1000) is None
+    assert few_step.matches(few_step.plain(3.0), raw, 3.0, 4096, raw)
+
+
+def test_effective_shift_follows_the_scheduler_config():
+    assert few_step.effective_shift({"shift": 3.0}, 4096) == 3.0
+    dynamic = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}
+    assert few_step.effective_shift(dynamic, 4096) == pytest.approx(np.exp(1.15))
+    assert few_step.effective_shift(dynamic, 256) == pytest.approx(np.exp(0.5))
+
+
+def test_geometry_from_configs_alone(tiny_dirs):
+    shift, shape, tokens = sd3.geometry(tiny_dirs["sd3"], None)
+    assert (shift, shape, tokens) == (3.0, (16, 8, 8), 16)  # transformer sample_size
+    shift, shape, tokens = longcat.geometry(tiny_dirs["longcat"], 32)
+    assert shape == (16, 16, 16) and tokens == 64
+    assert shift == pytest.approx(np.exp(few_step.calculate_shift(64, {})))

@@ -1,0 +1,113 @@
+"""The memory plan: parameter counts from configs on the meta device, and the estimate of
+weights and optimizer states against what a tiny DeepSpeed ZeRO-2 engine really allocates."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from cdm import plan
+from tests.conftest import PYTHON, ROOT
+
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+TOLERANCE = 0.05  # DeepSpeed pads each flat partition a little for alignment
+TINY = dict(
+    sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+    caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8,
+)  # fmt: skip
+
+# Runs in a fresh process: DeepSpeed's process group and environment stay out of pytest's.
+MEASURE = f"""
+import json, torch
+from diffusers import SD3Transformer2DModel
+from cdm import zero
+from cdm.conditioning import Condition
+from cdm.velocity import TransformerVelocity
+
+torch.manual_seed(0)
+model = TransformerVelocity(SD3Transformer2DModel(**{TINY!r}))
+zero.init_distributed(torch.device("cpu"))
+config = zero.ds_config(2, 2, False, 1.0)
+engine = zero.make_engine(model, 1e-4, warmup=1, betas=(0.9, 0.999), weight_decay=0.0,
+                          eps=1e-8, config=config)
+cond = Condition(torch.randn(2, 5, 16), torch.randn(2, 16))
+loss = engine(torch.randn(2, 16, 8, 8), torch.rand(2), cond).pow(2).mean()
+engine.backward(loss)
+engine.step()
+opt = engine.optimizer
+size = lambda t: t.numel() * t.element_size()
+print(json.dumps({{
+    "params": sum(p.numel() for p in engine.module.parameters()),
+    "weights": sum(size(p) for p in engine.module.parameters()),
+    "master": sum(size(t) for t in opt.single_partition_of_fp32_groups),
+    "adam": sum(size(v) for s in opt.optimizer.state.values()
+                for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")),
+}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def measured() -> dict[str, int]:
+    proc = subprocess.run(
+        [PYTHON, "-c", MEASURE], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_meta_device_count_is_the_real_count(measured):
+    count, block, blocks = plan.count_parameters("sd3", TINY)
+    assert count == measured["params"] and blocks == 2 and 0 < block < count
+
+
+def test_weights_and_optimizer_states_match_a_zero2_engine(measured):
+    """fp32 on one CPU process: weights 4P, fp32 master 4P and AdamW m, v 8P (per engine)."""
+    model = plan.Model("tiny", measured["params"], 1, 2, 16, 16, 5, 16, 16 * 8 * 8)
+    rows = plan.estimate(model, batch=2, gpus=1, zero=2, weight_bytes=4)
+    weights = rows["student weights"]
+    states = rows["optimizer states (fp32 master + AdamW m, v; 2 engines)"] / 2
+    assert abs(weights - measured["weights"]) <= TOLERANCE * measured["weights"]
+    actual = measured["master"] + measured["adam"]
+    assert abs(states - actual) <= TOLERANCE * actual, (states, actual)
+
+
+def test_sd3_medium_and_longcat_from_their_published_configs():
+    sd3, source = plan.describe("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", 1024)
+    assert "published config" in source and 2.0e9 < sd3.params < 2.1e9  # "2B"
+    assert (sd3.blocks, sd3.hidden, sd3.image_tokens, sd3.text_tokens) == (24, 1536, 4096, 333)
+    lc, _ = plan.describe("longcat", "meituan-longcat/LongCat-Image", None)
+    assert 6.0e9 < lc.params < 6.5e9 and lc.blocks == 30 and lc.image_tokens == 4096  # "6B"
+
+
+def test_zero3_shards_weights_and_checkpointing_shrinks_activations():
+    model, _ = plan.describe("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", 1024)
+    two = plan.estimate(model, 16, 8, 2)
+    three = plan.estimate(model, 16, 8, 3)
+    assert three["student weights"] < two["student weights"] / 4
+    assert two["teacher (frozen, replicated)"] == three["teacher (frozen, replicated)"]
+    full = plan.estimate(model, 16, 8, 2, checkpointing=False)
+    assert full["activations"] > 5 * two["activations"]
+    assert plan.estimate(model, 8, 8, 2)["activations"] == pytest.approx(two["activations"] / 2)
+
+
+@pytest.mark.parametrize("zero", ["2", "3"])
+def test_cli_prints_the_plan_of_the_sd3_overlay(zero):
+    cmd = [PYTHON, "-m", "cdm.plan", "configs/sd3-medium.yaml", "--gpus", "8", "--zero", zero]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "2,028,328,000 parameters" in out and f"8 GPUs, ZeRO-{zero}" in out
+    for row in ("teacher", "student weights", "fake score weights", "optimizer states"):
+        assert row in out
+    assert "gradients" in out and "activations" in out and "total" in out
+
+
+def test_cli_error_is_one_line():
+    cmd = [PYTHON, "-m", "cdm.plan", "configs/ablation.yaml", "--gpus", "8"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+    assert proc.stderr.count("\n") == 1 and "covers the sd3 and longcat backends" in proc.stderr

@@ -1,0 +1,87 @@
+"""The real-run overlays (configs/sd3-medium.yaml, configs/longcat-image.yaml): the authors'
+recipe, a valid params file once applied, and a Snakemake DAG that dry-runs on the cluster
+profile with the world-only stages left out."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cdm import params as P
+from cdm.overlay import apply
+from tests.conftest import PYTHON, ROOT
+
+BIN = str(Path(PYTHON).parent)
+ENV = os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+OVERLAYS = ["configs/sd3-medium.yaml", "configs/longcat-image.yaml"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_carries_the_authors_recipe(overlay):
+    params = P.parse(yaml.safe_load(apply(ROOT / overlay, ROOT / "params.yaml", write=False)))
+    d = params.distill
+    assert (d.lr_student, d.lr_fake, d.warmup, d.batch_size) == (1e-5, 5e-6, 100, 16)
+    assert (d.iterations, d.update_ratio, d.guidance, d.ema_max) == (4000, 2, 7.0, 0.999)
+    assert (d.k_min, d.k_max, d.u_min, d.u_max) == (1, 28, 0.25, 0.95)
+    assert d.inference_sigmas == [1.0, 0.75, 0.5, 0.25]
+    assert d.zero_stage == 2 and d.gradient_checkpointing
+    assert params.teacher.resolution == 1024 and params.teacher.backend != "shapes"
+    eval_file = params.prompts.eval_file
+    assert eval_file == "../shared/data/pickscore_test_prompts.txt"  # read in place, not copied
+    assert not (ROOT / "data" / "pickscore_test_prompts.txt").exists()
+    if (ROOT / eval_file).is_file():
+        assert len((ROOT / eval_file).read_text().splitlines()) == 2048
+
+
+def test_sd3_overlay_names_the_hub_model():
+    data = yaml.safe_load((ROOT / "configs/sd3-medium.yaml").read_text())
+    assert data["teacher"]["path"] == "stabilityai/stable-diffusion-3-medium-diffusers"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_eight_gpu_accelerate_configs(stage):
+    config = yaml.safe_load((ROOT / f"configs/accelerate/zero{stage}-8gpu.yaml").read_text())
+    assert config["num_processes"] == 8 and config["distributed_type"] == "DEEPSPEED"
+    ds_file = ROOT / config["deepspeed_config"]["deepspeed_config_file"]
+    ds = yaml.safe_load(ds_file.read_text())
+    assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == stage
+
+
+def _scratch(dst: Path) -> Path:
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    for name in files:
+        src = ROOT / name
+        if (src.is_file() or src.is_symlink()) and not name.startswith(("results/", "tests/")):
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / name, follow_symlinks=False)
+    return dst
+
+
+def _snakemake(cwd: Path, *args: str) -> str:
+    cmd = ["snakemake", "-n", "--cores", "all", *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    return proc.stdout + proc.stderr
+
+
+def test_sd3_overlay_dry_runs_on_the_slurm_profile(tmp_path):
+    work = _scratch(tmp_path / "project")
+    subprocess.run(
+        [PYTHON, "-m", "cdm.overlay", "configs/sd3-medium.yaml"], cwd=work, env=ENV, check=True
+    )
+    out = _snakemake(work, "--profile", "slurm")
+    assert "--config_file configs/accelerate/zero2-8gpu.yaml --num_processes 8" in out
+    assert "rule score" not in out and "rule report" not in out  # world metrics only
+    assert "samples/cdm/4/index.parquet" in out and "samples/teacher_cfg/28" in out
+    assert "models/judge" not in out
+    # The shapes DAG keeps its world metrics.
+    shapes = _snakemake(_scratch(tmp_path / "shapes"))
+    assert "rule score" in shapes and "rule report" in shapes and "models/judge" in shapes

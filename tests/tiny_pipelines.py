@@ -1,0 +1,183 @@
+"""Tiny random SD3 and LongCat-Image pipelines, built offline and saved with save_pretrained.
+
+Tokenizers come from files shipped by installed packages or from vocabularies made here:
+CLIP's BPE merges from open_clip's `bpe_simple_vocab_16e6.txt.gz` (cut to the first
+MERGES), a T5 unigram vocabulary of single characters, and a byte-level Qwen2 vocabulary
+(the 256 byte symbols plus the chat-template special tokens).
+"""
+
+from __future__ import annotations
+
+import gzip
+import string
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+MERGES = 1000  # of CLIP's 48,894 BPE merges: a small vocabulary that still spells any word
+QWEN_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+
+
+def clip_tokenizer():
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : MERGES + 1]
+    merges = [tuple(line.split()) for line in lines]
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(
+        vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=77
+    )
+
+
+def t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("▁" + c, -3.5) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def qwen_tokenizer():
+    from open_clip.tokenizer import bytes_to_unicode
+    from transformers import Qwen2Tokenizer
+
+    vocab = {s: i for i, s in enumerate(bytes_to_unicode().values())}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=4096)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS[1:]})
+    return tokenizer
+
+
+def tiny_vae(scaling: float, shift: float) -> AutoencoderKL:
+    """16 latent channels like SD3's and Flux's VAE; 2x downsampling instead of 8x."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8), norm_num_groups=4, sample_size=16,
+        scaling_factor=scaling, shift_factor=shift, use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
+
+
+def sd3_pipeline(seed: int = 0):
+    """StableDiffusion3Pipeline: 1-layer MMDiT (16 px images = 8x8 latents), two CLIPs, T5."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    clip, t5 = clip_tokenizer(), t5_tokenizer()
+
+    def clip_encoder():
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(clip),
+                hidden_size=8,
+                intermediate_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                projection_dim=8,
+                max_position_embeddings=77,
+                bos_token_id=clip.bos_token_id,
+                eos_token_id=clip.eos_token_id,
+                pad_token_id=clip.pad_token_id,
+            )  # fmt: skip
+        )
+
+    encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5),
+            d_model=16,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+        )  # fmt: skip
+    )
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=1,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+        caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8,
+    )  # fmt: skip
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(1.5305, 0.0609),
+        text_encoder=clip_encoder(),
+        tokenizer=clip,
+        text_encoder_2=clip_encoder(),
+        tokenizer_2=clip,
+        text_encoder_3=encoder_3,
+        tokenizer_3=t5,
+    )
+
+
+def longcat_pipeline(seed: int = 0):
+    """LongCatImagePipeline: 1 double + 1 single block, a 1-layer Qwen2.5-VL text encoder."""
+    from diffusers import LongCatImagePipeline, LongCatImageTransformer2DModel
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = qwen_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(),
+        video_processor=Qwen2VLVideoProcessor(),
+        tokenizer=tokenizer,
+        chat_template="{% for m in messages %}{{ m['content'][0]['text'] }}{% endfor %}",
+    )
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )  # fmt: skip
+    vision = dict(
+        depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16,
+        fullatt_block_indexes=[0],
+    )  # fmt: skip
+    encoder = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )  # fmt: skip
+    )
+    transformer = LongCatImageTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+        axes_dims_rope=[2, 2, 4],
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )  # fmt: skip
+    return LongCatImagePipeline(
+        scheduler=scheduler,
+        vae=tiny_vae(0.3611, 0.1159),
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        text_processor=processor,
+        transformer=transformer,
+    )
+
+
+def save(pipeline, path: Path) -> Path:
+    pipeline.save_pretrained(path)
+    return path
