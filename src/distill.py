@@ -21,7 +21,7 @@ from cdm.backends import backend_module
 from cdm.cache import load_condition
 from cdm.cli import run_stage, stage_parser
 from cdm.engine import RunPaths, train
-from cdm.io import atomic_dir
+from cdm.io import atomic_dir, atomic_write_text
 
 log = logging.getLogger("distill")
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,24 +66,24 @@ def main() -> None:
         else torch.device("cpu")
     )
     ds_file = ROOT / "configs" / "deepspeed" / f"zero{cfg.zero_stage}.json"
+    resolved = {"method": method.model_dump(), "distill": cfg.model_dump(), "seed": params.seed}
+    run_dir = checkpoint_dir(Path(args.checkpoints), args.method, resolved)
     ema = train(
         velocity, train_cond, null, shift, latent_shape, method, cfg,
-        RunPaths(Path(args.checkpoints) / args.method, Path(args.logs) / args.method / "train.csv"),
+        RunPaths(run_dir, run_dir / "train.csv"),
         params.seed, device, json.loads(ds_file.read_text()), args.stop_after,
     )  # fmt: skip
     if args.stop_after is not None and args.stop_after < cfg.iterations:
         return
     if zero.rank() == 0:
+        # The working log lives beside the checkpoints (it survives a crash); publish it.
+        log_csv = Path(args.logs) / args.method / "train.csv"
+        atomic_write_text(log_csv, (run_dir / "train.csv").read_text())
         inference = {
             "sigmas_raw": cfg.inference_sigmas, "shift": shift, "steps": len(cfg.inference_sigmas),
             "guidance": 1.0, "method": args.method,
         }  # fmt: skip
         with atomic_dir(Path(args.out) / args.method) as tmp:
-            resolved = {
-                "method": method.model_dump(),
-                "distill": cfg.model_dump(),
-                "seed": params.seed,
-            }
             card = resolved | {"teacher": params.teacher.model_dump()}
             backend.export(ema, args.teacher, tmp, inference, card)
             (tmp / "params.json").write_text(json.dumps(resolved, indent=1))

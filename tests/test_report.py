@@ -239,3 +239,22 @@ def test_write_report(plots: dict[str, Path]) -> None:
     assert "href=" not in page and "<table" in page and "<style>" in page
     assert "<code>dynamic</code>" in page
     assert sorted(p.name for p in out_dir.iterdir()) == ["plots", "report.html", "report.md"]
+
+
+def test_training_curves_read_the_engine_log(tmp_path):
+    """The engine writes `iteration`, not `step`: its train.csv must still be plotted."""
+    from cdm.engine import LOG_COLUMNS
+    from cdm.report.plots import _read_losses
+
+    rows = [",".join(LOG_COLUMNS)] + [
+        ",".join(
+            str(i + 1) if c == "iteration" else ("0.5" if c.startswith("loss") else "")
+            for c in LOG_COLUMNS
+        )
+        for i in range(5)
+    ]
+    path = tmp_path / "train.csv"
+    path.write_text("\n".join(rows) + "\n")
+    df = _read_losses(path)
+    assert df is not None and list(df["step"]) == [1, 2, 3, 4, 5]
+    assert df["loss_cdm"].eq(0.5).all()

@@ -85,6 +85,8 @@ def _read_losses(csv_path: Path) -> pd.DataFrame | None:
         df = pd.read_csv(csv_path)
     except (FileNotFoundError, pd.errors.EmptyDataError):
         return None
+    if "step" not in df.columns and "iteration" in df.columns:  # the engine's train.csv
+        df = df.rename(columns={"iteration": "step"})
     if "step" not in df.columns or df.empty:
         return None
     cols = ["step", *(c for c in LOSS_COLUMNS if c in df.columns)]
