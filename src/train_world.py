@@ -37,7 +37,7 @@ def teacher(params: P.Params, out: Path) -> None:
     with atomic_dir(out) as tmp:
         train_teacher(
             tmp, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup,
-            ema_decay=cfg.ema_decay, p_uncond=cfg.p_uncond, shift=cfg.shift, seed=cfg.seed,
+            ema_decay=cfg.ema_decay, p_uncond=cfg.p_uncond, caption_noise=cfg.caption_noise, shift=cfg.shift, seed=cfg.seed,
             arch=arch, evaluate=evaluate, eval_every=cfg.eval_every,
         )  # fmt: skip
         (tmp / "params.json").write_text(json.dumps(cfg.model_dump(), indent=1))

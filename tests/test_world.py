@@ -84,3 +84,20 @@ def test_tokenizer_round_trip(tmp_path):
     again = WordTokenizer.from_pretrained(tmp_path)
     prompt = ["a cyan pillar in the center on a light background"]
     assert torch.equal(again(prompt), tok(prompt))
+
+
+def test_noisy_captions_name_exactly_one_attribute_wrongly():
+    from cdm.world.train import captions
+
+    prompts = all_prompts()
+    gen = torch.Generator().manual_seed(0)
+    index = torch.randint(len(prompts), (4000,), generator=gen)
+    text = captions(index, prompts, p_uncond=0.1, noise=0.3, gen=gen)
+    kept = [(t, prompts[i]) for t, i in zip(text, index.tolist(), strict=True) if t]
+    assert abs(1 - len(kept) / 4000 - 0.1) < 0.02
+    wrong = [(t, p) for t, p in kept if t != p]
+    assert abs(len(wrong) / len(kept) - 0.3) < 0.03
+    for t, p in wrong:
+        a, b = parse_prompt(t).as_tuple(), parse_prompt(p).as_tuple()
+        assert sum(x != y for x, y in zip(a, b, strict=True)) == 1
+    assert captions(index[:5], prompts, 0.0, 0.0, gen) == [prompts[i] for i in index[:5].tolist()]

@@ -157,12 +157,13 @@ class WorldTeacher(Section):
     """The `make world-teacher` target: trains the world's teacher once (committed)."""
 
     out: str = "src/cdm/world/pretrained/teacher"
-    steps: int = Field(5_000, gt=0)
+    steps: int = Field(3_000, gt=0)
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
     warmup: int = Field(300, ge=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     p_uncond: float = Field(0.1, ge=0, le=1)  # prompts dropped to the null prompt, for CFG
+    caption_noise: float = Field(0.3, ge=0, le=1)  # captions naming one attribute wrongly
     shift: float = Field(2.0, gt=0)  # SD3 time shift
     seed: int = 0
     num_layers: int = Field(4, gt=0)

@@ -26,8 +26,7 @@ class WordTokenizer:
 
     @classmethod
     def for_world(cls, max_length: int = 14) -> WordTokenizer:
-        # EOS must not get id 2: CLIP's legacy pooling then takes the highest-id token instead.
-        words = [PAD, BOS, UNK, EOS, *vocabulary()]
+        words = [PAD, BOS, EOS, UNK, *vocabulary()]
         return cls({w: i for i, w in enumerate(words)}, max_length)
 
     @property

@@ -82,6 +82,27 @@ def train_judge(
     return accuracy
 
 
+def captions(
+    index: torch.Tensor, prompts: list[str], p_uncond: float, noise: float, gen: torch.Generator
+) -> list[str]:
+    """Training captions of rendered prompts: a fraction `noise` names one attribute wrongly
+    (so the teacher's CFG-free samples sometimes follow the wrong word, and guidance helps),
+    and a fraction `p_uncond` is the null prompt."""
+    u = torch.rand(len(index), 4, generator=gen)
+    out = []
+    for i, (drop, corrupt, kind, value) in zip(index.tolist(), u.tolist(), strict=True):
+        if drop < p_uncond:
+            out.append("")
+            continue
+        attrs = list(Attributes.from_index(i).as_tuple())
+        if corrupt < noise:
+            k = int(kind * len(attrs))
+            n_values = len(list(ATTRIBUTES.values())[k])
+            attrs[k] = (attrs[k] + 1 + int(value * (n_values - 1))) % n_values  # another value
+        out.append(prompts[Attributes(*attrs).index])
+    return out
+
+
 def train_teacher(
     out_dir: Path,
     steps: int = 20_000,  # optimiser steps, each on a fresh batch of renders
@@ -90,6 +111,7 @@ def train_teacher(
     warmup: int = 500,
     ema_decay: float = 0.999,  # the saved weights are the EMA (warm-up min(., (1+n)/(10+n)))
     p_uncond: float = 0.1,  # prompts dropped to the null prompt, for CFG
+    caption_noise: float = 0.0,  # captions with one attribute wrong, as on the web
     shift: float = 2.0,  # SD3 time shift of the training and inference sigmas
     seed: int = 0,
     arch: dict[str, int] | None = None,
@@ -117,8 +139,7 @@ def train_teacher(
     bar = tqdm(range(steps), desc="teacher", mininterval=5)
     for step in bar:
         x0, index = random_batch(batch_size, gen)
-        drop = torch.rand(batch_size, generator=gen) < p_uncond
-        text = ["" if d else prompts[i] for d, i in zip(drop.tolist(), index.tolist(), strict=True)]
+        text = captions(index, prompts, p_uncond, caption_noise, gen)
         eps = torch.randn(x0.shape, generator=gen)
         # Uniform sigmas, shifted like the inference schedule. (SD3's logit-normal almost never
         # draws sigma < 0.05 after the shift: the last sampling steps then leave speckle noise.)
