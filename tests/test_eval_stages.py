@@ -26,7 +26,7 @@ from PIL import Image
 
 from cdm.cache import load_condition
 from cdm.world.evaluate import NOISE_SEED_BASE, EvalPairs
-from cdm.world.prompts import ATTRIBUTES
+from cdm.world.prompts import ATTRIBUTES, all_prompts
 from tests.conftest import PYTHON, ROOT
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -129,7 +129,7 @@ def scored(sampled) -> Path:
 
 def test_every_sample_set_has_its_images_and_index(sampled):
     _, prompts = load_condition(sampled / "cache/prompts/eval.safetensors")
-    assert len(prompts) == 120  # the unique world prompts, fewer pairs than prompts here
+    assert prompts == all_prompts()  # the unique world prompts, fewer pairs than prompts here
     for model, steps in SETS:
         folder = sampled / "samples" / model / str(steps)
         index = pd.read_parquet(folder / "index.parquet")
@@ -316,7 +316,13 @@ def test_empty_eval_prompts_file_fails_in_cache_teacher(project, tmp_path):
 
 
 def test_score_and_report_input_errors(project, tmp_path):
-    params = _params(tmp_path / "params.yaml", teacher={"backend": "sd3"})
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a photo of a cat\n")
+    params = _params(
+        tmp_path / "params.yaml",
+        teacher={"backend": "sd3"},
+        prompts={"train_file": str(prompts_file), "eval_file": str(prompts_file)},
+    )
     code, err = _call(project, "score.py", "--params", str(params), "--out", str(tmp_path / "r"))
     _one_line_error(code, err, "world metrics need the shapes backend")
     code, err = _call(project, "score.py", "--samples", str(tmp_path / "none"),
