@@ -104,6 +104,7 @@ def test_make_run_with_broken_params_writes_nothing(tmp_path):
             shutil.copy2(ROOT / name, tmp_path / name)
     text = (tmp_path / "params.yaml").read_text().replace("steps: 28", "steps: -28")
     (tmp_path / "params.yaml").write_text(text)
+    before = {p: p.read_bytes() for p in (tmp_path / "results").rglob("*") if p.is_file()}
     venv = Path(PYTHON).parent.parent
     proc = subprocess.run(
         ["make", "run", f"VENV={venv}", f"STAMP={venv}/.installed"],
@@ -118,4 +119,5 @@ def test_make_run_with_broken_params_writes_nothing(tmp_path):
         "error: params.yaml: teacher.steps: input should be greater than 0 (got -28); fix it in params.yaml"
     ]
     assert not (tmp_path / "models").exists()
-    assert not any((tmp_path / "results").glob("*.json"))
+    after = {p: p.read_bytes() for p in (tmp_path / "results").rglob("*") if p.is_file()}
+    assert after == before  # the committed results are untouched and nothing was added
