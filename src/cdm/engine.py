@@ -244,7 +244,7 @@ def train(
     start = load_latest(paths.checkpoints, student, fake, ema)
     if start:
         log.info("resuming from iteration %d", start)
-    writer = _open_log(paths.log_csv, start) if rank == 0 else None
+    writer = _CsvLog(paths.log_csv, start) if rank == 0 else None
     train_cond, null = train_cond.to(device), null.to(device)
     zero3 = cfg.zero_stage == 3
     end = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
@@ -338,7 +338,3 @@ class _CsvLog:
     def writerow(self, row: list) -> None:
         self.csv.writerow(row)
         self.file.flush()
-
-
-def _open_log(path: Path, start: int) -> _CsvLog:
-    return _CsvLog(path, start)

@@ -21,10 +21,6 @@ class Backend(Protocol):
     shift: float
     latent_shape: tuple[int, int, int]
 
-    def velocity_model(self) -> torch.nn.Module:
-        """The teacher's trainable velocity network (copied for student and fake score)."""
-        ...
-
     def encode(self, prompts: list[str]) -> Condition:
         """Text conditioning; used only by cache_teacher."""
         ...

@@ -90,9 +90,6 @@ class SD3Teacher:
         """The empty prompt, as the pipeline encodes its default negative prompt for CFG."""
         return self.encode([""])
 
-    def velocity_model(self) -> torch.nn.Module:
-        return load_velocity(self.folder, self.resolution)[0]
-
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return load_decoder(self.folder)(latents)
 

@@ -30,9 +30,6 @@ class ShapesBackend:
         _check_resolution(resolution, backend.latent_shape[-1])
         return backend
 
-    def velocity_model(self) -> torch.nn.Module:
-        return TransformerVelocity(self.teacher.transformer)
-
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Condition:
         return self.teacher.condition(prompts)
