@@ -78,9 +78,18 @@ class Sampler:
     shift: float
     latent_shape: tuple[int, int, int]
     guidance: float
+    recipe_sigmas: list[float] | None = None  # a student's raw inference sigmas (its export)
 
     def nfe(self, steps: int) -> int:
         return steps * (2 if self.guidance != 1.0 else 1)
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """The student's own schedule at its recipe's step count (what its exported
+        scheduler runs), evenly spaced raw sigmas otherwise; shifted, a final 0."""
+        raw = (
+            self.recipe_sigmas if self.recipe_sigmas and len(self.recipe_sigmas) == steps else None
+        )
+        return inference_sigmas(steps, self.shift, raw)
 
 
 def load_sampler(model: str, params: P.Params, teacher: Path, students: Path) -> Sampler:
@@ -100,7 +109,13 @@ def load_sampler(model: str, params: P.Params, teacher: Path, students: Path) ->
         raise FileNotFoundError(f"no student at {folder}; run distill for method {model} first")
     recipe = json.loads((folder / "inference.json").read_text())
     velocity, shift, shape = backend.load_velocity(folder, params.teacher.resolution)
-    return Sampler(velocity, float(recipe.get("shift", shift)), shape, recipe.get("guidance", 1.0))
+    return Sampler(
+        velocity,
+        float(recipe.get("shift", shift)),
+        shape,
+        recipe.get("guidance", 1.0),
+        recipe.get("sigmas_raw"),
+    )
 
 
 @torch.no_grad()
@@ -119,7 +134,7 @@ def sample_pairs(
     """Write one PNG per pair into `out`; return the index rows."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     velocity = sampler.velocity.to(device).eval().requires_grad_(False)
-    sigmas = inference_sigmas(steps, sampler.shift).to(device)
+    sigmas = sampler.sigmas(steps).to(device)
     null = null.to(device)
     noise = pairs.noise(sampler.latent_shape)
     index = torch.tensor(cond_index)

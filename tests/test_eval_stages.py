@@ -7,6 +7,7 @@ process (runpy), which saves the ~8 s start of a Python with torch per call.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import math
@@ -25,6 +26,7 @@ import yaml
 from PIL import Image
 
 from cdm.cache import load_condition
+from cdm.sampling import inference_sigmas
 from cdm.world.evaluate import NOISE_SEED_BASE, EvalPairs
 from cdm.world.prompts import ATTRIBUTES, all_prompts
 from tests.conftest import PYTHON, ROOT
@@ -331,3 +333,19 @@ def test_score_and_report_input_errors(project, tmp_path):
     code, err = _call(project, "report.py", "--results", str(tmp_path / "r"))
     _one_line_error(code, err, "run the score stage first")
     assert not (tmp_path / "r").exists()
+
+
+def test_student_is_sampled_with_its_recipe_sigmas():
+    """At its recipe's step count a student runs the raw sigmas its exported scheduler runs."""
+    spec = importlib.util.spec_from_file_location("sample_stage", ROOT / "src" / "sample.py")
+    assert spec is not None and spec.loader is not None
+    stage = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = stage  # dataclasses look their module up there
+    spec.loader.exec_module(stage)
+    raw = [1.0, 0.9, 0.6]
+    student = stage.Sampler(torch.nn.Identity(), 2.0, (3, 4, 4), 1.0, raw)
+    torch.testing.assert_close(student.sigmas(3), inference_sigmas(3, 2.0, raw))
+    assert not torch.equal(student.sigmas(3), inference_sigmas(3, 2.0))
+    torch.testing.assert_close(student.sigmas(2), inference_sigmas(2, 2.0))  # other counts
+    teacher = stage.Sampler(torch.nn.Identity(), 2.0, (3, 4, 4), 3.0)
+    torch.testing.assert_close(teacher.sigmas(3), inference_sigmas(3, 2.0))

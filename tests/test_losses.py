@@ -99,6 +99,17 @@ def test_normaliser_uses_named_estimate() -> None:
     assert float(dm_loss(x0_s, far, near).weight) == pytest.approx(0.5)
 
 
+def test_floor_reaches_every_student_loss() -> None:
+    """distill.normaliser_floor caps w at 1 / floor in CA, DM and CDM alike."""
+    x0_s = _randn(14)
+    near, far = x0_s + 0.01, x0_s + 2.0
+    assert float(ca_loss(x0_s, near, far, 1.0, floor=0.25).weight) == pytest.approx(4.0)
+    assert float(dm_loss(x0_s, near, far, floor=0.25).weight) == pytest.approx(4.0)
+    assert float(cdm_loss(x0_s, near, far, floor=0.5).weight) == pytest.approx(2.0)
+    # above the floor the normaliser is unchanged
+    assert float(dm_loss(x0_s, far, near, floor=0.25).weight) == pytest.approx(0.5)
+
+
 def test_student_losses_in_float32_from_bf16() -> None:
     x0_s = _randn(14).to(torch.bfloat16).requires_grad_(True)
     out = dm_loss(x0_s, _randn(15).to(torch.bfloat16), _randn(16).to(torch.bfloat16))

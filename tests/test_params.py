@@ -25,6 +25,17 @@ def test_wrong_type_is_named():
         P.parse({"teacher": {"steps": "many"}})
 
 
+@pytest.mark.parametrize("text", ["2e-5", "1E-4", "3.0e5"])
+def test_yaml_exponent_without_dot_gets_a_fix_that_parses(text):
+    """YAML 1.1 reads 2e-5 as a string: the message names the spelling that is a number."""
+    data = yaml.safe_load(f"distill: {{lr_student: {text}}}")
+    with pytest.raises(P.ParamsError, match=r"distill\.lr_student: YAML reads") as err:
+        P.parse(data)
+    fixed = str(err.value).split("write ")[1].split(" in ")[0]
+    parsed = yaml.safe_load(f"distill: {{lr_student: {fixed}}}")
+    assert P.parse(parsed).distill.lr_student == pytest.approx(float(text))
+
+
 def test_negative_step_count_is_rejected():
     with pytest.raises(P.ParamsError, match=r"teacher\.steps: .*greater than 0 \(got -3\)"):
         P.parse({"teacher": {"steps": -3}})

@@ -115,13 +115,13 @@ def student_losses(
     total = x0_s.new_zeros(())
     stats: dict[str, float] = {}
     if method.ca:
-        ca = ca_loss(x0_s, x0_t.pop(0), x0_t.pop(0), cfg.guidance)
+        ca = ca_loss(x0_s, x0_t.pop(0), x0_t.pop(0), cfg.guidance, cfg.normaliser_floor)
         total, stats["loss_ca"], stats["w_ca"] = total + ca.loss, ca.loss.item(), ca.weight.item()
     if method.dm:
-        dm = dm_loss(x0_s, x0_t.pop(0), x0_f.pop(0))
+        dm = dm_loss(x0_s, x0_t.pop(0), x0_f.pop(0), cfg.normaliser_floor)
         total, stats["loss_dm"], stats["w_dm"] = total + dm.loss, dm.loss.item(), dm.weight.item()
     if method.cdm:
-        cd = cdm_loss(x0_off, x0_t.pop(0), x0_f.pop(0))
+        cd = cdm_loss(x0_off, x0_t.pop(0), x0_f.pop(0), cfg.normaliser_floor)
         total, stats["loss_cdm"], stats["w_cdm"] = total + cd.loss, cd.loss.item(), cd.weight.item()
     return StudentLosses(
         total, stats, len(x_in), sum(len(c) for _, _, c in t_in), sum(len(c) for _, _, c in f_in)

@@ -41,28 +41,36 @@ def matching_loss(x0_s: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
 
 
 def ca_loss(
-    x0_s: torch.Tensor, x0_cond: torch.Tensor, x0_uncond: torch.Tensor, guidance: float
+    x0_s: torch.Tensor,
+    x0_cond: torch.Tensor,
+    x0_uncond: torch.Tensor,
+    guidance: float,
+    floor: float = 0.1,
 ) -> MatchLoss:
     """CFG augmentation (paper §3.3): d = w g (x0_c - x0_u), w from A = x0_c."""
-    w = normaliser(x0_cond, x0_s)
+    w = normaliser(x0_cond, x0_s, floor)
     d = w * guidance * (x0_cond.float() - x0_uncond.float())
     return MatchLoss(matching_loss(x0_s, d), w.mean())
 
 
-def dm_loss(x0_s: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> MatchLoss:
+def dm_loss(
+    x0_s: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, floor: float = 0.1
+) -> MatchLoss:
     """Distribution matching (paper §3.1): d = w (x0_r - x0_f), w from A = x0_r."""
-    w = normaliser(x0_real, x0_s)
+    w = normaliser(x0_real, x0_s, floor)
     d = w * (x0_real.float() - x0_fake.float())
     return MatchLoss(matching_loss(x0_s, d), w.mean())
 
 
-def cdm_loss(x0_s_off: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> MatchLoss:
+def cdm_loss(
+    x0_s_off: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, floor: float = 0.1
+) -> MatchLoss:
     """Off-trajectory continuous-time matching (paper §3.2): the DM formula at (x', s').
 
     x' = x_{s_i} + (s' - s_i) v_i (flow.euler_step), x0_s' = x' - s' v_G(x', s'), and the
     teacher / fake-score estimates are taken after re-noising sg(x0_s').
     """
-    return dm_loss(x0_s_off, x0_real, x0_fake)
+    return dm_loss(x0_s_off, x0_real, x0_fake, floor)
 
 
 def fake_score_loss(v_fake: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

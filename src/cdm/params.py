@@ -6,6 +6,7 @@ before any work with one line naming the key and what is allowed.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -222,6 +223,9 @@ class Params(Section):
         return self
 
 
+_FLOAT_WITHOUT_DOT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+
 def _describe(err: dict[str, Any], source: str) -> str:
     key = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
@@ -235,6 +239,12 @@ def _describe(err: dict[str, Any], source: str) -> str:
         where = f"{key}: " if key else ""
         return f"{source}: {where}{err['msg'].removeprefix('Value error, ')}"
     got = err.get("input")
+    if isinstance(got, str) and _FLOAT_WITHOUT_DOT.fullmatch(got):
+        # YAML 1.1 reads 2e-5 as a string; 2.0e-5 is a number
+        mantissa, exp = got.lower().split("e")
+        mantissa += "" if "." in mantissa else ".0"
+        fixed = f"{mantissa}e{exp if exp[0] in '+-' else '+' + exp}"
+        return f"{source}: {key}: YAML reads {got!r} as text; write {fixed} in {source}"
     return f"{source}: {key}: {err['msg'].lower()} (got {got!r}); fix it in {source}"
 
 
