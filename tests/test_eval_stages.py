@@ -6,13 +6,10 @@ process (runpy), which saves the ~8 s start of a Python with torch per call.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import json
 import math
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -29,7 +26,7 @@ from cdm.cache import load_condition
 from cdm.sampling import inference_sigmas
 from cdm.world.evaluate import NOISE_SEED_BASE, EvalPairs
 from cdm.world.prompts import ATTRIBUTES, all_prompts
-from tests.conftest import PYTHON, ROOT
+from tests.conftest import PYTHON, ROOT, call_stage
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 N_PAIRS = 16
@@ -61,25 +58,8 @@ def _run(cwd: Path, script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=ENV, timeout=600)
 
 
-def _call(cwd: Path, script: str, *args: str) -> tuple[int, str]:
-    """Run a stage script as __main__ in this process: (exit code, stderr)."""
-    old_cwd, old_argv, err = os.getcwd(), sys.argv, io.StringIO()
-    try:
-        os.chdir(cwd)
-        sys.argv = [script, *args]
-        with contextlib.redirect_stderr(err):
-            runpy.run_path(str(ROOT / "src" / script), run_name="__main__")
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    finally:
-        os.chdir(old_cwd)
-        sys.argv = old_argv
-    return code, err.getvalue()
-
-
 def _ok(cwd: Path, script: str, *args: str) -> None:
-    code, err = _call(cwd, script, *args)
+    code, err = call_stage(cwd, script, *args)
     assert code == 0, err[-3000:]
 
 
@@ -281,7 +261,7 @@ def test_report_is_written_with_embedded_figures(scored):
     ],
 )
 def test_bad_sample_input_is_one_line_and_writes_nothing(project, tmp_path, args, message):
-    code, err = _call(project, "sample.py", *args, "--out", str(tmp_path / "samples"))
+    code, err = call_stage(project, "sample.py", *args, "--out", str(tmp_path / "samples"))
     _one_line_error(code, err, message)
     assert not (tmp_path / "samples").exists()
 
@@ -295,14 +275,14 @@ def test_bad_sample_input_from_the_command_line(project, tmp_path):
 
 def test_zero_step_count_in_params_is_named(project, tmp_path):
     params = _params(tmp_path / "params.yaml", sample={"student_steps": [1, 0]})
-    code, err = _call(project, "sample.py", "--params", str(params), "--model", "cdm",
+    code, err = call_stage(project, "sample.py", "--params", str(params), "--model", "cdm",
                       "--steps", "1", "--out", str(tmp_path / "samples"))  # fmt: skip
     _one_line_error(code, err, "sample.student_steps.1: input should be greater than 0")
     assert not (tmp_path / "samples").exists()
 
 
 def test_merge_needs_every_part(project, tmp_path):
-    code, err = _call(project, "sample.py", "merge", "--model", "cdm", "--steps", "2",
+    code, err = call_stage(project, "sample.py", "merge", "--model", "cdm", "--steps", "2",
                       "--parts", "3", "--out", str(tmp_path / "samples"))  # fmt: skip
     _one_line_error(code, err, "missing shard")
     assert not (tmp_path / "samples").exists()
@@ -311,7 +291,7 @@ def test_merge_needs_every_part(project, tmp_path):
 def test_empty_eval_prompts_file_fails_in_cache_teacher(project, tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     params = _params(tmp_path / "params.yaml", prompts={"eval_file": str(tmp_path / "empty.txt")})
-    code, err = _call(project, "cache_teacher.py", "--params", str(params),
+    code, err = call_stage(project, "cache_teacher.py", "--params", str(params),
                       "--out", str(tmp_path / "cache"))  # fmt: skip
     _one_line_error(code, err, "is empty; it needs one prompt per line")
     assert not (tmp_path / "cache").exists()
@@ -325,12 +305,14 @@ def test_score_and_report_input_errors(project, tmp_path):
         teacher={"backend": "sd3"},
         prompts={"train_file": str(prompts_file), "eval_file": str(prompts_file)},
     )
-    code, err = _call(project, "score.py", "--params", str(params), "--out", str(tmp_path / "r"))
+    code, err = call_stage(
+        project, "score.py", "--params", str(params), "--out", str(tmp_path / "r")
+    )
     _one_line_error(code, err, "world metrics need the shapes backend")
-    code, err = _call(project, "score.py", "--samples", str(tmp_path / "none"),
+    code, err = call_stage(project, "score.py", "--samples", str(tmp_path / "none"),
                       "--out", str(tmp_path / "r"))  # fmt: skip
     _one_line_error(code, err, "no sample sets under")
-    code, err = _call(project, "report.py", "--results", str(tmp_path / "r"))
+    code, err = call_stage(project, "report.py", "--results", str(tmp_path / "r"))
     _one_line_error(code, err, "run the score stage first")
     assert not (tmp_path / "r").exists()
 

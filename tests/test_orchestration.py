@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PYTHON, ROOT
+from tests.conftest import PYTHON, copy_project
 
 BIN = str(Path(PYTHON).parent)
 ENV = os.environ | {
@@ -39,15 +39,7 @@ def _edit(path: Path, **changes: dict) -> None:
 def scratch(tmp_path_factory, tiny_teacher_dir) -> Path:
     """The project's files (tracked and new) with a tiny teacher and tiny params."""
     path = tmp_path_factory.mktemp("orchestrated")
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
-    for name in files:
-        src = ROOT / name
-        if src.is_file() and not name.startswith(("results/", "tests/")) and name != "dvc.lock":
-            (path / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, path / name, follow_symlinks=False)
+    copy_project(path, skip=("dvc.lock",))
     shutil.copytree(tiny_teacher_dir, path / "tiny_teacher")
     _edit(
         path / "params.yaml",

@@ -8,14 +8,10 @@ stock diffusers and must give the project's own sampler's images for the same no
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
-import runpy
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +25,7 @@ from cdm.cache import load_condition
 from cdm.sampling import inference_sigmas
 from cdm.world.evaluate import EvalPairs
 from tests import tiny_pipelines
-from tests.conftest import PYTHON, ROOT
+from tests.conftest import PYTHON, ROOT, call_stage
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
 GUARD = ENV | {"PYTHONPATH": str(ROOT / "tests" / "guard"), "CDM_FORBID_TEXT_ENCODERS": "1"}
@@ -65,23 +61,6 @@ def _run(cwd: Path, script: str, *args: str, env: dict | None = None, check: boo
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def _call(cwd: Path, script: str, *args: str) -> tuple[int, str]:
-    """Run a stage script as __main__ in this process: (exit code, stderr)."""
-    old_cwd, old_argv, err = os.getcwd(), sys.argv, io.StringIO()
-    try:
-        os.chdir(cwd)
-        sys.argv = [script, *args]
-        with contextlib.redirect_stderr(err):
-            runpy.run_path(str(ROOT / "src" / script), run_name="__main__")
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    finally:
-        os.chdir(old_cwd)
-        sys.argv = old_argv
-    return code, err.getvalue()
 
 
 @pytest.fixture(scope="session")
@@ -219,7 +198,7 @@ def test_a_wrong_teacher_path_is_one_line(tiny_dirs, tmp_path, backend, path, me
     (tmp_path / "empty").mkdir()
     (tmp_path / "prompts.txt").write_text("a cat\n")
     _params(tmp_path / "params.yaml", backend, path=path)
-    code, err = _call(tmp_path, "prepare_teacher.py")
+    code, err = call_stage(tmp_path, "prepare_teacher.py")
     assert code == 2, err[-2000:]
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err, err
@@ -230,15 +209,15 @@ def test_geometry_and_params_errors_are_one_line(tiny_dirs, tmp_path):
     (tmp_path / "tiny_sd3").symlink_to(tiny_dirs["sd3"])
     (tmp_path / "prompts.txt").write_text("a cat\n")
     _params(tmp_path / "params.yaml", "sd3", resolution=18)
-    code, err = _call(tmp_path, "prepare_teacher.py")
+    code, err = call_stage(tmp_path, "prepare_teacher.py")
     assert code == 2 and "teacher.resolution (18) must be a multiple of 4" in err, err
     _params(tmp_path / "params.yaml", "sd3", resolution=64)
-    code, err = _call(tmp_path, "prepare_teacher.py")
+    code, err = call_stage(tmp_path, "prepare_teacher.py")
     assert code == 2 and "exceeds this sd3 model's position grid (32 px at most)" in err, err
     data = yaml.safe_load((tmp_path / "params.yaml").read_text())
     data["prompts"]["train_file"] = None
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
-    code, err = _call(tmp_path, "prepare_teacher.py")
+    code, err = call_stage(tmp_path, "prepare_teacher.py")
     assert code == 2 and "prompts.train_file must name a prompts file" in err, err
 
 

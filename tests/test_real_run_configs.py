@@ -5,7 +5,6 @@ profile with the world-only stages left out."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import yaml
 
 from cdm import params as P
 from cdm.overlay import apply
-from tests.conftest import PYTHON, ROOT
+from tests.conftest import PYTHON, ROOT, copy_project
 
 BIN = str(Path(PYTHON).parent)
 ENV = os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
@@ -52,19 +51,6 @@ def test_eight_gpu_accelerate_configs(stage):
     assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == stage
 
 
-def _scratch(dst: Path) -> Path:
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
-    for name in files:
-        src = ROOT / name
-        if (src.is_file() or src.is_symlink()) and not name.startswith(("results/", "tests/")):
-            (dst / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / name, follow_symlinks=False)
-    return dst
-
-
 def _snakemake(cwd: Path, *args: str) -> str:
     cmd = ["snakemake", "-n", "--cores", "all", *args]
     proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
@@ -73,7 +59,7 @@ def _snakemake(cwd: Path, *args: str) -> str:
 
 
 def test_sd3_overlay_dry_runs_on_the_slurm_profile(tmp_path):
-    work = _scratch(tmp_path / "project")
+    work = copy_project(tmp_path / "project")
     subprocess.run(
         [PYTHON, "-m", "cdm.overlay", "configs/sd3-medium.yaml"], cwd=work, env=ENV, check=True
     )
@@ -83,5 +69,5 @@ def test_sd3_overlay_dry_runs_on_the_slurm_profile(tmp_path):
     assert "samples/cdm/4/index.parquet" in out and "samples/teacher_cfg/28" in out
     assert "models/judge" not in out
     # The shapes DAG keeps its world metrics.
-    shapes = _snakemake(_scratch(tmp_path / "shapes"))
+    shapes = _snakemake(copy_project(tmp_path / "shapes"))
     assert "rule score" in shapes and "rule report" in shapes and "models/judge" in shapes
