@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, LongCatImageTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImageTransformer2DModel
 
 from cdm.backends import few_step, pipelines
 from cdm.conditioning import Condition
@@ -56,11 +56,12 @@ def geometry(folder: Path, resolution: int | None) -> tuple[float, tuple[int, in
     return shift, (int(config["in_channels"]) // 4, size, size), tokens
 
 
-class LongCatTeacher:
+class LongCatTeacher(pipelines.PipelineTeacher):
     """The teacher as cache_teacher and prepare_teacher see it: the text encoder loaded, the
     transformer and VAE only when asked for."""
 
     name = "longcat"
+    family = FAMILY
 
     def __init__(self, folder: Path, resolution: int | None = None):
         from diffusers import LongCatImagePipeline
@@ -80,16 +81,6 @@ class LongCatTeacher:
         embeds, _ = self.pipe.encode_prompt(prompts)
         return Condition(embeds.cpu(), embeds.new_zeros(len(prompts), 1).cpu())
 
-    def null_condition(self) -> Condition:
-        """The empty prompt, as the pipeline encodes its default negative prompt for CFG."""
-        return self.encode([""])
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return load_decoder(self.folder)(latents)
-
-    def save_teacher(self, path: Path) -> None:
-        pipelines.link_tree(self.folder, path)
-
 
 def load(path: str | Path, resolution: int | None = None) -> LongCatTeacher:
     return LongCatTeacher(pipelines.check(path, FAMILY), resolution)
@@ -107,8 +98,7 @@ def load_velocity(
 
 def load_decoder(path: str | Path) -> pipelines.VaeDecoder:
     """The VAE alone: latents / scaling_factor + shift_factor -> decode -> uint8 (B, H, W, 3)."""
-    folder = pipelines.check(path, FAMILY, "model folder")
-    return pipelines.VaeDecoder(AutoencoderKL.from_pretrained(folder / "vae"))
+    return pipelines.load_vae_decoder(path, FAMILY)
 
 
 def export(

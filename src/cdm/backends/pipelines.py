@@ -17,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
 from cdm.backends import few_step
+from cdm.conditioning import Condition
 from cdm.sampling import inference_sigmas
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -158,6 +159,34 @@ class VaeDecoder:
             z = chunk.to(vae.dtype) / self.scale + self.shift
             out.append(to_uint8(vae.decode(z, return_dict=False)[0]))
         return torch.cat(out)
+
+
+def load_vae_decoder(path: str | Path, family: Family) -> VaeDecoder:
+    """The VAE alone of a `family` folder: latents / scaling_factor + shift_factor -> decode
+    -> uint8 (B, H, W, 3)."""
+    folder = check(path, family, "model folder")
+    return VaeDecoder(AutoencoderKL.from_pretrained(folder / "vae"))
+
+
+class PipelineTeacher:
+    """What the diffusers teachers (sd3, longcat) share; a subclass sets `family` and
+    `folder` and encodes prompts its pipeline's way."""
+
+    family: Family
+    folder: Path
+
+    def encode(self, prompts: list[str]) -> Condition:
+        raise NotImplementedError
+
+    def null_condition(self) -> Condition:
+        """The empty prompt, as the pipeline encodes its default negative prompt for CFG."""
+        return self.encode([""])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return load_vae_decoder(self.folder, self.family)(latents)
+
+    def save_teacher(self, path: Path) -> None:
+        link_tree(self.folder, path)
 
 
 def text_device() -> tuple[torch.device, torch.dtype]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 from cdm.backends import few_step, pipelines
 from cdm.conditioning import Condition
@@ -62,11 +62,12 @@ def geometry(folder: Path, resolution: int | None) -> tuple[float, tuple[int, in
     return shift, (int(config["in_channels"]), size, size), tokens
 
 
-class SD3Teacher:
+class SD3Teacher(pipelines.PipelineTeacher):
     """The teacher as cache_teacher and prepare_teacher see it: text encoders loaded, the
     transformer and VAE only when asked for."""
 
     name = "sd3"
+    family = FAMILY
 
     def __init__(self, folder: Path, resolution: int | None = None):
         self.folder, self.resolution = folder, resolution
@@ -85,16 +86,6 @@ class SD3Teacher:
             prompts, None, None, device=self.device, do_classifier_free_guidance=False
         )
         return Condition(embeds.cpu(), pooled.cpu())
-
-    def null_condition(self) -> Condition:
-        """The empty prompt, as the pipeline encodes its default negative prompt for CFG."""
-        return self.encode([""])
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return load_decoder(self.folder)(latents)
-
-    def save_teacher(self, path: Path) -> None:
-        pipelines.link_tree(self.folder, path)
 
 
 def _text_pipeline(folder: Path, dtype: torch.dtype):
@@ -133,8 +124,7 @@ def load_velocity(
 
 def load_decoder(path: str | Path) -> pipelines.VaeDecoder:
     """The VAE alone: latents / scaling_factor + shift_factor -> decode -> uint8 (B, H, W, 3)."""
-    folder = pipelines.check(path, FAMILY, "model folder")
-    return pipelines.VaeDecoder(AutoencoderKL.from_pretrained(folder / "vae"))
+    return pipelines.load_vae_decoder(path, FAMILY)
 
 
 def export(
