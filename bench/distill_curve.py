@@ -37,10 +37,11 @@ from cdm.cache import load_condition  # noqa: E402
 from cdm.conditioning import Condition  # noqa: E402
 from cdm.engine import RunPaths, train  # noqa: E402
 from cdm.metrics.frechet import frechet_distance  # noqa: E402
-from cdm.sampling import inference_sigmas, sample_euler  # noqa: E402
+from cdm.sampling import sample_euler  # noqa: E402
 from cdm.world.evaluate import EvalPairs, judge_scores  # noqa: E402
 from cdm.world.judge import Judge  # noqa: E402
 from cdm.world.prompts import ATTRIBUTES  # noqa: E402
+from sample import Sampler  # noqa: E402
 
 
 def ints(text: str) -> list[int]:
@@ -48,15 +49,18 @@ def ints(text: str) -> list[int]:
 
 
 class Scorer:
-    """Samples a velocity network on fixed pairs and judges the images."""
+    """Samples a Sampler on fixed pairs and judges the images."""
 
-    def __init__(self, judge: Judge, pairs: EvalPairs, cond: Condition, null: Condition, shape):
-        self.judge, self.cond, self.null = judge, cond, null
+    def __init__(
+        self, judge: Judge, pairs: EvalPairs, cond: Condition, null: Condition, shape, decode
+    ):
+        self.judge, self.cond, self.null, self.decode = judge, cond, null, decode
         self.noise, self.attrs = pairs.noise(shape), pairs.attributes
         self.real = judge_scores(judge, pairs.real_images(), self.attrs)["features"]
 
     @torch.no_grad()
-    def __call__(self, velocity, sigmas: torch.Tensor, cfg_scale: float = 1.0) -> dict:
+    def __call__(self, sampler: Sampler, steps: int) -> dict:
+        velocity, sigmas, cfg_scale = sampler.velocity, sampler.sigmas(steps), sampler.guidance
         chunks = [
             sample_euler(
                 velocity,
@@ -68,8 +72,8 @@ class Scorer:
             )
             for lo, noise in zip(range(0, len(self.noise), 256), self.noise.split(256), strict=True)
         ]
-        # The PNG round trip of the sample stage: clamp and quantise to 8 bits.
-        images = ((torch.cat(chunks).clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+        # The sample stage's PNG round trip: the backend's 8-bit decode, read back as score does.
+        images = self.decode(torch.cat(chunks)).permute(0, 3, 1, 2).float() / 127.5 - 1
         scores = judge_scores(self.judge, images, self.attrs)
         out = {"alignment": round(float(scores["all"].float().mean()), 4)}
         out["fd"] = round(frechet_distance(scores["features"], self.real), 1)
@@ -114,12 +118,14 @@ def main() -> None:
         teacher, shift, shape = backend.load_velocity(params.teacher.path)
         pairs = EvalPairs.of(prompts, range(args.pairs))
         cond = evals.take(torch.tensor([j % len(prompts) for j in pairs.pairs]))
-        score = Scorer(Judge.from_pretrained(params.judge.path), pairs, cond, null, shape)
+        judge = Judge.from_pretrained(params.judge.path)
+        score = Scorer(judge, pairs, cond, null, shape, backend.load_decoder(params.teacher.path))
+        teacher_cfg = Sampler(teacher, shift, shape, params.teacher.cfg_scale)
 
         result = {
             "setting": {"method": args.method, "set": args.set, "pairs": args.pairs,
                         "distill": data["distill"], "methods": data["methods"][args.method]},
-            "teacher_cfg": {"4": score(teacher, inference_sigmas(4, shift), params.teacher.cfg_scale)},
+            "teacher_cfg": {"4": score(teacher_cfg, 4)},
             "curve": [],
         }  # fmt: skip
         ds = json.loads((ROOT / "configs" / "deepspeed" / f"zero{cfg.zero_stage}.json").read_text())
@@ -132,11 +138,12 @@ def main() -> None:
                 device, ds, stop,
             )  # fmt: skip
             row: dict = {"iteration": stop, "seconds": round(time.time() - start, 1)}
+            # As the sample stage runs an exported student: its recipe sigmas at their count.
+            student = Sampler(ema, shift, shape, 1.0, cfg.inference_sigmas)
             for n in args.steps:
-                recipe = cfg.inference_sigmas if n == len(cfg.inference_sigmas) else None
-                row[str(n)] = score(ema, inference_sigmas(n, shift, recipe))
+                row[str(n)] = score(student, n)
             for name, raw in extra.items():
-                row[name] = score(ema, inference_sigmas(len(raw), shift, raw))
+                row[name] = score(Sampler(ema, shift, shape, 1.0, raw), len(raw))
             result["curve"].append(row)
             print(json.dumps({k: v.get("alignment", v) if isinstance(v, dict) else v
                               for k, v in row.items()}), flush=True)  # fmt: skip
