@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install run test lint format world-judge world-teacher dry-run clean
+.PHONY: install run ablation test lint format world-judge world-teacher dry-run clean
 
 install: $(STAMP)
 
@@ -16,6 +16,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m cdm.params params.yaml
 	snakemake --cores all
+
+# The paper's findings over distillation seeds (params: ablation.*): results/ablation.json,
+# then the report again, which reads it.
+ablation: $(STAMP)
+	$(PY) -m cdm.params params.yaml
+	snakemake --cores all ablation
+	snakemake --cores all results/report.html
 
 test: $(STAMP)
 	$(PY) -m pytest

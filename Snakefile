@@ -11,6 +11,7 @@ include: "workflow/rules/cache.smk"
 include: "workflow/rules/distill.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/score.smk"
+include: "workflow/rules/ablation.smk"
 
 
 rule all:

@@ -37,11 +37,11 @@ from cdm.cache import load_condition  # noqa: E402
 from cdm.conditioning import Condition  # noqa: E402
 from cdm.engine import RunPaths, train  # noqa: E402
 from cdm.metrics.frechet import frechet_distance  # noqa: E402
+from cdm.sampler import Sampler  # noqa: E402
 from cdm.sampling import sample_euler  # noqa: E402
 from cdm.world.evaluate import EvalPairs, judge_scores  # noqa: E402
 from cdm.world.judge import Judge  # noqa: E402
 from cdm.world.prompts import ATTRIBUTES  # noqa: E402
-from sample import Sampler  # noqa: E402
 
 
 def ints(text: str) -> list[int]:

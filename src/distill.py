@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--out", default="models/students", help="students go to <out>/<method>/")
     parser.add_argument("--checkpoints", default="checkpoints")
     parser.add_argument("--logs", default="logs")
+    parser.add_argument("--seed", type=int, help="distillation seed (default: params `seed`)")
     parser.add_argument("--stop-after", type=int, help="stop at this iteration (tests of resume)")
     args = parser.parse_args()
     params = P.load(args.params)
@@ -66,12 +67,13 @@ def main() -> None:
         else torch.device("cpu")
     )
     ds_file = ROOT / "configs" / "deepspeed" / f"zero{cfg.zero_stage}.json"
-    resolved = {"method": method.model_dump(), "distill": cfg.model_dump(), "seed": params.seed}
+    seed = params.seed if args.seed is None else args.seed
+    resolved = {"method": method.model_dump(), "distill": cfg.model_dump(), "seed": seed}
     run_dir = checkpoint_dir(Path(args.checkpoints), args.method, resolved)
     ema = train(
         velocity, train_cond, null, shift, latent_shape, method, cfg,
         RunPaths(run_dir, run_dir / "train.csv"),
-        params.seed, device, json.loads(ds_file.read_text()), args.stop_after,
+        seed, device, json.loads(ds_file.read_text()), args.stop_after,
     )  # fmt: skip
     if args.stop_after is not None and args.stop_after < cfg.iterations:
         return

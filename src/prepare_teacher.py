@@ -1,7 +1,7 @@
 """Stage prepare_teacher: resolve and check the teacher, then measure it.
 
-For the shapes world: load the committed teacher and judge, check the judge on fresh
-renders, and write the teacher's judge alignment and Fréchet distance with and without
+For the shapes world: load the committed teacher and judge (score reads the judge from
+`judge.path` itself), check the judge on fresh renders, and write the teacher's judge alignment and Fréchet distance with and without
 CFG to results/teacher.json.
 
 For sd3 / longcat: resolve teacher.path (a local folder or a hub id), check it holds the
@@ -63,8 +63,6 @@ def prepare_shapes(params: P.Params, models: str, out: str) -> dict[str, float]:
     log.info("teacher: %s", report)
     with atomic_dir(f"{models}/teacher") as tmp:
         backend.save_teacher(tmp)
-    with atomic_dir(f"{models}/judge") as tmp:
-        judge.save_pretrained(tmp)
     atomic_write_json(out, report)
     return report
 

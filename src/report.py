@@ -1,6 +1,7 @@
 """Stage report: the paper's findings checked on the measured metrics, as Markdown and HTML.
 
-Reads results/metrics.json (score), results/teacher.json (prepare_teacher), logs/*/train.csv
+Reads results/metrics.json (score), results/teacher.json (prepare_teacher),
+results/ablation.json (the ablation target, when present), logs/*/train.csv
 (distill) and samples/<model>/<steps>/ (sample); writes results/report.md,
 results/report.html (self-contained) and results/plots/*.png.
 """
@@ -90,7 +91,9 @@ def main() -> None:
     else:
         log.warning("no sample sets under %s; the report has no image grid", args.samples)
     found = findings(metrics, steps=params.report.steps)
-    md, page = write_report(results, metrics, found, images, teacher)
+    ablation_path = results / "ablation.json"  # `make ablation`: findings over seeds
+    ablation = json.loads(ablation_path.read_text()) if ablation_path.is_file() else None
+    md, page = write_report(results, metrics, found, images, teacher, ablation)
     for f in found:
         log.info(
             "finding %d: %s",

@@ -76,6 +76,9 @@ def main() -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--samples", default="samples")
     parser.add_argument("--out", default="results")
+    parser.add_argument(
+        "--teachers", help="also score the teacher sets of this samples folder (the ablation's)"
+    )
     args = parser.parse_args()
     params = P.load(args.params)
     cfg = params.score
@@ -84,6 +87,9 @@ def main() -> None:
             f"world metrics need the shapes backend; teacher.backend is '{params.teacher.backend}'"
         )
     sets = find_sets(Path(args.samples))
+    if args.teachers:
+        teachers = [s for s in find_sets(Path(args.teachers)) if s[0].startswith("teacher")]
+        sets = sorted(teachers + sets, key=lambda s: (model_key(s[0]), s[1]))
     if not sets:
         raise FileNotFoundError(
             f"no sample sets under {args.samples}/<model>/<steps>/{INDEX}; run the sample stage first"

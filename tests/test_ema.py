@@ -1,4 +1,4 @@
-"""Parameter blends: student EMA and fake-score blend (METHOD.md)."""
+"""Parameter blends: student EMA and fake-score blend (docs/method.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Rectified-flow maths in cdm.flow (METHOD.md, Conventions)."""
+"""Rectified-flow maths in cdm.flow (docs/method.md, Conventions)."""
 
 from __future__ import annotations
 

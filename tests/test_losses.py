@@ -1,4 +1,4 @@
-"""Student and fake-score losses (METHOD.md, paper §3.1, §3.3)."""
+"""Student and fake-score losses (docs/method.md, paper §3.1, §3.3)."""
 
 from __future__ import annotations
 
@@ -142,6 +142,21 @@ def test_renoise_tau_default_range() -> None:
     assert float(tau.min()) < 0.03 and float(tau.max()) > 0.97
     again = renoise_tau(5000, torch.Generator().manual_seed(0))
     assert torch.equal(tau, again)
+
+
+def test_renoise_tau_is_a_clamped_unit_uniform() -> None:
+    """The authors draw "U(0.02, 0.98)" as clamp(U(0, 1), 0.02, 0.98): the same draws,
+    with 2% of the mass sitting exactly on each end point (not spread over the range)."""
+    n = 200_000
+    tau = renoise_tau(n, torch.Generator().manual_seed(3))
+    u = torch.rand(n, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(tau, u.clamp(0.02, 0.98))
+    at_low = float((tau == 0.02).float().mean())
+    at_high = float((tau == torch.tensor(0.98)).float().mean())
+    se = (0.02 * 0.98 / n) ** 0.5
+    assert abs(at_low - 0.02) < 5 * se and abs(at_high - 0.02) < 5 * se
+    inner = tau[(tau > 0.02) & (tau < 0.98)]
+    assert abs(float(inner.mean()) - 0.5) < 0.005  # uniform in between
 
 
 def test_renoise_tau_below_anchor_for_ca() -> None:

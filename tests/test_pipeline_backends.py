@@ -159,7 +159,10 @@ def test_export_is_a_stock_pipeline_that_samples_like_our_sampler(project):
         assert np.abs(stock - ours).max() <= 1, j
     # The stock scheduler ran exactly our 4 sigmas.
     torch.testing.assert_close(
-        pipe.scheduler.sigmas.cpu(), inference_sigmas(4, recipe["shift"]), rtol=0, atol=1e-6
+        pipe.scheduler.sigmas.cpu().float(),
+        inference_sigmas(4, recipe["shift"]),
+        rtol=0,
+        atol=1e-6,
     )
 
 

@@ -83,7 +83,7 @@ def test_missing_models_give_none() -> None:
     del m["dm_only"], m["dmd2"]
     f = _by_id(m)
     assert f[1]["held"] is None and "`dmd2`" in f[1]["text"]
-    assert f[2]["held"] is None and "`dm_only` ablation: configs/ablation.yaml" in f[2]["text"]
+    assert f[2]["held"] is None and "`dm_only` preset (`make ablation`" in f[2]["text"]
     assert f[3]["held"] is True  # cdm vs dynamic needs neither
 
 
@@ -94,7 +94,7 @@ def test_missing_dynamic_falls_back_to_cdm_vs_dmd2() -> None:
     for i in (1, 3):
         assert f[i]["held"] is True
         assert f[i]["text"].startswith("fallback:")
-        assert "needs the `dynamic` ablation: configs/ablation.yaml" in f[i]["text"]
+        assert "needs the `dynamic` preset (`make ablation`" in f[i]["text"]
     del m["cdm"]
     assert _by_id(m)[1]["held"] is None and _by_id(m)[3]["held"] is None
 

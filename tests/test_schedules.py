@@ -1,4 +1,4 @@
-"""Schedules of the backward simulation (METHOD.md, paper §3.2)."""
+"""Schedules of the backward simulation (docs/method.md, paper §3.2)."""
 
 from __future__ import annotations
 

@@ -13,6 +13,10 @@ from cdm.params import ParamsError
 INPUT_ERRORS = (ParamsError, FileNotFoundError, ValueError)
 
 
+class StageFailure(RuntimeError):
+    """A stage that cannot go on (e.g. a diverged run): one line on stderr, exit 1."""
+
+
 def stage_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
@@ -30,3 +34,6 @@ def run_stage(main: Callable[[], None]) -> None:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    except StageFailure as exc:  # the run went wrong, not its input: still one line
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,4 +1,4 @@
-"""In-place parameter blends: the student EMA and the fake-score <- student blend (METHOD.md)."""
+"""In-place parameter blends: the student EMA and the fake-score <- student blend (docs/method.md)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
 """One CDM distillation iteration and the training loop (accelerate + DeepSpeed ZeRO).
 
-Three networks (METHOD.md): the student G and the fake score F, each in its own DeepSpeed
-engine with its own AdamW, and the frozen teacher T outside ZeRO. Each iteration:
-rollout of the student (no grad) -> every `update_ratio` iterations a student update with
-L = CA + DM + CDM -> a fake-score update -> the blend F <- keep F + (1 - keep) G.
+Three networks (docs/method.md): the student G and the fake score F, each in its own DeepSpeed
+engine with its own AdamW, and the frozen teacher T outside ZeRO. Each iteration, in the
+authors' order: one rollout of the student (no grad) -> a fake-score update on the
+student's estimates at the anchors and the blend F <- keep F + (1 - keep) G -> every
+`update_ratio` iterations a student update with L = CA + DM + CDM on the same rollout,
+reading the just-updated fake score.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from cdm import zero
+from cdm.cli import StageFailure
 from cdm.conditioning import Condition
 from cdm.ema import ema_decay
 from cdm.flow import add_noise, euler_step, x0_from_v
 from cdm.losses import ca_loss, cdm_loss, dm_loss, fake_score_loss, renoise_tau
 from cdm.params import Distill, Method
 from cdm.rollout import Rollout, evals_needed, rollout
-from cdm.schedules import draw_anchor, dynamic_schedule, fixed_schedule
+from cdm.schedules import draw_anchor, draw_length, dynamic_sigmas, fixed_schedule
 
 log = logging.getLogger("cdm.engine")
 Velocity = Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]
@@ -38,8 +41,13 @@ Velocity = Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]
 LOG_COLUMNS = [
     "iteration", "student_step", "loss_ca", "loss_dm", "loss_cdm", "loss_fake",
     "w_ca", "w_dm", "w_cdm", "grad_norm_student", "grad_norm_fake", "K", "anchor_sigma",
-    "n_student_evals", "n_teacher_evals", "n_fake_evals", "seconds", "lr_student", "lr_fake",
+    "n_student_evals", "n_teacher_evals", "n_fake_evals", "n_nonfinite", "seconds",
+    "lr_student", "lr_fake",
 ]  # fmt: skip
+
+
+class TrainingDiverged(StageFailure):
+    """Too many consecutive iterations with a non-finite loss (distill.max_nonfinite)."""
 
 
 def generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -50,11 +58,18 @@ def generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torc
     return torch.Generator(device).manual_seed(mixed)
 
 
-def schedule_for(method: Method, cfg: Distill, shift: float, gen: torch.Generator) -> torch.Tensor:
-    """The iteration's sigmas: the inference schedule (DMD2) or a fresh dynamic one (CDM)."""
+def schedule_for(
+    method: Method, cfg: Distill, shift: float, shared: torch.Generator, own: torch.Generator
+) -> torch.Tensor:
+    """The iteration's sigmas: the inference schedule (DMD2) or a fresh dynamic one (CDM).
+
+    K comes from `shared` (seeded alike on every rank), the inner sigmas from this rank's
+    `own` generator: a global batch mixes schedules of one length (docs/method.md, data parallel).
+    """
     if method.schedule == "fixed":
         return fixed_schedule(cfg.inference_sigmas, shift)
-    return dynamic_schedule(cfg.k_min, cfg.k_max, cfg.u_min, cfg.u_max, shift, gen)
+    k = draw_length(cfg.k_min, cfg.k_max, shared)
+    return dynamic_sigmas(k, cfg.u_min, cfg.u_max, shift, own)
 
 
 @dataclass
@@ -64,6 +79,7 @@ class StudentLosses:
     n_student: int
     n_teacher: int
     n_fake: int
+    n_nonfinite: int  # non-finite entries of the teacher's outputs (replaced by nan_to_num)
 
 
 def student_losses(
@@ -109,8 +125,8 @@ def student_losses(
         z_cdm = add_noise(x0_off.detach(), randn(), t_cdm)
         t_in.append((z_cdm, t_cdm, cond))
         f_in.append((z_cdm, t_cdm, cond))
-    x0_t = _batched_x0(teacher, t_in)
-    x0_f = _batched_x0(fake, f_in)
+    x0_t, nonfinite = _batched_x0(teacher, t_in, sanitize=True)
+    x0_f, _ = _batched_x0(fake, f_in)
 
     total = x0_s.new_zeros(())
     stats: dict[str, float] = {}
@@ -124,28 +140,45 @@ def student_losses(
         cd = cdm_loss(x0_off, x0_t.pop(0), x0_f.pop(0), cfg.normaliser_floor)
         total, stats["loss_cdm"], stats["w_cdm"] = total + cd.loss, cd.loss.item(), cd.weight.item()
     return StudentLosses(
-        total, stats, len(x_in), sum(len(c) for _, _, c in t_in), sum(len(c) for _, _, c in f_in)
+        total,
+        stats,
+        len(x_in),
+        sum(len(c) for _, _, c in t_in),
+        sum(len(c) for _, _, c in f_in),
+        nonfinite,
     )
 
 
 @torch.no_grad()
 def _batched_x0(
-    velocity: Velocity, inputs: list[tuple[torch.Tensor, torch.Tensor, Condition]]
-) -> list[torch.Tensor]:
-    """Clean estimates of several (z, tau, cond) groups from one forward call."""
+    velocity: Velocity,
+    inputs: list[tuple[torch.Tensor, torch.Tensor, Condition]],
+    sanitize: bool = False,
+) -> tuple[list[torch.Tensor], int]:
+    """Clean estimates of several (z, tau, cond) groups from one forward call.
+
+    `sanitize` (the teacher): outputs pass through nan_to_num before any loss direction is
+    formed, as in the authors' code; returns how many entries were not finite.
+    """
     if not inputs:
-        return []
+        return [], 0
     z = torch.cat([i[0] for i in inputs])
     tau = torch.cat([i[1] for i in inputs])
-    x0 = x0_from_v(z, velocity(z, tau, Condition.cat([i[2] for i in inputs])).float(), tau)
-    return list(x0.split([len(i[0]) for i in inputs]))
+    v = velocity(z, tau, Condition.cat([i[2] for i in inputs])).float()
+    nonfinite = 0
+    if sanitize:
+        nonfinite = int((~torch.isfinite(v)).sum())
+        v = torch.nan_to_num(v)
+    x0 = x0_from_v(z, v, tau)
+    return list(x0.split([len(i[0]) for i in inputs])), nonfinite
 
 
 def fake_score_step_loss(
     fake: Velocity, roll: Rollout, cond: Condition, cfg: Distill, gen: torch.Generator
 ) -> torch.Tensor:
-    """Flow matching of F on the student's clean estimate one step after the anchor."""
-    x0 = roll.x0_next
+    """Flow matching of F on the student's clean estimate at the anchor: the distribution
+    that DM and CDM re-noise (docs/method.md, fake-score update)."""
+    x0 = roll.x0_anchor
     tau = renoise_tau(len(x0), gen, cfg.tau_min, cfg.tau_max)
     eps = torch.randn(x0.shape, generator=gen, device=gen.device)
     return fake_score_loss(fake(add_noise(x0, eps, tau), tau, cond), x0, eps)
@@ -256,11 +289,12 @@ def train(
         disable=rank != 0,
         mininterval=5,
     )
+    streak = 0  # consecutive iterations with a non-finite loss
     for it in bar:
         t0 = time.time()
-        shared = generator(seed, it, device=device)  # K and the schedule: same on every rank
-        gen = generator(seed, it, rank + 1, device=device)  # this rank's samples
-        sigmas = schedule_for(method, cfg, shift, shared).to(device)
+        shared = generator(seed, it, device=device)  # K: the same on every rank
+        gen = generator(seed, it, rank + 1, device=device)  # this rank's schedule and samples
+        sigmas = schedule_for(method, cfg, shift, shared, gen).to(device)
         k = len(sigmas) - 1
         idx = torch.randint(len(train_cond), (cfg.batch_size,), generator=gen, device=device)
         cond = train_cond.take(idx)
@@ -275,45 +309,71 @@ def train(
             "K": k,
             "anchor_sigma": roll.sigma_anchor.mean().item(),
         }
-        n_student, n_teacher, n_fake = roll.n_evals, 0, 0
+        n_student, n_teacher, n_fake, n_nonfinite = roll.n_evals, 0, cfg.batch_size, 0
 
-        # Update the student every update_ratio iterations.
+        # The fake score first: flow matching on the estimates at the anchors, then the blend.
+        loss_f = fake_score_step_loss(fake, roll, cond, cfg, gen)
+        finite = zero.all_finite(loss_f)
+        if finite:  # a non-finite loss skips the update: the weights stay the last good ones
+            fake.backward(loss_f)
+            fake.step()
+            zero.blend_engines_(fake, student, cfg.fake_blend)
+        row |= {"loss_fake": loss_f.item(), "grad_norm_fake": _grad_norm(fake) if finite else ""}
+
+        # Every update_ratio iterations the student, on the same rollout, against the
+        # fake score just updated.
+        student_step = (it + 1) // cfg.update_ratio
         if (it + 1) % cfg.update_ratio == 0:
             out = student_losses(student, teacher, fake.module, roll, cond, null, method, cfg, gen)
-            student.backward(out.total)
-            student.step()
-            n = (it + 1) // cfg.update_ratio
-            decay = ema_decay(n - 1, cfg.ema_max)
-            for (_, full), e in zip(zero.full_fp32_params(student), ema.parameters(), strict=True):
-                e.lerp_(full.to(e.device), 1 - decay)
-            row |= out.stats | {"grad_norm_student": _grad_norm(student)}
-            n_student, n_teacher, n_fake = n_student + out.n_student, out.n_teacher, out.n_fake
-
-        # Update the fake score on the rollout's samples, then blend the student into it.
-        loss_f = fake_score_step_loss(fake, roll, cond, cfg, gen)
-        fake.backward(loss_f)
-        fake.step()
-        zero.blend_engines_(fake, student, cfg.fake_blend)
-        n_fake += cfg.batch_size
+            n_nonfinite = out.n_nonfinite
+            row |= out.stats
+            if zero.all_finite(out.total):
+                student.backward(out.total)
+                student.step()
+                _ema_update(ema, student, ema_decay(student_step, cfg.ema_max))
+                row["grad_norm_student"] = _grad_norm(student)
+            else:
+                finite = False
+            n_student, n_teacher, n_fake = (
+                n_student + out.n_student,
+                out.n_teacher,
+                n_fake + out.n_fake,
+            )
 
         row |= {
-            "student_step": (it + 1) // cfg.update_ratio, "loss_fake": loss_f.item(),
-            "grad_norm_fake": _grad_norm(fake), "n_student_evals": n_student,
-            "n_teacher_evals": n_teacher, "n_fake_evals": n_fake, "seconds": round(time.time() - t0, 4),
+            "student_step": student_step, "n_student_evals": n_student,
+            "n_teacher_evals": n_teacher, "n_fake_evals": n_fake, "n_nonfinite": n_nonfinite,
+            "seconds": round(time.time() - t0, 4),
             "lr_student": student.get_lr()[0], "lr_fake": fake.get_lr()[0],
         }  # fmt: skip
         if writer is not None:
             writer.writerow([row.get(c, "") for c in LOG_COLUMNS])
-        if (it + 1) % cfg.update_ratio == 0 and (
-            (it + 1) // cfg.update_ratio
-        ) % cfg.checkpoint_every == 0:
-            save_checkpoint(
-                paths.checkpoints, it + 1, student, fake, ema, cfg.keep_checkpoints, rank
+        streak = 0 if finite else streak + 1
+        if streak >= cfg.max_nonfinite:
+            good = _checkpoints(paths.checkpoints)
+            kept = f"the last good checkpoint {good[-1]} is kept" if good else "no checkpoint yet"
+            raise TrainingDiverged(
+                f"{streak} consecutive iterations with a non-finite loss (up to iteration "
+                f"{it + 1}, distill.max_nonfinite = {cfg.max_nonfinite}); stopped, {kept}; "
+                "lower distill.lr_student / lr_fake or check the teacher"
             )
+        # No checkpoint during a non-finite streak: the kept ones stay the last good states.
+        if streak == 0 and (it + 1) % cfg.update_ratio == 0:
+            if student_step % cfg.checkpoint_every == 0:
+                save_checkpoint(
+                    paths.checkpoints, it + 1, student, fake, ema, cfg.keep_checkpoints, rank
+                )
     done = _checkpoints(paths.checkpoints)
     if end > start and (not done or done[-1].name != f"it-{end:07d}"):
         save_checkpoint(paths.checkpoints, end, student, fake, ema, cfg.keep_checkpoints, rank)
     return ema
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, student, decay: float) -> None:
+    """EMA <- decay EMA + (1 - decay) G, from the student's fp32 master weights."""
+    for (_, full), e in zip(zero.full_fp32_params(student), ema.parameters(), strict=True):
+        e.lerp_(full.to(e.device), 1 - decay)
 
 
 def _grad_norm(engine) -> float:

@@ -1,4 +1,4 @@
-"""Student and fake-score losses of CDM, in x0 space and float32 (METHOD.md, paper §3.1, §3.3).
+"""Student and fake-score losses of CDM, in x0 space and float32 (docs/method.md; paper §3.1, §3.3).
 
 Every student loss has the form ``mean((x0_s - sg(x0_s + d))^2)`` whose gradient w.r.t. x0_s
 is ``-2 d / N``: it pushes the student's clean estimate along the direction d.
@@ -23,7 +23,7 @@ class MatchLoss(NamedTuple):
 def normaliser(a: torch.Tensor, x0_s: torch.Tensor, floor: float = 0.1) -> torch.Tensor:
     """w = 1 / max(mean_{C,H,W} |A - sg(x0_s)|, floor), per sample, shape (B, 1, ..., 1).
 
-    Detached: w scales the direction, it is not differentiated (METHOD.md §3.1).
+    Detached: w scales the direction, it is not differentiated (docs/method.md; paper §3.1).
     """
     if floor <= 0:
         raise ValueError(f"floor must be > 0, got {floor}")
@@ -47,7 +47,7 @@ def ca_loss(
     guidance: float,
     floor: float = 0.1,
 ) -> MatchLoss:
-    """CFG augmentation (paper §3.3): d = w g (x0_c - x0_u), w from A = x0_c."""
+    """CFG augmentation (paper §3.1, Decoupled DMD): d = w g (x0_c - x0_u), w from A = x0_c."""
     w = normaliser(x0_cond, x0_s, floor)
     d = w * guidance * (x0_cond.float() - x0_uncond.float())
     return MatchLoss(matching_loss(x0_s, d), w.mean())
@@ -65,7 +65,7 @@ def dm_loss(
 def cdm_loss(
     x0_s_off: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, floor: float = 0.1
 ) -> MatchLoss:
-    """Off-trajectory continuous-time matching (paper §3.2): the DM formula at (x', s').
+    """Off-trajectory continuous-time matching (paper §3.3): the DM formula at (x', s').
 
     x' = x_{s_i} + (s' - s_i) v_i (flow.euler_step), x0_s' = x' - s' v_G(x', s'), and the
     teacher / fake-score estimates are taken after re-noising sg(x0_s').
@@ -88,8 +88,10 @@ def renoise_tau(
 ) -> torch.Tensor:
     """Per-sample re-noising level, float32 shape (batch,).
 
-    ``upper is None``: tau ~ U(low, high) (DM, CDM, s', fake score).
-    Otherwise tau ~ U(0, upper) clamped to [low, high] (CA: no higher than the anchor s_i).
+    ``upper is None``: tau = clamp(U(0, 1), low, high) (DM, CDM, s', fake score): the
+    recipe's "U(0.02, 0.98)" as the authors draw it, with `low` and `high` each holding
+    their share of the mass (2% with the defaults).
+    Otherwise tau = clamp(U(0, upper), low, high) (CA: no higher than the anchor s_i).
     """
     if not 0.0 <= low < high <= 1.0:
         raise ValueError(f"need 0 <= low < high <= 1, got low={low}, high={high}")
@@ -97,7 +99,7 @@ def renoise_tau(
         raise ValueError(f"batch must be >= 1, got {batch}")
     u = torch.rand(batch, generator=generator, device=generator.device, dtype=torch.float32)
     if upper is None:
-        return low + (high - low) * u
+        return u.clamp(low, high)
     if upper.shape != (batch,):
         raise ValueError(f"upper must have shape ({batch},), got {tuple(upper.shape)}")
     return (u.to(upper.device) * upper.float()).clamp(low, high)

@@ -86,7 +86,7 @@ DEFAULT_METHODS = {
 
 
 class Distill(Section):
-    """CDM distillation (METHOD.md); the defaults fit the shapes world on a CPU."""
+    """CDM distillation (docs/method.md); the defaults fit the shapes world on a CPU."""
 
     methods: list[str] = ["dmd2", "cdm"]  # which presets of `methods` the pipeline runs
     iterations: int = Field(400, gt=0)  # fake-score updates; the student gets 1/update_ratio
@@ -114,6 +114,8 @@ class Distill(Section):
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(50, gt=0)  # student steps between checkpoints
     keep_checkpoints: int = Field(2, gt=0)
+    # Consecutive iterations with a non-finite loss (their updates skipped) before the run stops.
+    max_nonfinite: int = Field(20, gt=0)
 
     @model_validator(mode="after")
     def _ranges(self) -> Distill:
@@ -152,6 +154,14 @@ class Score(Section):
 class Report(Section):
     grid_prompts: int = Field(8, gt=0)  # pairs 0..grid_prompts-1 shown for every sample set
     steps: str = Field("4", pattern=r"^[1-9][0-9]*$")  # student step count the findings compare
+
+
+class Ablation(Section):
+    """`make ablation`: every preset x several distillation seeds, each sampled and scored."""
+
+    methods: list[str] = Field(["dmd2", "dynamic", "cdm", "dm_only"], min_length=1)
+    seeds: list[int] = Field([0, 1, 2], min_length=2)  # at least two: the rule needs a spread
+    steps: list[StepCount] = Field([1, 2, 4], min_length=1)
 
 
 class WorldTeacher(Section):
@@ -197,6 +207,7 @@ class Params(Section):
     sample: Sample = Sample()
     score: Score = Score()
     report: Report = Report()
+    ablation: Ablation = Ablation()
     world_teacher: WorldTeacher = WorldTeacher()
     world_judge: WorldJudge = WorldJudge()
 
@@ -210,6 +221,14 @@ class Params(Section):
                         f"'{self.teacher.backend}' (null means the shapes world's prompts)"
                     )
         unknown = [m for m in self.distill.methods if m not in self.methods]
+        ablated = [m for m in self.ablation.methods if m not in self.methods]
+        if ablated:
+            raise ValueError(
+                f"ablation.methods names unknown method '{ablated[0]}'; "
+                f"define it under `methods` or choose one of {', '.join(self.methods)}"
+            )
+        if len(set(self.ablation.seeds)) != len(self.ablation.seeds):
+            raise ValueError(f"ablation.seeds must be distinct, got {self.ablation.seeds}")
         if unknown:
             raise ValueError(
                 f"distill.methods names unknown method '{unknown[0]}'; "

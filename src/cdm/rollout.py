@@ -1,9 +1,10 @@
 """Backward simulation of the student (paper §3.2), computing each sample only as far as needed.
 
 The losses read, per sample, the on-trajectory latent x_{s_i} at its anchor i, the velocity
-v_i there, and the clean estimate one step after the anchor, x0_hat_{i+1} (the final sample
-when i + 1 = K). A sample therefore needs min(i + 2, K) student evaluations, not K: at step k
-only the samples that still need step k are evaluated, so the batch shrinks as it goes.
+v_i there and the clean estimate made there, x0_hat_i = x_{s_i} - s_i v_i: DM and CDM re-noise
+the distribution of that estimate, and the fake score learns exactly it (docs/method.md, fake-score
+update). A sample therefore needs i + 1 = min(i + 1, K) student evaluations, not K: at step k
+only the samples whose anchor is k or later are evaluated, so the batch shrinks as it goes.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ class Rollout:
     x_anchor: torch.Tensor  # x_{s_i}, on the trajectory
     v_anchor: torch.Tensor  # v_G(x_{s_i}, s_i)
     sigma_anchor: torch.Tensor  # s_i, (B,)
-    x0_next: torch.Tensor  # x0_hat_{i+1}: the fake score's training sample
+    x0_anchor: torch.Tensor  # x0_hat_i: the fake score's training sample
     n_evals: int  # student sample-evaluations spent
 
 
 def evals_needed(anchor: torch.Tensor, k: int) -> torch.Tensor:
-    """Student evaluations each sample needs: min(anchor + 2, K)."""
-    return (anchor + 2).clamp(max=k)
+    """Student evaluations each sample needs: min(anchor + 1, K) (anchor < K: anchor + 1)."""
+    return (anchor + 1).clamp(max=k)
 
 
 @torch.no_grad()
@@ -52,7 +53,7 @@ def rollout(
     need = evals_needed(anchor, k_total)
     n_calls = int(need.max()) if steps is None else max(steps, int(need.max()))
     x = noise.clone()
-    x_anchor, v_anchor, x0_next = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+    x_anchor, v_anchor = torch.empty_like(x), torch.empty_like(x)
     n_evals = 0
     for k in range(n_calls):
         active = (need > k).nonzero().squeeze(1)
@@ -66,12 +67,10 @@ def rollout(
         at_anchor = anchor[active] == k
         x_anchor[active[at_anchor]] = x_k[at_anchor]
         v_anchor[active[at_anchor]] = v_k[at_anchor]
-        after_anchor = anchor[active] == k - 1
-        x0_next[active[after_anchor]] = x0_from_v(x_k[after_anchor], v_k[after_anchor], s)
         x[active] = euler_step(x_k, v_k, s, s_next)
-    last = anchor == k_total - 1
-    x0_next[last] = x[last]  # the final sample: sigma_K = 0
-    return Rollout(x_anchor, v_anchor, sigmas[anchor], x0_next, n_evals)
+    s_i = sigmas[anchor]
+    x0_anchor = x0_from_v(x_anchor, v_anchor, s_i)
+    return Rollout(x_anchor, v_anchor, s_i, x0_anchor, n_evals)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Sigma schedules for the student's backward simulation (METHOD.md, paper §3.2).
+"""Sigma schedules for the student's backward simulation (docs/method.md, paper §3.2).
 
 A schedule is a 1-D float32 tensor ``[1.0 = s_0 > s_1 > ... > s_{K-1} > s_K = 0]``: K Euler
 steps from pure noise to data. Randomness comes only from the `torch.Generator` passed in.
@@ -28,7 +28,7 @@ def _check_shift(shift: float) -> None:
 
 
 def fixed_schedule(raw: Sequence[float], shift: float) -> torch.Tensor:
-    """DMD2-style fixed discrete schedule = the inference schedule (METHOD.md §3.2 baseline).
+    """DMD2-style fixed discrete schedule = the inference schedule (docs/method.md §3.2 baseline).
 
     ``[shift(r_0), ..., shift(r_{K-1}), 0]`` with ``shift(s) = a s / (1 + (a - 1) s)``;
     `raw` must start at 1.0, be strictly decreasing and lie in (0, 1]. Length ``len(raw) + 1``.
@@ -74,6 +74,34 @@ def _make_strictly_decreasing(sigmas: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def draw_length(k_min: int, k_max: int, generator: torch.Generator) -> int:
+    """K ~ U{k_min..k_max}. Draw it from a generator seeded alike on every data-parallel rank:
+    K sets how many forwards the rollout makes, which must agree under ZeRO-3."""
+    if not 1 <= k_min <= k_max:
+        raise ValueError(f"need 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
+    return int(torch.randint(k_min, k_max + 1, (1,), generator=generator, device=generator.device))
+
+
+def dynamic_sigmas(
+    k: int, u_min: float, u_max: float, shift: float, generator: torch.Generator
+) -> torch.Tensor:
+    """A dynamic continuous schedule of K = `k` steps (docs/method.md, paper §3.2).
+
+    u_1..u_{K-1} ~ U[u_min, u_max] sorted descending;
+    ``sigmas = [shift(1), shift(u_1), ..., shift(u_{K-1}), 0]`` (length K + 1, float32,
+    strictly decreasing, on the generator's device). Each rank draws these from its own
+    generator, as the authors do: a global batch mixes schedules of one length.
+    """
+    validate_dynamic(k, k, u_min, u_max)
+    _check_shift(shift)
+    device = generator.device
+    u = torch.rand(k - 1, generator=generator, device=device, dtype=torch.float64)
+    u = u_min + (u_max - u_min) * u
+    u = torch.sort(u, descending=True).values
+    raw = torch.cat([u.new_ones(1), u])
+    return _make_strictly_decreasing(_shifted_with_zero(raw, shift))
+
+
 def dynamic_schedule(
     k_min: int,
     k_max: int,
@@ -82,22 +110,9 @@ def dynamic_schedule(
     shift: float,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Dynamic continuous schedule of CDM (METHOD.md, paper §3.2).
-
-    K ~ U{k_min..k_max}; u_1..u_{K-1} ~ U[u_min, u_max] sorted descending;
-    ``sigmas = [shift(1), shift(u_1), ..., shift(u_{K-1}), 0]`` (length K + 1, float32,
-    strictly decreasing, on the generator's device). Seed the generator identically on every
-    data-parallel rank so that K agrees.
-    """
+    """K ~ U{k_min..k_max}, then `dynamic_sigmas` of that length, from one generator."""
     validate_dynamic(k_min, k_max, u_min, u_max)
-    _check_shift(shift)
-    device = generator.device
-    k = int(torch.randint(k_min, k_max + 1, (1,), generator=generator, device=device).item())
-    u = torch.rand(k - 1, generator=generator, device=device, dtype=torch.float64)
-    u = u_min + (u_max - u_min) * u
-    u = torch.sort(u, descending=True).values
-    raw = torch.cat([u.new_ones(1), u])
-    return _make_strictly_decreasing(_shifted_with_zero(raw, shift))
+    return dynamic_sigmas(draw_length(k_min, k_max, generator), u_min, u_max, shift, generator)
 
 
 def draw_anchor(k: int, batch: int, generator: torch.Generator) -> torch.Tensor:

@@ -126,6 +126,14 @@ def all_reduce_max(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def all_finite(value: torch.Tensor) -> bool:
+    """Whether `value` is finite on every rank: all ranks then skip or take a step together."""
+    flag = torch.isfinite(value.detach()).all().float().reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -20,3 +20,4 @@ wildcard_constraints:
     steps=r"\d+",
     i=r"\d+",
     n=r"\d+",
+    seed=r"\d+",

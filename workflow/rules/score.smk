@@ -1,4 +1,5 @@
 # Stages score and report: world metrics of every sample set, then the report.
+import os
 
 
 rule score:
@@ -25,6 +26,10 @@ rule report:
         curves=expand("logs/{method}/train.csv", method=METHODS),
         sets=sample_sets(),
         script="src/report.py",
+        # The ablation's summary (`make ablation`) feeds the findings when it exists.
+        ablation=lambda wc: (
+            ["results/ablation.json"] if os.path.exists("results/ablation.json") else []
+        ),
     output:
         md="results/report.md",
         html="results/report.html",

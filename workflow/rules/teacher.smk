@@ -9,7 +9,6 @@ rule prepare_teacher:
     output:
         teacher=directory("models/teacher"),
         report="results/teacher.json",
-        **({"judge": directory("models/judge")} if WORLD else {}),
     params:
         seed=config["seed"],
         teacher=config["teacher"],

@@ -1,48 +1,71 @@
 """Scheduler configs under which stock diffusers samples an exported student on our sigmas.
 
-Our few-step sampler uses `inference_sigmas(n, S, raw)` = time_shift(raw, S) + [0]. Stock
-pipelines build their sigmas inside FlowMatchEulerDiscreteScheduler.set_timesteps, so the
-exported scheduler config must make that code produce the same numbers:
+Our sampler uses `inference_sigmas(n, S, raw)` = time_shift(raw, S) + [0], with the recipe's raw
+sigmas at its step count and raw = linspace(1, 1/n, n) at any other n. Stock pipelines build
+their sigmas inside the scheduler's set_timesteps; the exported config must make that code
+produce our numbers at every n a user may ask for:
 
 - LongCatImagePipeline passes raw = linspace(1, 1/n, n) and mu = calculate_shift(seq_len, ...)
-  itself. With use_dynamic_shifting, base_shift = max_shift = ln S, mu = ln S at every
-  resolution, and the exponential time shift e^mu t / (e^mu t + 1 - t) is our shift by S.
-- StableDiffusion3Pipeline passes no sigmas: the scheduler spaces raw = linspace(1, m, n)
-  with m = 1 / num_train_timesteps (use_dynamic_shifting leaves its training sigmas
-  unshifted), shifts them by s = e^mu and, with shift_terminal T, stretches 1 - sigma so
-  the last sigma is T. Every step is a Möbius map of the step index k, and so is our target
-  1 - sigma_k = k delta / (S - (S - 1) k delta) for raw_k = 1 - k delta; matching the pole
-  of the two gives s = S d / (S d - (S - 1) delta) with d = (1 - m) / (n - 1), and T fixes
-  the scale. Exact for evenly spaced raw sigmas from 1 (the recipe's [1, .75, .5, .25]).
+  itself. FlowMatchEulerDiscreteScheduler with use_dynamic_shifting and base_shift = max_shift
+  = ln S pins mu = ln S at every resolution, and e^mu t / (e^mu t + 1 - t) is our shift by S:
+  exact at every n (computed in float32, so up to one float32 ulp from ours).
+- StableDiffusion3Pipeline passes no sigmas. FlowMatchEulerDiscreteScheduler then shifts
+  linspace(1, m, n) with m = 1 / num_train_timesteps (shifted too without dynamic shifting),
+  a constant of the config, while ours is linspace(1, 1/n, n): without shift_terminal they
+  agree only where m = 1/n, and num_train_timesteps is also the transformer's timestep scale
+  (1000). shift_terminal T rescales 1 - sigma so that the last sigma is T: matching the pole
+  of the two Moebius maps of the step index makes the recipe's n exact, but then every n ends
+  at T (8 steps end at .5 for S = 3) and n = 1 divides 0 by 0 (sigmas [nan, 0]). No
+  FlowMatchEulerDiscreteScheduler config is both exact at the recipe's n and finite at n = 1,
+  so the export uses diffusers' FlowMapEulerDiscreteScheduler (diffusers >= 0.39), an Euler
+  stepper whose default schedule is time_shift(linspace(1, 0, n + 1)[:-1], shift) + [0] in
+  float64: ours at every n; with sigmas= it shifts the sigmas passed.
+  Its float32 rounding equals our float32 sigmas bit for bit at every n <= 128 tried (the two
+  float64 linspaces may differ in the last bit, so this is checked, not guaranteed).
 
-Pure functions: configs in, configs and tensors out; `pipeline_sigmas` replays what the
-pipeline does with a scheduler built from the config, which is how export checks its work.
+Pure functions: configs in, configs and tensors out. `pipeline_sigmas` replays what a pipeline
+does with a scheduler built from a config, which is how export checks its work, and
+`exported_sigmas` gives the sampler the stock sigmas of an exported folder bit for bit.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMapEulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from cdm.sampling import inference_sigmas
 
-# Keys set on top of the teacher's scheduler config; every other key is the teacher's.
-FLOW_KEYS = (
-    "shift", "use_dynamic_shifting", "base_shift", "max_shift", "shift_terminal",
-    "time_shift_type", "invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas",
-    "use_beta_sigmas", "stochastic_sampling",
-)  # fmt: skip
+FLOW_MATCH = "FlowMatchEulerDiscreteScheduler"
+FLOW_MAP = "FlowMapEulerDiscreteScheduler"
+FLOW_MAP_DIFFUSERS = "0.39"  # the first diffusers release with FlowMapEulerDiscreteScheduler
+SCHEDULERS: dict[str, type] = {
+    FLOW_MATCH: FlowMatchEulerDiscreteScheduler,
+    FLOW_MAP: FlowMapEulerDiscreteScheduler,
+}
+# Stock pipelines whose call passes sigmas = linspace(1, 1/n, n) to set_timesteps itself.
+PASS_DEFAULT_SIGMAS = ("LongCatImagePipeline",)
+# The key export writes into inference.json: how to replay the stock call (see exported_sigmas).
+STOCK = "stock_call"
 
 
-def evenly_spaced(raw: list[float]) -> bool:
-    """raw = linspace(1, raw[-1], n): the only schedules a stock default call can reproduce."""
-    n = len(raw)
-    grid = np.linspace(1.0, raw[-1], n) if n > 1 else np.ones(1)
-    return raw[0] == 1.0 and bool(np.allclose(raw, grid, rtol=0, atol=1e-9))
+def default_raw(steps: int) -> list[float]:
+    """linspace(1, 1/n, n): our raw sigmas at a step count other than the recipe's."""
+    return np.linspace(1.0, 1.0 / steps, steps).tolist()
+
+
+def is_default_raw(raw: list[float]) -> bool:
+    return bool(np.allclose(raw, default_raw(len(raw)), rtol=0, atol=1e-9))
+
+
+def pipeline_raw(pipeline: str, steps: int) -> list[float] | None:
+    """The raw sigmas a stock `pipeline` passes itself on a default call (None: none)."""
+    return default_raw(steps) if pipeline in PASS_DEFAULT_SIGMAS else None
 
 
 def plain(shift: float) -> dict[str, Any]:
@@ -59,32 +82,23 @@ def constant_mu(shift: float) -> dict[str, Any]:
     return plain(shift) | {"use_dynamic_shifting": True, "base_shift": mu, "max_shift": mu}
 
 
+def flow_map(shift: float, num_train_timesteps: int = 1000) -> dict[str, Any]:
+    """A FlowMapEulerDiscreteScheduler config: time_shift(linspace(1, 1/n, n), shift) + [0] at
+    every n on a default call, time_shift(sigmas, shift) + [0] when sigmas are passed."""
+    return {"_class_name": FLOW_MAP, "num_train_timesteps": num_train_timesteps, "shift": shift}
+
+
 def sd3_default_call(raw: list[float], shift: float, num_train_timesteps: int) -> dict | None:
     """Config under which `StableDiffusion3Pipeline(..., num_inference_steps=len(raw))` uses
-    time_shift(raw, shift) + [0]; None when no FlowMatchEulerDiscreteScheduler config can."""
-    n = len(raw)
-    if n == 1:
-        return plain(shift) if raw == [1.0] else None
-    if not evenly_spaced(raw):
-        return None
-    delta = (1.0 - raw[-1]) / (n - 1)
-    d = (1.0 - 1.0 / num_train_timesteps) / (n - 1)
-    denominator = shift * d - (shift - 1.0) * delta
-    if denominator <= 0:
-        return None
-    s = shift * d / denominator
-    terminal = shift * raw[-1] / (1 + (shift - 1) * raw[-1])
-    return constant_mu(s) | {"shift": shift, "shift_terminal": terminal}
+    time_shift(raw, shift) + [0], and every other step count n our linspace(1, 1/n, n); None
+    when raw is not linspace(1, 1/n, n) (the call must then pass sigmas=raw)."""
+    return flow_map(shift, num_train_timesteps) if is_default_raw(raw) else None
 
 
 def longcat_default_call(raw: list[float], shift: float) -> dict | None:
-    """Config under which `LongCatImagePipeline(..., num_inference_steps=len(raw))` uses
+    """Overrides under which `LongCatImagePipeline(..., num_inference_steps=len(raw))` uses
     time_shift(raw, shift) + [0] (the pipeline itself passes linspace(1, 1/n, n))."""
-    n = len(raw)
-    grid = np.linspace(1.0, 1.0 / n, n)
-    if not np.allclose(raw, grid, rtol=0, atol=1e-9):
-        return None
-    return constant_mu(shift)
+    return constant_mu(shift) if is_default_raw(raw) else None
 
 
 def calculate_shift(seq_len: int, config: dict[str, Any]) -> float:
@@ -104,22 +118,30 @@ def effective_shift(config: dict[str, Any], seq_len: int) -> float:
     return float(mu if config.get("time_shift_type", "exponential") == "linear" else math.exp(mu))
 
 
+def scheduler_from(config: dict[str, Any]):
+    """The stock scheduler a config names (`_class_name`; FlowMatchEuler when absent)."""
+    name = config.get("_class_name", FLOW_MATCH)
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler {name} is not one of {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[name].from_config(config)
+
+
 def pipeline_sigmas(
     config: dict[str, Any], steps: int, seq_len: int, pipeline_raw: list[float] | None = None
 ) -> torch.Tensor:
-    """The sigmas (with the final 0) a stock pipeline runs with a scheduler of `config`.
+    """The sigmas (float32, with the final 0) a stock pipeline runs with a scheduler of `config`.
 
-    `pipeline_raw`: the sigmas the pipeline itself passes (LongCat passes linspace(1, 1/n, n);
-    SD3 passes none). mu comes from calculate_shift like in both pipelines.
+    `pipeline_raw`: the sigmas the pipeline passes (LongCat passes linspace(1, 1/n, n), a caller
+    may pass sigmas=); mu comes from calculate_shift like in both pipelines.
     """
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    scheduler = scheduler_from(config)
     kwargs: dict[str, Any] = {}
-    if scheduler.config.use_dynamic_shifting:
+    if scheduler.config.get("use_dynamic_shifting", False):
         kwargs["mu"] = calculate_shift(seq_len, dict(scheduler.config))
-    if pipeline_raw is not None:
-        scheduler.set_timesteps(steps, sigmas=pipeline_raw, **kwargs)
-    else:
+    if pipeline_raw is None:
         scheduler.set_timesteps(steps, **kwargs)
+    else:
+        scheduler.set_timesteps(sigmas=pipeline_raw, **kwargs)
     return scheduler.sigmas.float()
 
 
@@ -135,3 +157,35 @@ def matches(
     ours = inference_sigmas(len(raw), shift, raw)
     theirs = pipeline_sigmas(config, len(raw), seq_len, pipeline_raw)
     return theirs.shape == ours.shape and bool(torch.allclose(theirs, ours, rtol=0, atol=atol))
+
+
+def stock_call(pipeline: str, seq_len: int) -> dict[str, Any]:
+    """What export records (inference.json[STOCK]) for exported_sigmas to replay."""
+    return {"pipeline": pipeline, "image_tokens": seq_len}
+
+
+def exported_sigmas(folder: str | Path, steps: int) -> torch.Tensor | None:
+    """The sigmas (float32, final 0) stock diffusers runs on an exported pipeline folder at
+    `steps`: the call its model card shows at the recipe's step count (sigmas=raw when the
+    default call is not exact there), `num_inference_steps=steps` otherwise.
+
+    None for a folder without a recorded stock call (another backend, an older export).
+    """
+    folder = Path(folder)
+    recipe_file = folder / "inference.json"
+    if not recipe_file.is_file():
+        return None
+    recipe = json.loads(recipe_file.read_text())
+    stock = recipe.get(STOCK)
+    if stock is None:
+        return None
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    raw = [float(s) for s in recipe["sigmas_raw"]]
+    if steps == len(raw) and not recipe.get("default_call_exact", False):
+        passed = raw
+    else:
+        passed = pipeline_raw(stock["pipeline"], steps)
+    sigmas = pipeline_sigmas(config, steps, int(stock["image_tokens"]), passed)
+    if not torch.isfinite(sigmas).all():
+        raise ValueError(f"the scheduler of {folder} gives non-finite sigmas at {steps} steps")
+    return sigmas

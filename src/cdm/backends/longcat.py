@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImageTransformer2DModel
 
@@ -24,14 +23,23 @@ from cdm.velocity import LongCatVelocity
 TEXT_TOKENS = 512  # LongCatImagePipeline.tokenizer_max_length: prompt length, image id offset
 DEFAULT_SAMPLE_SIZE = 128  # LongCatImagePipeline.default_sample_size (x the VAE factor = px)
 
+# The license meituan-longcat/LongCat-Image's hub card declares.
+LICENSE = {"license": "apache-2.0"}
+
+
+def _default_call(raw: list[float], shift: float, base: dict) -> dict | None:
+    overrides = few_step.longcat_default_call(raw, shift)
+    return None if overrides is None else base | overrides
+
+
 FAMILY = pipelines.Family(
     backend="longcat",
     pipeline="LongCatImagePipeline",
     parts=("transformer", "scheduler", "vae"),
-    default_call=lambda raw, shift, base: few_step.longcat_default_call(raw, shift),
-    explicit=few_step.constant_mu,
-    pipeline_raw=lambda steps: list(np.linspace(1.0, 1.0 / steps, steps)),
+    default_call=_default_call,
+    explicit=lambda shift, base: base | few_step.constant_mu(shift),
     call="num_inference_steps={steps}, guidance_scale=1.0, enable_prompt_rewrite=False{extra}",
+    license=LICENSE,
 )
 
 
@@ -107,12 +115,15 @@ def export(
     out: Path,
     inference: dict,
     params: dict | None = None,
+    dtype: torch.dtype | None = None,
+    base_model: str | None = None,
 ) -> None:
-    """A complete LongCatImagePipeline folder whose default call with num_inference_steps=4
-    (and enable_prompt_rewrite=False) is the student's sampler, plus a model card."""
+    """A complete LongCatImagePipeline folder whose stock call with num_inference_steps=k (and
+    enable_prompt_rewrite=False) runs our k-step sigmas at every k, the recipe's at its step
+    count, plus a model card; the transformer in the teacher's dtype unless `dtype`."""
     teacher_dir = Path(teacher_dir)
     resolution = (params or {}).get("teacher", {}).get("resolution")
     _, _, tokens = geometry(teacher_dir, resolution)
     pipelines.export_pipeline(
-        student.transformer, FAMILY, teacher_dir, out, inference, tokens, params
+        student.transformer, FAMILY, teacher_dir, out, inference, tokens, params, dtype, base_model
     )

@@ -17,6 +17,13 @@ from cdm.backends import few_step, pipelines
 from cdm.conditioning import Condition
 from cdm.velocity import TransformerVelocity
 
+# SD3 and SD3.5 weights are under the Stability AI Community License (their hub cards:
+# license other, license_name stabilityai-ai-community, the text in LICENSE.md).
+LICENSE = {
+    "license": "other",
+    "license_name": "stabilityai-ai-community",
+    "license_link": "https://huggingface.co/stabilityai/stable-diffusion-3-medium/blob/main/LICENSE.md",
+}
 FAMILY = pipelines.Family(
     backend="sd3",
     pipeline="StableDiffusion3Pipeline",
@@ -24,9 +31,11 @@ FAMILY = pipelines.Family(
     default_call=lambda raw, shift, base: few_step.sd3_default_call(
         raw, shift, int(base.get("num_train_timesteps", 1000))
     ),
-    explicit=few_step.plain,
-    pipeline_raw=lambda steps: None,
+    explicit=lambda shift, base: few_step.flow_map(
+        shift, int(base.get("num_train_timesteps", 1000))
+    ),
     call="num_inference_steps={steps}, guidance_scale=1.0{extra}",
+    license=LICENSE,
 )
 
 
@@ -133,12 +142,15 @@ def export(
     out: Path,
     inference: dict,
     params: dict | None = None,
+    dtype: torch.dtype | None = None,
+    base_model: str | None = None,
 ) -> None:
-    """A complete StableDiffusion3Pipeline folder whose default 4-step call is the student's
-    sampler (see few_step.sd3_default_call), plus inference.json and a model card."""
+    """A complete StableDiffusion3Pipeline folder whose stock call with num_inference_steps=k
+    runs our k-step sigmas at every k, the recipe's at its step count (see few_step), plus
+    inference.json and a model card; the transformer in the teacher's dtype unless `dtype`."""
     teacher_dir = Path(teacher_dir)
     resolution = (params or {}).get("teacher", {}).get("resolution")
     _, _, tokens = geometry(teacher_dir, resolution)
     pipelines.export_pipeline(
-        student.transformer, FAMILY, teacher_dir, out, inference, tokens, params
+        student.transformer, FAMILY, teacher_dir, out, inference, tokens, params, dtype, base_model
     )

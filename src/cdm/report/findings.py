@@ -15,10 +15,10 @@ BEATS_RULE = f"rule: beats = lower FD and alignment not lower by more than {ALIG
 RUNS = {
     "teacher_cfg": "the `teacher_cfg` evaluation (teacher sampled with CFG)",
     "teacher_nocfg": "the `teacher_nocfg` evaluation (teacher sampled without CFG)",
-    "dmd2": "the `dmd2` baseline: configs/dmd2.yaml",
-    "dynamic": "the `dynamic` ablation: configs/ablation.yaml",
-    "dm_only": "the `dm_only` ablation: configs/ablation.yaml",
-    "cdm": "the `cdm` run: configs/cdm.yaml",
+    "dmd2": "the `dmd2` baseline (a preset of `methods` in params.yaml)",
+    "dynamic": "the `dynamic` preset (`make ablation`, or configs/ablation.yaml)",
+    "dm_only": "the `dm_only` preset (`make ablation`, or configs/ablation.yaml)",
+    "cdm": "the `cdm` preset",
 }
 CLAIMS = {
     1: "A dynamic continuous schedule beats the fixed discrete one (both with CA+DM).",

@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from cdm.io import atomic_write_text
-from cdm.report.tables import metrics_table, to_html, to_markdown
+from cdm.report import ablation as A
+from cdm.report.tables import against_teacher, metrics_table, to_html, to_markdown
 from cdm.world.prompts import ATTRIBUTES
 
 TITLE = "CDM distillation report"
@@ -25,6 +26,7 @@ table.metrics th, table.metrics td { padding: 0.25em 0.6em; border-bottom: 1px s
 table.metrics td { text-align: right; }
 .finding { margin: 0.8em 0; padding: 0.5em 0.8em; border-left: 4px solid #999; }
 .held { border-color: #2a7; } .did-not-hold { border-color: #c33; } .not-measured { border-color: #aaa; }
+.mixed, .within-noise { border-color: #d90; }
 code { background: #f3f3f3; padding: 0 0.2em; }
 img { max-width: 100%; }
 """.strip()
@@ -69,18 +71,60 @@ def report_markdown(
     findings: list,
     images: dict[str, Path],
     teacher: dict | None = None,
+    ablation: dict | None = None,
 ) -> str:
     """Markdown text: findings, metrics table, teacher check, figures linked relative to out_dir."""
-    lines = [f"# {TITLE}", "", "## Findings", ""]
+    lines = [f"# {TITLE}", ""]
+    if ablation:
+        lines += ["## Findings over distillation seeds", "", _ablation_intro(ablation), ""]
+        lines += [to_markdown(A.findings_frame(ablation))]
+        for f in ablation["findings"]:
+            lines += [f"- **({f['id']})** {f['claim']}"]
+            lines += [
+                f"  - {s} steps, {v['verdict']}: {v['text']}" for s, v in f["by_steps"].items()
+            ]
+        lines += ["", "### Mean +- std over seeds", "", to_markdown(A.summary_frame(ablation))]
+    lines += ["## " + _single_title(ablation), ""]
     for f in findings:
         lines += [f"- **({f['id']}) {_status(f)}**: {f['claim']}  ", f"  {f['text']}"]
     lines += ["", "## Metrics", "", to_markdown(metrics_table(metrics))]
+    lines += [
+        "## Students against the teacher",
+        "",
+        AGAINST,
+        "",
+        to_markdown(against_teacher(metrics)),
+    ]
     if teacher:
         lines += ["## Teacher", "", teacher_note(teacher), "", to_markdown(teacher_table(teacher))]
     lines += ["## Figures", ""]
     for name, image in images.items():
         lines += [f"### {name}", "", f"![{name}]({_link(image, out_dir)})", ""]
     return "\n".join(lines)
+
+
+AGAINST = (
+    "Each student's judge alignment and FD at every step count it was sampled at, beside the "
+    "teacher with CFG at the same step count and at its own step count (one distillation seed: "
+    "the pipeline's run)."
+)
+
+
+def _ablation_intro(ablation: dict) -> str:
+    return (
+        f"Every preset distilled with seeds {ablation['seeds']} (`make ablation`, "
+        f"`results/ablation.json`), each sampled on the evaluation pairs. Rule: {ablation['rule']}. "
+        "A finding *held* when the claimed side is better beyond that margin on at least one "
+        "metric (alignment, FD; finding 2: FD to the CFG-free teacher set against every other "
+        "student) and worse beyond it on none; *did not hold* when worse beyond it and better on "
+        "none; *within noise* or *mixed* otherwise."
+    )
+
+
+def _single_title(ablation: dict | None) -> str:
+    if ablation:
+        return "Findings of the single-seed run (no spread: see the seeds above)"
+    return "Findings (one distillation seed; `make ablation` measures them over seeds)"
 
 
 def _inline(text: str) -> str:
@@ -93,7 +137,11 @@ def _data_uri(image: Path) -> str:
 
 
 def report_html(
-    metrics: dict, findings: list, images: dict[str, Path], teacher: dict | None = None
+    metrics: dict,
+    findings: list,
+    images: dict[str, Path],
+    teacher: dict | None = None,
+    ablation: dict | None = None,
 ) -> str:
     """Self-contained HTML: inline CSS, tables as HTML, PNGs embedded as data URIs."""
     parts = [
@@ -101,8 +149,21 @@ def report_html(
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(TITLE)}</title><style>{CSS}</style></head><body>",
         f"<h1>{html.escape(TITLE)}</h1>",
-        "<h2>Findings</h2>",
     ]
+    if ablation:
+        parts += [
+            "<h2>Findings over distillation seeds</h2>",
+            f"<p>{_inline(_ablation_intro(ablation))}</p>",
+            to_html(A.findings_frame(ablation)),
+        ]
+        for f in ablation["findings"]:
+            for steps, v in f["by_steps"].items():
+                parts.append(
+                    f'<div class="finding {v["verdict"].replace(" ", "-")}"><b>({f["id"]}) '
+                    f"{steps} steps, {v['verdict']}</b>: {_inline(v['text'])}</div>"
+                )
+        parts += ["<h3>Mean +- std over seeds</h3>", to_html(A.summary_frame(ablation))]
+    parts.append(f"<h2>{_inline(_single_title(ablation))}</h2>")
     for f in findings:
         status = _status(f)
         parts.append(
@@ -110,6 +171,11 @@ def report_html(
             f"{_inline(f['claim'])}<br>{_inline(f['text'])}</div>"
         )
     parts += ["<h2>Metrics</h2>", to_html(metrics_table(metrics))]
+    parts += [
+        "<h2>Students against the teacher</h2>",
+        f"<p>{_inline(AGAINST)}</p>",
+        to_html(against_teacher(metrics)),
+    ]
     if teacher:
         parts += [
             "<h2>Teacher</h2>",
@@ -130,12 +196,15 @@ def write_report(
     findings: list,
     images: dict[str, Path],
     teacher: dict | None = None,
+    ablation: dict | None = None,
 ) -> tuple[Path, Path]:
     """Write out_dir/report.md and out_dir/report.html atomically; return both paths.
 
-    `teacher` (results/teacher.json, optional) adds a section on the teacher check."""
+    `teacher` (results/teacher.json, optional) adds a section on the teacher check;
+    `ablation` (results/ablation.json, optional) the findings over distillation seeds."""
     out_dir = Path(out_dir)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    atomic_write_text(md_path, report_markdown(out_dir, metrics, findings, images, teacher))
-    atomic_write_text(html_path, report_html(metrics, findings, images, teacher))
+    md = report_markdown(out_dir, metrics, findings, images, teacher, ablation)
+    atomic_write_text(md_path, md)
+    atomic_write_text(html_path, report_html(metrics, findings, images, teacher, ablation))
     return md_path, html_path

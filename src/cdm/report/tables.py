@@ -70,3 +70,29 @@ def to_html(df: pd.DataFrame) -> str:
     """An HTML <table> with the same cell formatting as the Markdown one."""
     formatters = {c: format_cell for c in df.columns}
     return df.to_html(index=False, formatters=formatters, na_rep="n/a", classes="metrics", border=0)
+
+
+def against_teacher(metrics: dict) -> pd.DataFrame:
+    """Every student set beside the teacher with CFG at the same step count (when sampled)
+    and at its own reference (largest) step count: alignment and FD, whatever they are."""
+    teacher = metrics.get("teacher_cfg", {})
+    ref = max(teacher, key=float) if teacher else None
+    rows = []
+    for model in sorted(metrics, key=model_key):
+        if model.startswith("teacher"):
+            continue
+        for steps in sorted(metrics[model], key=float):
+            own, same = metrics[model][steps], teacher.get(steps, {})
+            full = teacher.get(ref, {}) if ref else {}
+            rows.append(
+                {
+                    "student": model, "steps": int(float(steps)),
+                    "alignment": own.get("alignment", math.nan),
+                    "teacher_cfg same steps": same.get("alignment", math.nan),
+                    f"teacher_cfg @ {ref}": full.get("alignment", math.nan),
+                    "fd": own.get("fd", math.nan),
+                    "teacher_cfg fd same steps": same.get("fd", math.nan),
+                    f"teacher_cfg fd @ {ref}": full.get("fd", math.nan),
+                }
+            )  # fmt: skip
+    return pd.DataFrame(rows)

@@ -1,0 +1,232 @@
+"""Sample sets: one image per evaluation pair from the teacher (with or without CFG) or a
+student, and the join of a set's shards. The `sample` stage script calls these.
+
+Pair j uses eval prompt j % len(prompts) and the initial noise of seed NOISE_SEED_BASE + j,
+the same for every model; conditioning comes from the prompt cache (no text encoder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from cdm import params as P
+from cdm.backends import backend_module
+from cdm.backends.few_step import exported_sigmas
+from cdm.cache import load_condition
+from cdm.conditioning import Condition
+from cdm.sampling import inference_sigmas, sample_euler
+from cdm.world.evaluate import EvalPairs
+
+TEACHERS = ("teacher_cfg", "teacher_nocfg")
+INDEX = "index.parquet"
+COLUMNS = ["prompt", "pair", "seed", "model", "steps", "nfe", "seconds", "file"]
+
+
+def part_name(i: int, n: int) -> str:
+    return f"part-{i}-of-{n}"
+
+
+def png_name(pair: int) -> str:
+    return f"{pair:05d}.png"
+
+
+@dataclass
+class Sampler:
+    """A velocity network with its few-step recipe."""
+
+    velocity: torch.nn.Module
+    shift: float
+    latent_shape: tuple[int, int, int]
+    guidance: float
+    recipe_sigmas: list[float] | None = None  # a student's raw inference sigmas (its export)
+    folder: Path | None = None  # an exported student: sample as its stock pipeline call does
+
+    def nfe(self, steps: int) -> int:
+        return steps * (2 if self.guidance != 1.0 else 1)
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """What the exported student's stock pipeline runs at `steps` (sd3 / longcat), else
+        the student's own schedule at its recipe's step count and evenly spaced raw sigmas
+        otherwise; shifted, a final 0."""
+        stock = exported_sigmas(self.folder, steps) if self.folder is not None else None
+        if stock is not None:
+            return stock
+        raw = (
+            self.recipe_sigmas if self.recipe_sigmas and len(self.recipe_sigmas) == steps else None
+        )
+        return inference_sigmas(steps, self.shift, raw)
+
+
+def load_sampler(model: str, params: P.Params, teacher: Path, students: Path) -> Sampler:
+    """The teacher (teacher_cfg / teacher_nocfg) or the student of method `model`."""
+    backend = backend_module(params.teacher.backend)
+    if model in TEACHERS:
+        velocity, shift, shape = backend.load_velocity(teacher, params.teacher.resolution)
+        guidance = params.teacher.cfg_scale if model == "teacher_cfg" else 1.0
+        return Sampler(velocity, shift, shape, guidance)
+    if model not in params.methods:
+        raise ValueError(
+            f"unknown model '{model}'; choose {', '.join(TEACHERS)} or a method of "
+            f"params.yaml ({', '.join(params.methods)})"
+        )
+    folder = students / model
+    if not (folder / "inference.json").is_file():
+        raise FileNotFoundError(f"no student at {folder}; run distill for method {model} first")
+    recipe = json.loads((folder / "inference.json").read_text())
+    velocity, shift, shape = backend.load_velocity(folder, params.teacher.resolution)
+    return Sampler(
+        velocity,
+        float(recipe.get("shift", shift)),
+        shape,
+        recipe.get("guidance", 1.0),
+        recipe.get("sigmas_raw"),
+        folder,
+    )
+
+
+@torch.no_grad()
+def sample_pairs(
+    sampler: Sampler,
+    decode,
+    pairs: EvalPairs,
+    cond_index: list[int],
+    cond,
+    null,
+    steps: int,
+    batch_size: int,
+    out: Path,
+    model: str,
+) -> pd.DataFrame:
+    """Write one PNG per pair into `out`; return the index rows."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    velocity = sampler.velocity.to(device).eval().requires_grad_(False)
+    sigmas = sampler.sigmas(steps).to(device)
+    null = null.to(device)
+    noise = pairs.noise(sampler.latent_shape)
+    index = torch.tensor(cond_index)
+    rows = []
+    ids = pairs.pairs
+    bar = tqdm(
+        range(0, len(ids), batch_size), desc=f"sample {model}@{steps}", mininterval=5, unit="batch"
+    )
+    for lo in bar:
+        hi = min(lo + batch_size, len(ids))
+        start = time.perf_counter()
+        x = sample_euler(
+            velocity,
+            noise[lo:hi].to(device),
+            sigmas,
+            cond.take(index[lo:hi]).to(device),
+            null,
+            sampler.guidance,
+        )
+        images = decode(x).cpu().numpy()
+        share = (time.perf_counter() - start) / (hi - lo)
+        for k, pair in enumerate(ids[lo:hi]):
+            Image.fromarray(images[k]).save(out / png_name(pair), format="PNG")
+            rows.append(
+                {
+                    "prompt": pairs.prompts[lo + k],
+                    "pair": pair,
+                    "seed": pairs.seeds[lo + k],
+                    "model": model,
+                    "steps": steps,
+                    "nfe": sampler.nfe(steps),
+                    "seconds": share,
+                    "file": png_name(pair),
+                }
+            )
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+@dataclass
+class SampleJob:
+    """One sample set with every input already loaded: running it only writes images."""
+
+    sampler: Sampler
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    pairs: EvalPairs
+    cond_index: list[int]
+    cond: Condition
+    null: Condition
+    steps: int
+    batch_size: int
+    model: str
+
+    def run(self, out: Path) -> pd.DataFrame:
+        """The images into `out` (a fresh folder); the index rows."""
+        return sample_pairs(
+            self.sampler, self.decode, self.pairs, self.cond_index, self.cond, self.null,
+            self.steps, self.batch_size, out, self.model,
+        )  # fmt: skip
+
+
+def prepare_set(
+    model: str,
+    steps: int,
+    params: P.Params,
+    pairs: list[int],
+    teacher: Path,
+    students: Path,
+    cache: Path,
+) -> SampleJob:
+    """Read every input of a set (prompt cache, model, decoder) before anything is written."""
+    cond, prompts = load_condition(cache / "eval.safetensors")
+    null, _ = load_condition(cache / "null.safetensors")
+    sampler = load_sampler(model, params, teacher, students)
+    decode = backend_module(params.teacher.backend).load_decoder(teacher)
+    eval_pairs = EvalPairs.of(prompts, pairs)
+    cond_index = [j % len(prompts) for j in eval_pairs.pairs]
+    return SampleJob(
+        sampler, decode, eval_pairs, cond_index, cond, null, steps, params.sample.batch_size, model
+    )
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def read_parts(
+    final: Path, model: str, steps: int, n: int, pairs: int
+) -> list[tuple[Path, pd.DataFrame]]:
+    """The n shards of a set, checked to hold pairs 0..pairs-1 once each."""
+    parts = [final / part_name(i, n) for i in range(n)]
+    for i, part in enumerate(parts):
+        if not (part / INDEX).is_file():
+            raise FileNotFoundError(
+                f"missing shard {part}; run sample.py --model {model} --steps {steps} "
+                f"--shard {i}/{n} first"
+            )
+    frames = [pd.read_parquet(part / INDEX) for part in parts]
+    pairs_seen = pd.concat(frames)["pair"].sort_values().tolist()
+    if pairs_seen != list(range(pairs)):
+        raise ValueError(
+            f"the {n} shards of {final} do not hold pairs 0..{pairs - 1} "
+            "once each (prompts.eval_pairs); rerun the shards"
+        )
+    return list(zip(parts, frames, strict=True))
+
+
+def join_parts(parts: list[tuple[Path, pd.DataFrame]], out: Path) -> pd.DataFrame:
+    """Hard-link (or copy) the shards' images into `out`; the joined index, by pair.
+
+    Linked, not moved: a crash before the caller's swap leaves the parts intact."""
+    for part, frame in parts:
+        for name in frame["file"]:
+            _link_or_copy(part / name, out / name)
+    index = pd.concat([f for _, f in parts], ignore_index=True).sort_values("pair", kind="stable")
+    return index.reset_index(drop=True)

@@ -1,0 +1,174 @@
+"""The training iteration as the authors run it (docs/method.md): order, EMA count, non-finite
+values and data-parallel schedules, on a tiny teacher, in this process (one gloo rank)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdm import engine
+from cdm import params as P
+from cdm.backends.shapes import load_velocity
+from cdm.conditioning import Condition
+from cdm.velocity import TransformerVelocity
+from tests.conftest import ROOT
+
+
+def _cfg(**distill) -> P.Distill:
+    base = P.load(ROOT / "params.yaml").distill
+    tiny = {"batch_size": 3, "k_max": 4, "warmup": 1, "checkpoint_every": 1, "iterations": 2}
+    return base.model_copy(update=tiny | distill)
+
+
+def _method(name: str = "cdm") -> P.Method:
+    return P.load(ROOT / "params.yaml").methods[name]
+
+
+class Poisoned(TransformerVelocity):
+    """A velocity network whose output holds NaNs in one mode: `train` poisons the student
+    and the fake score (the engine trains them), `eval` poisons the frozen teacher."""
+
+    def __init__(self, inner: TransformerVelocity, mode: str):
+        super().__init__(inner.transformer)
+        self.mode = mode
+
+    def forward(self, x, sigma, cond):
+        out = super().forward(x, sigma, cond)
+        if self.mode == ("train" if self.training else "eval"):
+            out = out.clone()
+            out[:, 0, 0, 0] = float("nan")
+        return out
+
+
+def _train(root: Path, teacher_dir: Path, cfg: P.Distill, method="cdm", wrap=None, stop=None):
+    velocity, shift, shape = load_velocity(teacher_dir)
+    if wrap is not None:
+        velocity = Poisoned(velocity, wrap)
+    width = velocity.transformer.config.joint_attention_dim
+    gen = torch.Generator().manual_seed(0)
+    cond = Condition(torch.randn(6, 5, width, generator=gen), torch.randn(6, width, generator=gen))
+    null = Condition(torch.zeros(1, 5, width), torch.zeros(1, width))
+    paths = engine.RunPaths(root / "ckpt", root / "ckpt" / "train.csv")
+    ema = engine.train(
+        velocity, cond, null, shift, shape, _method(method), cfg, paths, 0, torch.device("cpu"),
+        {}, stop,
+    )  # fmt: skip
+    return ema, paths
+
+
+def _rows(paths: engine.RunPaths) -> list[dict[str, str]]:
+    with open(paths.log_csv, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_fake_score_step_comes_before_the_student_step(tmp_path, tiny_teacher_dir, monkeypatch):
+    """One rollout; the fake-score step and blend; then the student step on the same rollout,
+    reading the fake score just updated."""
+    calls: list[tuple[str, int]] = []
+    fake_step, student_step = engine.fake_score_step_loss, engine.student_losses
+
+    def fake_spy(fake, roll, *args):
+        calls.append(("fake", id(roll)))
+        return fake_step(fake, roll, *args)
+
+    def student_spy(student, teacher, fake, roll, *args):
+        # The fake score the student reads already holds this iteration's update.
+        calls.append(("student", id(roll)))
+        weights = torch.cat([p.detach().flatten() for p in fake.parameters()])
+        seen.append(weights.clone())
+        return student_step(student, teacher, fake, roll, *args)
+
+    seen: list[torch.Tensor] = []
+    monkeypatch.setattr(engine, "fake_score_step_loss", fake_spy)
+    monkeypatch.setattr(engine, "student_losses", student_spy)
+    _train(tmp_path, tiny_teacher_dir, _cfg(iterations=4, update_ratio=2))
+    assert [c[0] for c in calls] == ["fake", "fake", "student", "fake", "fake", "student"]
+    assert calls[1][1] == calls[2][1] and calls[4][1] == calls[5][1]  # the same rollout
+    assert not torch.equal(seen[0], seen[1])
+
+
+def test_ema_counts_student_updates_from_one(tmp_path, tiny_teacher_dir):
+    """After the first student update the EMA is 2/11 teacher + 9/11 student (n = 1)."""
+    cfg = _cfg(iterations=2, update_ratio=2, lr_student=1e-2)
+    ema, paths = _train(tmp_path, tiny_teacher_dir, cfg)
+    state = torch.load(
+        next(paths.checkpoints.glob("it-0000002/student/state/*model_states.pt")),
+        map_location="cpu",
+        weights_only=False,
+    )["module"]
+    teacher, _, _ = load_velocity(tiny_teacher_dir)
+    t = dict(teacher.named_parameters())
+    worst, moved = 0.0, 0.0
+    for name, e in ema.named_parameters():
+        student = state[name].float()
+        expected = 2 / 11 * t[name].detach() + 9 / 11 * student
+        worst = max(worst, (e - expected).abs().max().item())
+        moved = max(moved, (student - t[name]).abs().max().item())
+    assert moved > 1e-3  # the 1/10 count would miss by ~0.08 x moved
+    assert worst <= 1e-6
+
+
+def test_teacher_nans_are_replaced_and_counted(tmp_path, tiny_teacher_dir):
+    cfg = _cfg(iterations=4, update_ratio=2)
+    _, paths = _train(tmp_path, tiny_teacher_dir, cfg, wrap="eval")
+    rows = _rows(paths)
+    for row in rows:
+        # One NaN per teacher sample-evaluation, none on fake-only iterations; losses finite.
+        assert int(row["n_nonfinite"]) == int(row["n_teacher_evals"])
+        assert all(
+            torch.isfinite(torch.tensor(float(row[c])))
+            for c in ("loss_fake", "loss_ca", "loss_dm", "loss_cdm")
+            if row[c]
+        )
+    assert sum(int(r["n_nonfinite"]) for r in rows) == 2 * 4 * cfg.batch_size
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "train.csv"
+    }
+
+
+def test_a_non_finite_streak_stops_the_run_and_keeps_the_good_checkpoint(
+    tmp_path, tiny_teacher_dir
+):
+    cfg = _cfg(iterations=12, update_ratio=2, max_nonfinite=3)
+    _train(tmp_path, tiny_teacher_dir, cfg, stop=4)
+    before = _digest(tmp_path / "ckpt")
+    assert any(k.startswith("it-0000004/") for k in before)
+    with pytest.raises(engine.TrainingDiverged) as err:
+        _train(tmp_path, tiny_teacher_dir, cfg, wrap="train")  # resumes at 4, then NaNs
+    message = str(err.value)
+    assert "\n" not in message and "3 consecutive iterations" in message
+    assert "it-0000004" in message and "iteration 7" in message
+    assert _digest(tmp_path / "ckpt") == before  # no update was taken, nothing saved
+    rows = _rows(engine.RunPaths(tmp_path / "ckpt", tmp_path / "ckpt" / "train.csv"))
+    assert [r["iteration"] for r in rows] == [str(i) for i in range(1, 8)]
+    assert all(r["loss_fake"] == "nan" and r["grad_norm_fake"] == "" for r in rows[4:])
+
+
+def test_ranks_share_k_but_draw_their_own_sigmas():
+    cfg, method = _cfg(k_min=3, k_max=12), _method("cdm")
+    for it in range(5):
+        shared = [engine.generator(0, it) for _ in range(2)]
+        own = [engine.generator(0, it, rank + 1) for rank in range(2)]
+        a, b = (
+            engine.schedule_for(method, cfg, 3.0, s, o) for s, o in zip(shared, own, strict=True)
+        )
+        assert len(a) == len(b)  # K agrees: the ranks run the same number of forwards
+        assert a[0] == b[0] == 1.0 and a[-1] == b[-1] == 0.0
+        assert not torch.equal(a, b)  # the inner sigmas are each rank's own
+        again = engine.schedule_for(
+            method, cfg, 3.0, engine.generator(0, it), engine.generator(0, it, 2)
+        )
+        assert torch.equal(again, b)  # reproducible from (seed, iteration, rank)
+    fixed = _method("dmd2")
+    gens = [(engine.generator(0, 0), engine.generator(0, 0, r + 1)) for r in range(2)]
+    a, b = (engine.schedule_for(fixed, cfg, 3.0, s, o) for s, o in gens)
+    assert torch.equal(a, b)  # DMD2's schedule is the inference one on every rank
