@@ -1,10 +1,27 @@
 # The pipeline's DAG for Snakemake; dvc.yaml describes the same stages for DVC.
 # Rules hold no logic: each calls one stage script in src/ with params.yaml.
 
+from snakemake.exceptions import WorkflowError
+
+
 configfile: "params.yaml"
 
 
 include: "workflow/rules/common.smk"
+
+
+# Every script reads params.yaml: a --configfile overlay (or --config on a params key) would
+# change what Snakemake plans but not what the jobs run, so refuse it in one line.
+_OVERRIDDEN = sorted(
+    k for k in workflow.config_settings.overwrite_config if k in P.Params.model_fields
+)
+if _OVERRIDDEN or workflow.config_settings.configfiles:
+    raise WorkflowError(
+        f"params come from params.yaml only (overridden here: {', '.join(_OVERRIDDEN)}); "
+        "apply an overlay with `python -m cdm.overlay <file>` instead of --configfile/--config"
+    )
+
+
 include: "workflow/rules/world.smk"
 include: "workflow/rules/teacher.smk"
 include: "workflow/rules/cache.smk"

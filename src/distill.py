@@ -7,10 +7,8 @@ A rerun after a crash resumes from the newest checkpoint in checkpoints/<method>
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,24 +17,21 @@ from cdm import params as P
 from cdm import zero
 from cdm.backends import backend_module
 from cdm.cache import load_condition
+from cdm.checkpoints import fingerprint
 from cdm.cli import run_stage, stage_parser
 from cdm.engine import RunPaths, train
 from cdm.io import atomic_dir, atomic_write_text
+from cdm.preview import preview_writer
 
 log = logging.getLogger("distill")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def checkpoint_dir(root: Path, method: str, resolved: dict) -> Path:
-    """checkpoints/<method>-<fingerprint of its params>/: a rerun with the same params resumes
-    there; changed params start afresh (and the stale runs of that method are removed)."""
-    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:10]
-    path = root / f"{method}-{digest}"
-    if zero.rank() == 0 and root.is_dir():
-        for stale in root.glob(f"{method}-*"):
-            if stale != path and stale.name.rsplit("-", 1)[0] == method:
-                shutil.rmtree(stale, ignore_errors=True)
-    return path
+def checkpoint_dir(root: Path, method: str, inputs: dict) -> Path:
+    """checkpoints/<method>-<fingerprint of the params its student depends on>/: a rerun with
+    the same inputs resumes there. Runs of other params stay (`python -m cdm.checkpoints
+    prune` removes them), so switching back to an earlier setting resumes it too."""
+    return root / f"{method}-{fingerprint(inputs)}"
 
 
 def main() -> None:
@@ -68,12 +63,17 @@ def main() -> None:
     )
     ds_file = ROOT / "configs" / "deepspeed" / f"zero{cfg.zero_stage}.json"
     seed = params.seed if args.seed is None else args.seed
-    resolved = {"method": method.model_dump(), "distill": cfg.model_dump(), "seed": seed}
+    resolved = P.student_inputs(params, args.method, seed)
     run_dir = checkpoint_dir(Path(args.checkpoints), args.method, resolved)
+    logs = Path(args.logs) / args.method
+    preview = preview_writer(
+        backend.load_decoder(args.teacher), train_cond.take(slice(0, cfg.preview_images)), shift,
+        latent_shape, cfg.inference_sigmas, seed, logs / "previews", device,
+    )  # fmt: skip
     ema = train(
         velocity, train_cond, null, shift, latent_shape, method, cfg,
-        RunPaths(run_dir, run_dir / "train.csv"),
-        seed, device, json.loads(ds_file.read_text()), args.stop_after,
+        RunPaths(run_dir, run_dir / "train.csv", logs / "train.csv"),
+        seed, device, json.loads(ds_file.read_text()), args.stop_after, preview,
     )  # fmt: skip
     if args.stop_after is not None and args.stop_after < cfg.iterations:
         return

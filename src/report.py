@@ -19,8 +19,10 @@ from PIL import Image
 from cdm import params as P
 from cdm.cli import run_stage, stage_parser
 from cdm.report.findings import findings
-from cdm.report.html import write_report
-from cdm.report.plots import image_grid, quality_vs_nfe, training_curves
+from cdm.report.html import real_report, write_report
+from cdm.report.plots import WORLD_PANELS, image_grid, quality_vs_nfe, training_curves
+from cdm.report.preference import LABELS, scored
+from cdm.report.preference import findings as real_findings
 from cdm.report.tables import model_key
 
 log = logging.getLogger("report")
@@ -39,8 +41,9 @@ def sample_sets(samples: Path) -> list[tuple[str, int, Path]]:
     return sorted(sets, key=lambda s: (model_key(s[0]), s[1]))
 
 
-def grid_rows(samples: Path, n: int) -> dict[str, np.ndarray]:
-    """{"model @ N": uint8 (n, H, W, 3)} of pairs 0..n-1 (those every set holds)."""
+def grid_rows(samples: Path, n: int) -> tuple[dict[str, np.ndarray], list[str]]:
+    """{"model @ N": uint8 (n, H, W, 3)} of pairs 0..n-1 (those every set holds), and the
+    prompts of those pairs (the grid's captions)."""
     sets = sample_sets(samples)
     files = {}
     for model, steps, folder in sets:
@@ -51,19 +54,32 @@ def grid_rows(samples: Path, n: int) -> dict[str, np.ndarray]:
     common = set(range(n)).intersection(*(f.keys() for f in files.values())) if files else set()
     pairs = sorted(common)
     if not pairs:
-        return {}
-    return {
+        return {}, []
+    first = pd.read_parquet(sets[0][2] / INDEX).set_index("pair")
+    captions = [str(first.loc[p, "prompt"]) for p in pairs]
+    rows = {
         f"{model} @ {steps}": np.stack(
             [np.asarray(Image.open(folder / by_pair[p]).convert("RGB")) for p in pairs]
         )
         for (model, steps, folder), by_pair in files.items()
     }
+    return rows, captions
+
+
+def read_path(path: Path, stage: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path}; run the {stage} stage first")
+    return path
 
 
 def read_json(path: Path, stage: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing {path}; run the {stage} stage first")
-    return json.loads(path.read_text())
+    return json.loads(read_path(path, stage).read_text())
+
+
+def real_panels(metrics: dict) -> tuple[tuple[str, str], ...]:
+    """Each preference metric present, then the FD to the teacher with CFG."""
+    shown = tuple((m, f"{LABELS[m]} (higher is better)") for m in scored(metrics))
+    return (*shown, ("fd_to_teacher_cfg", "FD to teacher_cfg, CLIP features (lower is better)"))
 
 
 def main() -> None:
@@ -79,17 +95,29 @@ def main() -> None:
     teacher = json.loads(teacher_path.read_text()) if teacher_path.is_file() else None
     if teacher is None:
         log.warning("no %s; the report has no teacher section", teacher_path)
-    rows = grid_rows(Path(args.samples), params.report.grid_prompts)
+    rows, captions = grid_rows(Path(args.samples), params.report.grid_prompts)
+    world = params.teacher.backend == "shapes"
 
     plots = results / "plots"
-    images = {"Quality vs NFE": quality_vs_nfe(metrics, plots / "quality_vs_nfe.png")}
+    panels = WORLD_PANELS if world else real_panels(metrics)
+    images = {"Quality vs NFE": quality_vs_nfe(metrics, plots / "quality_vs_nfe.png", panels)}
     logs = {p.parent.name: p for p in sorted(Path(args.logs).glob("*/train.csv"))}
     images["Training losses"] = training_curves(logs, plots / "training_curves.png")
     if rows:
-        label = f"Samples: pairs 0-{len(next(iter(rows.values()))) - 1}, same noise in every row"
-        images[label] = image_grid(rows, plots / "samples.png", scale=GRID_SCALE)
+        label = (
+            f"Samples: pairs 0-{len(captions) - 1} (prompt under each column), "
+            "the same noise in every row"
+        )
+        scale = GRID_SCALE if world else 1
+        images[label] = image_grid(rows, plots / "samples.png", scale=scale, captions=captions)
     else:
         log.warning("no sample sets under %s; the report has no image grid", args.samples)
+    if not world:
+        per_image = pd.read_parquet(read_path(results / "scores.parquet", "score"))
+        found = real_findings(per_image, metrics, params.report.steps, params.score.n_boot)
+        md, page = real_report(results, metrics, found, images, teacher)
+        log.info("wrote %s and %s", md, page)
+        return
     found = findings(metrics, steps=params.report.steps)
     ablation_path = results / "ablation.json"  # `make ablation`: findings over seeds
     ablation = json.loads(ablation_path.read_text()) if ablation_path.is_file() else None

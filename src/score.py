@@ -1,36 +1,26 @@
-"""Stage score: judge-based world metrics of every sample set under samples/<model>/<steps>/.
+"""Stage score: metrics of every sample set under samples/<model>/<steps>/.
 
-Per set: judge alignment (all attributes right) and per attribute, Fréchet distance of judge
-features to fresh real renders of the same prompts (seeds disjoint from the noise seeds),
-precision/recall against the same real features, Fréchet distance to the teacher sampled
-without CFG at its largest step count, NFE and images per second. Writes
-results/scores.parquet (one row per image) and results/metrics.json.
+The shapes world: judge-based world metrics (cdm.metrics.world). sd3 / longcat: the paper's
+preference metrics (CLIP score, PickScore, aesthetic, HPSv3 when available) with 95%
+bootstrap intervals over prompts, and the Fréchet distance of CLIP image features to the
+teacher's sets (cdm.metrics.preference), each number beside the conventions that made it.
+Scorer weights load offline (HF_HUB_OFFLINE=1): `python -m cdm.fetch weights` first.
+Writes results/scores.parquet (one row per image) and results/metrics.json.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import os
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
-import torch
-from PIL import Image
 
 from cdm import params as P
 from cdm.cli import run_stage, stage_parser
 from cdm.io import atomic_file, atomic_write_json
-from cdm.metrics.frechet import frechet_distance
-from cdm.metrics.manifold import precision_recall
 from cdm.report.tables import model_key
-from cdm.world.evaluate import EvalPairs, judge_scores
-from cdm.world.judge import Judge
-from cdm.world.prompts import ATTRIBUTES
 
 log = logging.getLogger("score")
 INDEX = "index.parquet"
-REFERENCE = "teacher_nocfg"
 
 
 def find_sets(samples: Path) -> list[tuple[str, int, Path]]:
@@ -45,33 +35,6 @@ def find_sets(samples: Path) -> list[tuple[str, int, Path]]:
     return sorted(sets, key=lambda s: (model_key(s[0]), s[1]))
 
 
-def load_images(folder: Path, files: list[str]) -> torch.Tensor:
-    """PNGs -> (N, 3, H, W) in [-1, 1], the inverse of the backend's decode."""
-    arrays = [np.asarray(Image.open(folder / f).convert("RGB")) for f in files]
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-    return images / 127.5 - 1
-
-
-def real_features(judge: Judge, pairs: pd.DataFrame, batch_size: int) -> dict[int, torch.Tensor]:
-    """Judge features of fresh real renders, one per pair (rendered once for every set)."""
-    feats = {}
-    for lo in range(0, len(pairs), batch_size):
-        chunk = pairs.iloc[lo : lo + batch_size]
-        real = EvalPairs(chunk["prompt"].tolist(), chunk["seed"].tolist())
-        _, f = judge.predict(real.real_images(), batch_size)
-        feats.update(zip(chunk["pair"].tolist(), f, strict=True))
-    return feats
-
-
-def fd(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fréchet distance, clipped at 0 (a set against itself can come out at -1e-9)."""
-    return max(0.0, frechet_distance(a, b))
-
-
-def _round(x: float) -> float:
-    return x if math.isnan(x) else round(float(x), 4)
-
-
 def main() -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--samples", default="samples")
@@ -82,10 +45,6 @@ def main() -> None:
     args = parser.parse_args()
     params = P.load(args.params)
     cfg = params.score
-    if params.teacher.backend != "shapes":
-        raise ValueError(
-            f"world metrics need the shapes backend; teacher.backend is '{params.teacher.backend}'"
-        )
     sets = find_sets(Path(args.samples))
     if args.teachers:
         teachers = [s for s in find_sets(Path(args.teachers)) if s[0].startswith("teacher")]
@@ -94,57 +53,25 @@ def main() -> None:
         raise FileNotFoundError(
             f"no sample sets under {args.samples}/<model>/<steps>/{INDEX}; run the sample stage first"
         )
-    judge = Judge.from_pretrained(params.judge.path)
-    indexes = {(m, s): pd.read_parquet(folder / INDEX) for m, s, folder in sets}
+    if params.teacher.backend == "shapes":
+        from cdm.metrics.world import world_metrics
 
-    # Real renders of every pair any set holds; a pair must mean the same prompt everywhere.
-    all_pairs = pd.concat(indexes.values())[["pair", "prompt", "seed"]].drop_duplicates()
-    clash = all_pairs["pair"].duplicated()
-    if clash.any():
-        pair = int(all_pairs["pair"][clash].iloc[0])
-        raise ValueError(
-            f"sample sets disagree on the prompt or seed of pair {pair}; rerun sample with one params.yaml"
-        )
-    real = real_features(judge, all_pairs.sort_values("pair"), cfg.batch_size)
-    log.info("real features of %d pairs", len(real))
+        scores, metrics = world_metrics(sets, params.judge.path, cfg.batch_size, cfg.k)
+    else:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # compute nodes: fetched weights only
+        from cdm.metrics.preference import score_sets
 
-    features, rows, metrics = {}, [], {}
-    for model, steps, folder in sets:
-        index = indexes[(model, steps)].sort_values("pair").reset_index(drop=True)
-        pairs = EvalPairs(index["prompt"].tolist(), index["seed"].tolist())
-        images = load_images(folder, index["file"].tolist())
-        scores = judge_scores(judge, images, pairs.attributes, cfg.batch_size)
-        features[(model, steps)] = scores["features"]
-        frame = index[["model", "steps", "pair", "prompt"]].copy()
-        frame["correct"] = scores["all"].numpy()
-        for k in ATTRIBUTES:
-            frame[k] = scores[k].numpy()
-        rows.append(frame)
-    reference = [(m, s) for m, s, _ in sets if m == REFERENCE]
-    ref = features[max(reference, key=lambda r: r[1])] if reference else None
-
-    for (model, steps), frame in zip(features, rows, strict=True):
-        fake = features[(model, steps)]
-        target = torch.stack([real[p] for p in frame["pair"].tolist()])
-        precision, recall = precision_recall(target, fake, cfg.k)
-        seconds = indexes[(model, steps)]["seconds"].mean()
-        values = {
-            "alignment": float(frame["correct"].mean()),
-            "fd": fd(fake, target),
-            "precision": precision,
-            "recall": recall,
-            "fd_to_teacher_nocfg": math.nan if ref is None else fd(fake, ref),
-            "images_per_s": 1.0 / seconds if seconds > 0 else math.nan,
-            **{k: float(frame[k].mean()) for k in ATTRIBUTES},
-        }
-        entry = {k: _round(v) for k, v in values.items()}
-        entry["nfe"] = int(indexes[(model, steps)]["nfe"].iloc[0])
-        metrics.setdefault(model, {})[str(steps)] = entry
-        log.info("%s @ %d: %s", model, steps, entry)
-
+        result = score_sets(sets, cfg.models, cfg.batch_size, cfg.n_boot, seed=params.seed)
+        scores, metrics = result.per_image, result.metrics
+        for reason in result.skipped.values():
+            log.warning("%s", reason)
+        for by_steps in metrics.values():  # the conventions beside every number
+            for entry in by_steps.values():
+                entry["conventions"] = result.conventions
+                entry["skipped"] = result.skipped
     out = Path(args.out)
     with atomic_file(out / "scores.parquet") as tmp:
-        pd.concat(rows, ignore_index=True).to_parquet(tmp, index=False)
+        scores.to_parquet(tmp, index=False)
     atomic_write_json(out / "metrics.json", metrics)
 
 

@@ -9,9 +9,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 from cdm.engine import LOG_COLUMNS
@@ -34,6 +36,7 @@ def _write_params(path: Path, **distill) -> Path:
             "k_max": 6,
             "checkpoint_every": 5,
             "warmup": 2,
+            "preview_every": 5,
         }
         | distill
     )
@@ -109,6 +112,15 @@ def test_fake_score_and_teacher_counts_per_iteration(project, tmp_path):
         assert int(row["n_teacher_evals"]) == (4 * 3 if student_step else 0)
         assert int(row["n_fake_evals"]) == (2 * 3 + 3 if student_step else 3)
         assert int(row["n_student_evals"]) <= 3 * int(row["K"]) + (6 if student_step else 0)
+    # One plot file per loss (what `dvc plots show` draws): a value at every update.
+    tsv = (work / "logs/cdm/plots/loss_cdm.tsv").read_text().splitlines()
+    assert tsv[0] == "iteration\tloss_cdm" and len(tsv) == 1 + 10
+    assert len((work / "logs/cdm/plots/loss_fake.tsv").read_text().splitlines()) == 1 + 20
+    # Previews every 5 student steps: fixed prompts and noise, one image per prompt.
+    previews = sorted(p.name for p in (work / "logs/cdm/previews").iterdir())
+    assert previews == ["step-000005.png", "step-000010.png"]
+    grid = [np.asarray(Image.open(work / "logs/cdm/previews" / p)) for p in previews]
+    assert grid[0].shape == (32, 32 * 8, 3) and not np.array_equal(grid[0], grid[1])
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -145,6 +157,33 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(project, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     log = (crashed / "logs/cdm/train.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in log[1:]] == list(range(1, 41))
+
+
+def test_sigusr1_checkpoints_exits_and_the_rerun_equals_an_uninterrupted_run(project, tmp_path):
+    """SLURM's warning signal before the time limit: checkpoint now, exit non-zero (so the
+    job is retried), resume to the same student. train.csv is read while the run goes on."""
+    straight = _clone(project, tmp_path / "straight", iterations=30, checkpoint_every=100)
+    _run(straight, "distill.py", "--method", "dmd2")
+    warned = _clone(project, tmp_path / "warned", iterations=30, checkpoint_every=100)
+    cmd = [PYTHON, str(ROOT / "src/distill.py"), "--method", "dmd2"]
+    proc = subprocess.Popen(
+        cmd, cwd=warned, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    live = warned / "logs/dmd2/train.csv"
+    deadline = time.time() + 600
+    while not live.is_file() or len(live.read_text().splitlines()) < 8:  # header + 7 rows
+        assert proc.poll() is None and time.time() < deadline, "run ended too soon"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1 and err.startswith("error: SIGUSR1 at iteration "), err[-2000:]
+    stopped = int(err.split("iteration ")[1].split(":")[0])
+    assert 7 <= stopped < 30
+    assert list(warned.glob(f"checkpoints/dmd2-*/it-{stopped:07d}/state.json"))
+    assert not (warned / "models/students/dmd2").exists()
+    _run(warned, "distill.py", "--method", "dmd2")
+    a, b = _student(straight, "dmd2"), _student(warned, "dmd2")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
 @pytest.mark.parametrize(
@@ -184,11 +223,34 @@ def test_gradient_checkpointing_gives_the_same_student(project, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
-def test_changed_params_start_afresh(project, tmp_path):
+def test_changed_params_start_afresh_and_keep_the_other_runs(project, tmp_path):
     work = _clone(project, tmp_path, iterations=4)
     _run(work, "distill.py", "--method", "dmd2")
     first = {p.name for p in (work / "checkpoints").iterdir()}
     _write_params(work / "params.yaml", iterations=4, lr_student=3e-4)
     _run(work, "distill.py", "--method", "dmd2")
     second = {p.name for p in (work / "checkpoints").iterdir()}
-    assert len(first) == len(second) == 1 and first != second  # the stale run is gone
+    assert len(first) == 1 and len(second) == 2 and first < second  # the earlier run stays
+    # Only an explicit prune removes runs of other params.
+    proc = subprocess.run(
+        [PYTHON, "-m", "cdm.checkpoints", "prune"], cwd=work, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and {p.name for p in (work / "checkpoints").iterdir()} == (
+        second - first
+    )
+
+
+def test_params_a_method_does_not_read_keep_its_run(project, tmp_path):
+    """k_max (dmd2's fixed schedule ignores it) and bookkeeping keys leave dmd2's run as is:
+    the rerun finds its finished checkpoint and trains nothing."""
+    work = _clone(project, tmp_path, iterations=4)
+    _run(work, "distill.py", "--method", "dmd2")
+    run = next((work / "checkpoints").iterdir())
+    log = (work / "logs/dmd2/train.csv").read_text()
+    _write_params(
+        work / "params.yaml", iterations=4, k_max=9, checkpoint_every=2, keep_checkpoints=3,
+        methods=["dmd2"], max_nonfinite=5,
+    )  # fmt: skip
+    _run(work, "distill.py", "--method", "dmd2")
+    assert [p.name for p in (work / "checkpoints").iterdir()] == [run.name]
+    assert (work / "logs/dmd2/train.csv").read_text() == log

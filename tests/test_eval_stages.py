@@ -295,7 +295,7 @@ def test_empty_eval_prompts_file_fails_in_cache_teacher(project, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-def test_score_and_report_input_errors(project, tmp_path):
+def test_score_and_report_input_errors(sampled, project, tmp_path, monkeypatch):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("a photo of a cat\n")
     params = _params(
@@ -303,10 +303,14 @@ def test_score_and_report_input_errors(project, tmp_path):
         teacher={"backend": "sd3"},
         prompts={"train_file": str(prompts_file), "eval_file": str(prompts_file)},
     )
+    # A real run's scorers whose weights were never fetched: one line naming the fetch.
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty_cache"))
     code, err = call_stage(
-        project, "score.py", "--params", str(params), "--out", str(tmp_path / "r")
+        sampled, "score.py", "--params", str(params), "--out", str(tmp_path / "r")
     )
-    _one_line_error(code, err, "world metrics need the shapes backend")
+    _one_line_error(code, err, "python -m cdm.fetch weights")
+    assert not (tmp_path / "r").exists()
     code, err = call_stage(project, "score.py", "--samples", str(tmp_path / "none"),
                       "--out", str(tmp_path / "r"))  # fmt: skip
     _one_line_error(code, err, "no sample sets under")

@@ -26,6 +26,7 @@ from cdm.sampling import inference_sigmas
 from cdm.world.evaluate import EvalPairs
 from tests import tiny_pipelines
 from tests.conftest import PYTHON, ROOT, call_stage
+from tests.test_scorers import TINY_CLIP, tiny_clip, tiny_pick, tiny_scorer_configs  # noqa: F401
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
 GUARD = ENV | {"PYTHONPATH": str(ROOT / "tests" / "guard"), "CDM_FORBID_TEXT_ENCODERS": "1"}
@@ -264,3 +265,37 @@ def test_geometry_from_configs_alone(tiny_dirs):
     shift, shape, tokens = longcat.geometry(tiny_dirs["longcat"], 32)
     assert shape == (16, 16, 16) and tokens == 64
     assert shift == pytest.approx(np.exp(few_step.calculate_shift(64, {})))
+
+
+def test_score_and_report_with_the_papers_metrics(
+    project,
+    tmp_path,
+    tiny_clip,  # noqa: F811
+    tiny_pick,  # noqa: F811
+):
+    """score (tiny scorers of the real classes, loaded offline) and report for a real run:
+    every metric with its interval, HPSv3 marked, the conventions beside every number."""
+    work = tmp_path / "work"
+    shutil.copytree(project, work, symlinks=True)
+    data = yaml.safe_load((work / "params.yaml").read_text())
+    data["score"]["models"] = tiny_scorer_configs(tiny_clip, tiny_pick, tmp_path)
+    data["score"]["n_boot"] = 200
+    (work / "params.yaml").write_text(yaml.safe_dump(data))
+    code, err = call_stage(work, "score.py")
+    assert code == 0, err[-2000:]
+    metrics = json.loads((work / "results/metrics.json").read_text())
+    entry = metrics["cdm"]["4"]
+    for m in ("clip", "pickscore", "aesthetic"):
+        low, high = entry[f"{m}_ci"]
+        assert low <= entry[m] <= high
+    assert entry["conventions"]["clip"]["model"] == TINY_CLIP and "hpsv3" in entry["skipped"]
+    assert (
+        entry["fd_to_teacher_cfg"] >= 0 and metrics["teacher_cfg"]["2"]["fd_to_teacher_cfg"] < 1e-6
+    )
+    code, err = call_stage(work, "report.py")
+    assert code == 0, err[-2000:]
+    md = (work / "results/report.md").read_text()
+    assert "| model | steps | nfe | CLIP score | PickScore | aesthetic | HPSv3 |" in md
+    assert "not installed" in md and "Hessel" in md and "## Conventions" in md
+    page = (work / "results/report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3

@@ -71,3 +71,13 @@ def test_sd3_overlay_dry_runs_on_the_slurm_profile(tmp_path):
     # The shapes DAG keeps its world metrics.
     shapes = _snakemake(copy_project(tmp_path / "shapes"))
     assert "rule score" in shapes and "rule report" in shapes
+
+
+def test_a_configfile_overlay_is_refused_with_the_overlay_command():
+    """The scripts read params.yaml; Snakemake's --configfile would change only the plan."""
+    proc = subprocess.run(
+        ["snakemake", "-n", "--cores", "1", "--configfile", "configs/sd3-medium.yaml"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "python -m cdm.overlay" in proc.stdout + proc.stderr

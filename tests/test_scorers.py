@@ -153,6 +153,18 @@ def test_real_open_clip_ids_missing_offline(tmp_path: Path) -> None:
     assert_missing(exc, str(tmp_path / "absent.pt"))
 
 
+def tiny_scorer_configs(clip: Path, pick: tuple[Path, Path], head_dir: Path) -> dict[str, dict]:
+    """score.models for the tiny scorers: every real class, weights from local files."""
+    head = head_dir / HEAD_FILE
+    torch.save(random_head(16), head)
+    return {
+        "clip": {"model": TINY_CLIP, "pretrained": str(clip)},
+        "pickscore": {"model": str(pick[0]), "processor": str(pick[1])},
+        "aesthetic": {"head": str(head), "clip_model": TINY_CLIP, "clip_pretrained": str(clip)},
+        "hpsv3": {},
+    }
+
+
 def random_head(width: int, seed: int = 1) -> dict[str, torch.Tensor]:
     """A state dict shaped and named like sac+logos+ava1-l14-linearMSE.pth, for `width` inputs."""
     gen = torch.Generator().manual_seed(seed)

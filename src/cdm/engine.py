@@ -16,6 +16,8 @@ import json
 import logging
 import math
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from tqdm import tqdm
 from cdm import zero
 from cdm.cli import StageFailure
 from cdm.conditioning import Condition
+from cdm.deadline import slurm_end_time
 from cdm.ema import ema_decay
 from cdm.flow import add_noise, euler_step, x0_from_v
 from cdm.losses import ca_loss, cdm_loss, dm_loss, fake_score_loss, renoise_tau
@@ -233,8 +236,42 @@ def load_latest(root: Path, student, fake, ema: torch.nn.Module) -> int:
 
 @dataclass
 class RunPaths:
-    checkpoints: Path  # checkpoints/<method>/ (outside the stage's outputs: survives a rerun)
-    log_csv: Path  # logs/<method>/train.csv
+    checkpoints: Path  # checkpoints/<method>-<fingerprint>/ (not a stage output: survives)
+    log_csv: Path  # the working log, beside the checkpoints
+    live_csv: Path | None = None  # logs/<method>/train.csv: the same rows, as they come
+
+
+Preview = Callable[[int, torch.nn.Module], None]  # (student step, EMA) -> writes a grid
+
+
+class Preempted(StageFailure):
+    """Near the SLURM time limit, or SIGUSR1 / SIGTERM: checkpointed, exit for a retry."""
+
+
+class _Signals:
+    """Remember SIGUSR1 / SIGTERM instead of dying: the loop checkpoints at the end of the
+    iteration, then stops. SLURM sends USR1 ahead of the time limit (the profile's
+    --signal), TERM at it; a requeued job resumes from that checkpoint."""
+
+    NAMES = ("SIGUSR1", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                sig = getattr(signal, name)
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
 
 
 def train(
@@ -250,6 +287,7 @@ def train(
     device: torch.device,
     ds_base: dict | None = None,  # DeepSpeed settings when accelerate did not launch with any
     stop_after: int | None = None,  # stop early (tests); the run resumes from its checkpoint
+    preview: Preview | None = None,  # called every cfg.preview_every student steps
 ) -> torch.nn.Module:
     """Distil `teacher_model` into a few-step student; returns the student EMA (fp32 module)."""
     rank, _, launched = zero.init_distributed(device)
@@ -277,7 +315,7 @@ def train(
     start = load_latest(paths.checkpoints, student, fake, ema)
     if start:
         log.info("resuming from iteration %d", start)
-    writer = _CsvLog(paths.log_csv, start) if rank == 0 else None
+    writer = _CsvLog(paths.log_csv, start, paths.live_csv) if rank == 0 else None
     train_cond, null = train_cond.to(device), null.to(device)
     zero3 = cfg.zero_stage == 3
     end = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
@@ -290,83 +328,125 @@ def train(
         mininterval=5,
     )
     streak = 0  # consecutive iterations with a non-finite loss
-    for it in bar:
-        t0 = time.time()
-        shared = generator(seed, it, device=device)  # K: the same on every rank
-        gen = generator(seed, it, rank + 1, device=device)  # this rank's schedule and samples
-        sigmas = schedule_for(method, cfg, shift, shared, gen).to(device)
-        k = len(sigmas) - 1
-        idx = torch.randint(len(train_cond), (cfg.batch_size,), generator=gen, device=device)
-        cond = train_cond.take(idx)
-        anchor = draw_anchor(k, cfg.batch_size, gen)
-        noise = torch.randn((cfg.batch_size, *latent_shape), generator=gen, device=device)
+    deadline = slurm_end_time()  # None outside SLURM
+    with _Signals() as signals:
+        for it in bar:
+            t0 = time.time()
+            shared = generator(seed, it, device=device)  # K: the same on every rank
+            gen = generator(seed, it, rank + 1, device=device)  # this rank's schedule and samples
+            sigmas = schedule_for(method, cfg, shift, shared, gen).to(device)
+            k = len(sigmas) - 1
+            idx = torch.randint(len(train_cond), (cfg.batch_size,), generator=gen, device=device)
+            cond = train_cond.take(idx)
+            anchor = draw_anchor(k, cfg.batch_size, gen)
+            noise = torch.randn((cfg.batch_size, *latent_shape), generator=gen, device=device)
 
-        # Backward simulation: the student's own trajectory, only as far as each anchor needs.
-        steps = zero.all_reduce_max(int(evals_needed(anchor, k).max()), device) if zero3 else None
-        roll = rollout(student.module, noise, sigmas, cond, anchor, steps)
-        row: dict[str, float] = {
-            "iteration": it + 1,
-            "K": k,
-            "anchor_sigma": roll.sigma_anchor.mean().item(),
-        }
-        n_student, n_teacher, n_fake, n_nonfinite = roll.n_evals, 0, cfg.batch_size, 0
-
-        # The fake score first: flow matching on the estimates at the anchors, then the blend.
-        loss_f = fake_score_step_loss(fake, roll, cond, cfg, gen)
-        finite = zero.all_finite(loss_f)
-        if finite:  # a non-finite loss skips the update: the weights stay the last good ones
-            fake.backward(loss_f)
-            fake.step()
-            zero.blend_engines_(fake, student, cfg.fake_blend)
-        row |= {"loss_fake": loss_f.item(), "grad_norm_fake": _grad_norm(fake) if finite else ""}
-
-        # Every update_ratio iterations the student, on the same rollout, against the
-        # fake score just updated.
-        student_step = (it + 1) // cfg.update_ratio
-        if (it + 1) % cfg.update_ratio == 0:
-            out = student_losses(student, teacher, fake.module, roll, cond, null, method, cfg, gen)
-            n_nonfinite = out.n_nonfinite
-            row |= out.stats
-            if zero.all_finite(out.total):
-                student.backward(out.total)
-                student.step()
-                _ema_update(ema, student, ema_decay(student_step, cfg.ema_max))
-                row["grad_norm_student"] = _grad_norm(student)
-            else:
-                finite = False
-            n_student, n_teacher, n_fake = (
-                n_student + out.n_student,
-                out.n_teacher,
-                n_fake + out.n_fake,
+            # Backward simulation: the student's own trajectory, only as far as each anchor needs.
+            steps = (
+                zero.all_reduce_max(int(evals_needed(anchor, k).max()), device) if zero3 else None
             )
+            roll = rollout(student.module, noise, sigmas, cond, anchor, steps)
+            row: dict[str, float] = {
+                "iteration": it + 1,
+                "K": k,
+                "anchor_sigma": roll.sigma_anchor.mean().item(),
+            }
+            n_student, n_teacher, n_fake, n_nonfinite = roll.n_evals, 0, cfg.batch_size, 0
 
-        row |= {
-            "student_step": student_step, "n_student_evals": n_student,
-            "n_teacher_evals": n_teacher, "n_fake_evals": n_fake, "n_nonfinite": n_nonfinite,
-            "seconds": round(time.time() - t0, 4),
-            "lr_student": student.get_lr()[0], "lr_fake": fake.get_lr()[0],
-        }  # fmt: skip
-        if writer is not None:
-            writer.writerow([row.get(c, "") for c in LOG_COLUMNS])
-        streak = 0 if finite else streak + 1
-        if streak >= cfg.max_nonfinite:
-            good = _checkpoints(paths.checkpoints)
-            kept = f"the last good checkpoint {good[-1]} is kept" if good else "no checkpoint yet"
-            raise TrainingDiverged(
-                f"{streak} consecutive iterations with a non-finite loss (up to iteration "
-                f"{it + 1}, distill.max_nonfinite = {cfg.max_nonfinite}); stopped, {kept}; "
-                "lower distill.lr_student / lr_fake or check the teacher"
-            )
-        # No checkpoint during a non-finite streak: the kept ones stay the last good states.
-        if streak == 0 and (it + 1) % cfg.update_ratio == 0:
-            if student_step % cfg.checkpoint_every == 0:
+            # The fake score first: flow matching on the estimates at the anchors, then the blend.
+            loss_f = fake_score_step_loss(fake, roll, cond, cfg, gen)
+            finite = zero.all_finite(loss_f)
+            if finite:  # a non-finite loss skips the update: the weights stay the last good ones
+                fake.backward(loss_f)
+                fake.step()
+                zero.blend_engines_(fake, student, cfg.fake_blend)
+            row |= {
+                "loss_fake": loss_f.item(),
+                "grad_norm_fake": _grad_norm(fake) if finite else "",
+            }
+
+            # Every update_ratio iterations the student, on the same rollout, against the
+            # fake score just updated.
+            student_step = (it + 1) // cfg.update_ratio
+            if (it + 1) % cfg.update_ratio == 0:
+                out = student_losses(
+                    student, teacher, fake.module, roll, cond, null, method, cfg, gen
+                )
+                n_nonfinite = out.n_nonfinite
+                row |= out.stats
+                if zero.all_finite(out.total):
+                    student.backward(out.total)
+                    student.step()
+                    _ema_update(ema, student, ema_decay(student_step, cfg.ema_max))
+                    row["grad_norm_student"] = _grad_norm(student)
+                else:
+                    finite = False
+                n_student, n_teacher, n_fake = (
+                    n_student + out.n_student,
+                    out.n_teacher,
+                    n_fake + out.n_fake,
+                )
+
+            row |= {
+                "student_step": student_step, "n_student_evals": n_student,
+                "n_teacher_evals": n_teacher, "n_fake_evals": n_fake, "n_nonfinite": n_nonfinite,
+                "seconds": round(time.time() - t0, 4),
+                "lr_student": student.get_lr()[0], "lr_fake": fake.get_lr()[0],
+            }  # fmt: skip
+            if writer is not None:
+                writer.writerow([row.get(c, "") for c in LOG_COLUMNS])
+                bar.set_postfix(
+                    {
+                        k[5:]: f"{row[k]:.4g}"
+                        for k in LOG_COLUMNS
+                        if k.startswith("loss_") and k in row
+                    },
+                    refresh=False,
+                )
+            streak = 0 if finite else streak + 1
+            if streak >= cfg.max_nonfinite:
+                good = _checkpoints(paths.checkpoints)
+                kept = (
+                    f"the last good checkpoint {good[-1]} is kept" if good else "no checkpoint yet"
+                )
+                raise TrainingDiverged(
+                    f"{streak} consecutive iterations with a non-finite loss (up to iteration "
+                    f"{it + 1}, distill.max_nonfinite = {cfg.max_nonfinite}); stopped, {kept}; "
+                    "lower distill.lr_student / lr_fake or check the teacher"
+                )
+            updated = (it + 1) % cfg.update_ratio == 0
+            if (
+                updated
+                and preview is not None
+                and rank == 0
+                and student_step % cfg.preview_every == 0
+            ):
+                preview(student_step, ema)
+            # No checkpoint during a non-finite streak: the kept ones stay the last good states.
+            if streak == 0 and updated and student_step % cfg.checkpoint_every == 0:
                 save_checkpoint(
                     paths.checkpoints, it + 1, student, fake, ema, cfg.keep_checkpoints, rank
                 )
-    done = _checkpoints(paths.checkpoints)
-    if end > start and (not done or done[-1].name != f"it-{end:07d}"):
-        save_checkpoint(paths.checkpoints, end, student, fake, ema, cfg.keep_checkpoints, rank)
+            late = deadline is not None and time.time() > deadline - cfg.stop_before_limit
+            if late and signals.received is None:
+                signals.received = "the SLURM time limit"
+            if zero.any_rank(signals.received is not None, device):
+                if streak == 0:
+                    _save_once(paths.checkpoints, it + 1, student, fake, ema, cfg, rank)
+                raise Preempted(
+                    f"{signals.received or 'a signal'} at iteration {it + 1}: checkpointed to "
+                    f"{paths.checkpoints}; rerun (or requeue) to resume"
+                )
+    if end > start:
+        _save_once(paths.checkpoints, end, student, fake, ema, cfg, rank)
     return ema
+
+
+def _save_once(root: Path, iteration: int, student, fake, ema, cfg: Distill, rank: int) -> None:
+    """Checkpoint `iteration` unless the newest checkpoint already is that iteration."""
+    done = _checkpoints(root)
+    if not done or done[-1].name != f"it-{iteration:07d}":
+        save_checkpoint(root, iteration, student, fake, ema, cfg.keep_checkpoints, rank)
 
 
 @torch.no_grad()
@@ -382,19 +462,44 @@ def _grad_norm(engine) -> float:
 
 
 class _CsvLog:
-    def __init__(self, path: Path, start: int):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    """train.csv beside the checkpoints (it survives a crash) and, row by row, its live copy
+    under logs/ that people watch during the run, plus one `plots/<loss>.tsv` per loss
+    (iteration and value; the layout DVCLive writes), which `dvc plots show` draws."""
+
+    LOSSES = [c for c in LOG_COLUMNS if c.startswith("loss_")]
+
+    def __init__(self, path: Path, start: int, live: Path | None = None):
         rows = []
         if start and path.is_file():  # keep the rows up to the checkpoint we resume from
             with open(path, newline="") as f:
                 rows = [r for r in csv.reader(f)][1:]
             rows = [r for r in rows if int(r[0]) <= start]
-        self.file = open(path, "w", newline="")
-        self.csv = csv.writer(self.file)
-        self.csv.writerow(LOG_COLUMNS)
-        self.csv.writerows(rows)
-        self.file.flush()
+        self.files = []
+        for target in [path] + ([live] if live is not None else []):
+            self.files.append(self._open(target, LOG_COLUMNS, rows, ","))
+        self.plots = {}
+        if live is not None:
+            for loss in self.LOSSES:
+                i = LOG_COLUMNS.index(loss)
+                kept = [[r[0], r[i]] for r in rows if r[i] != ""]
+                target = live.parent / "plots" / f"{loss}.tsv"
+                self.plots[i] = self._open(target, ["iteration", loss], kept, "\t")
+
+    @staticmethod
+    def _open(path: Path, header: list[str], rows: list[list[str]], sep: str):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(path, "w", newline="")
+        writer = csv.writer(file, delimiter=sep)
+        writer.writerow(header)
+        writer.writerows(rows)
+        file.flush()
+        return file, writer
 
     def writerow(self, row: list) -> None:
-        self.csv.writerow(row)
-        self.file.flush()
+        for file, writer in self.files:
+            writer.writerow(row)
+            file.flush()
+        for i, (file, writer) in self.plots.items():
+            if row[i] != "":
+                writer.writerow([row[0], row[i]])
+                file.flush()

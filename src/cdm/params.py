@@ -6,13 +6,13 @@ before any work with one line naming the key and what is allowed.
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 DEFAULT_PATH = Path("params.yaml")
 
@@ -116,6 +116,10 @@ class Distill(Section):
     keep_checkpoints: int = Field(2, gt=0)
     # Consecutive iterations with a non-finite loss (their updates skipped) before the run stops.
     max_nonfinite: int = Field(20, gt=0)
+    # Seconds before a SLURM job's end time at which distill checkpoints and exits for a retry.
+    stop_before_limit: int = Field(600, ge=0)
+    preview_every: int = Field(50, gt=0)  # student steps between logs/<method>/previews/ grids
+    preview_images: int = Field(8, gt=0)  # fixed training prompts (and noise) per grid
 
     @model_validator(mode="after")
     def _ranges(self) -> Distill:
@@ -144,11 +148,30 @@ class Sample(Section):
     batch_size: int = Field(256, gt=0)
 
 
-class Score(Section):
-    """Judge-based world metrics of every sample set."""
+PAPER_SCORERS: dict[str, dict[str, Any]] = {
+    "clip": {"model": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"},
+    "pickscore": {
+        "model": "yuvalkirstain/PickScore_v1",
+        "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    },
+    "aesthetic": {
+        "head": "camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth",
+        "clip_model": "ViT-L-14",
+        "clip_pretrained": "openai",
+    },
+    "hpsv3": {},
+}
 
-    batch_size: int = Field(512, gt=0)  # judge batch
-    k: int = Field(3, gt=0)  # nearest neighbours of precision/recall
+
+class Score(Section):
+    """Metrics of every sample set: the world's judge (shapes), the paper's scorers (sd3,
+    longcat; their weights fetched by `python -m cdm.fetch weights`)."""
+
+    batch_size: int = Field(512, gt=0)  # judge / scorer batch
+    k: int = Field(3, gt=0)  # nearest neighbours of precision/recall (shapes)
+    n_boot: int = Field(1000, gt=0)  # bootstrap resamples of the 95% intervals (sd3, longcat)
+    # name -> constructor arguments of its scorer (cdm.metrics.scorers); ids, tags, local paths
+    models: dict[str, dict[str, Any]] = PAPER_SCORERS
 
 
 class Report(Section):
@@ -242,7 +265,29 @@ class Params(Section):
         return self
 
 
-_FLOAT_WITHOUT_DOT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+# distill keys that shape no student: which methods run, how often to checkpoint, when to
+# give up. Changing them must not restart a finished or half-finished run.
+BOOKKEEPING = frozenset(
+    {
+        "methods", "checkpoint_every", "keep_checkpoints", "max_nonfinite", "preview_every",
+        "preview_images", "stop_before_limit",
+    }
+)  # fmt: skip
+DYNAMIC_ONLY = frozenset({"k_min", "k_max", "u_min", "u_max"})  # the fixed schedule ignores them
+
+
+def student_inputs(params: Params, method: str, seed: int | None = None) -> dict[str, Any]:
+    """The params one method's student depends on: its preset, the distill keys it reads and
+    the seed. Its checkpoints are keyed by these, and the orchestrators rerun it on them."""
+    preset = params.methods[method]
+    drop = set(BOOKKEEPING)
+    if preset.schedule == "fixed":
+        drop |= DYNAMIC_ONLY
+    if not preset.ca:
+        drop.add("guidance")
+    distill = {k: v for k, v in params.distill.model_dump().items() if k not in drop}
+    seed = params.seed if seed is None else seed
+    return {"method": preset.model_dump(), "distill": distill, "seed": seed}
 
 
 def _describe(err: dict[str, Any], source: str) -> str:
@@ -258,12 +303,6 @@ def _describe(err: dict[str, Any], source: str) -> str:
         where = f"{key}: " if key else ""
         return f"{source}: {where}{err['msg'].removeprefix('Value error, ')}"
     got = err.get("input")
-    if isinstance(got, str) and _FLOAT_WITHOUT_DOT.fullmatch(got):
-        # YAML 1.1 reads 2e-5 as a string; 2.0e-5 is a number
-        mantissa, exp = got.lower().split("e")
-        mantissa += "" if "." in mantissa else ".0"
-        fixed = f"{mantissa}e{exp if exp[0] in '+-' else '+' + exp}"
-        return f"{source}: {key}: YAML reads {got!r} as text; write {fixed} in {source}"
     return f"{source}: {key}: {err['msg'].lower()} (got {got!r}); fix it in {source}"
 
 
@@ -286,12 +325,23 @@ def load(path: str | Path = DEFAULT_PATH) -> Params:
             f"{path}: no such params file; run from the project root or pass --params"
         )
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" at line {line + 1}" if line is not None else ""
+        data = read_yaml(path)
+    except YAMLError as exc:
+        mark = exc.problem_mark if isinstance(exc, MarkedYAMLError) else None
+        where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ParamsError(f"{path}: not valid YAML{where}; fix the syntax") from None
     return parse(data, str(path))
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file as plain Python, read as YAML 1.2 (as DVC writes and reads params):
+    2e-5, 2e-05 and 1E4 are numbers, where YAML 1.1 (PyYAML) reads them as text."""
+    return parse_yaml(Path(path).read_text())
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML 1.2 text as plain Python (see read_yaml)."""
+    return YAML(typ="safe", pure=True).load(text)
 
 
 def main(argv: list[str] | None = None) -> int:

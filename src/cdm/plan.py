@@ -35,8 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cdm import params as P
 from cdm.overlay import apply
 
@@ -205,7 +203,7 @@ def _count_lines(path: str | None) -> int | None:
 
 
 def plan(overlay: str, params_path: str, gpus: int, zero: int | None, memory_gib: float) -> str:
-    merged = yaml.safe_load(apply(overlay, params_path, write=False))
+    merged = P.parse_yaml(apply(overlay, params_path, write=False))
     params = P.parse(merged, f"{params_path} + {overlay}")
     cfg, teacher = params.distill, params.teacher
     zero = zero or cfg.zero_stage

@@ -134,6 +134,15 @@ def all_finite(value: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on some rank (a signal may reach one process first)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -23,8 +23,7 @@ rule ablation_distill:
         student=directory("ablation/models/seed{seed}/{method}"),
         log_csv="ablation/logs/seed{seed}/{method}/train.csv",
     params:
-        method=lambda wc: config["methods"][wc.method],
-        distill=config["distill"],
+        inputs=lambda wc: P.student_inputs(PARAMS, wc.method, int(wc.seed)),
         zero=config["distill"]["zero_stage"],
         port=lambda wc: 29100 + (sum(map(ord, wc.method)) + 37 * int(wc.seed)) % 400,
     threads: 1

@@ -1,5 +1,9 @@
 # Shared settings of every rule.
+from cdm import params as P
+
 PARAMS_FILE = "params.yaml"
+# The validated params (read as YAML 1.2, as the scripts and DVC read them).
+PARAMS = P.load(PARAMS_FILE)
 PYTHON = "python"
 # Processes per distill job: 1 locally; a cluster profile sets NPROC via --config nproc=N
 # to the GPUs of one node (one launcher per node starts them all).

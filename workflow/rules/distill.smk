@@ -17,9 +17,9 @@ rule distill:
         student=directory("models/students/{method}"),
         log_csv="logs/{method}/train.csv",
     params:
-        seed=config["seed"],
-        method=lambda wc: config["methods"][wc.method],
-        distill=config["distill"],
+        # Only what the method's student depends on: a bookkeeping key, or one the method
+        # does not read (k_max for dmd2), must not rerun it.
+        inputs=lambda wc: P.student_inputs(PARAMS, wc.method),
         zero=config["distill"]["zero_stage"],
         resolution=RESOLUTION,
         port=distill_port,

@@ -208,3 +208,56 @@ def write_report(
     atomic_write_text(md_path, md)
     atomic_write_text(html_path, report_html(metrics, findings, images, teacher, ablation))
     return md_path, html_path
+
+
+def real_report(
+    out_dir: Path,
+    metrics: dict,
+    findings: list,
+    images: dict[str, Path],
+    teacher: dict | None,
+) -> tuple[Path, Path]:
+    """report.md and a self-contained report.html of an sd3 / longcat run (cdm.report.preference)."""
+    from cdm.report import preference as R
+
+    table = R.metrics_frame(metrics)
+    notes = R.conventions_lines(metrics)
+    backend = f" ({teacher.get('backend')}, {teacher.get('path')})" if teacher else ""
+    intro = (
+        f"Sample sets scored with the paper's metrics{backend}: mean and 95% bootstrap interval "
+        "over prompts per set. CLIP score follows Hessel et al.: 100 x max(cos(image, text), 0). "
+        f"Findings rule: {R.RULE}. Numbers of two runs compare only when the conventions below "
+        "match (`metrics.json` keeps them beside every entry)."
+    )
+    md = [f"# {TITLE}", "", intro, "", "## Findings", ""]
+    for f in findings:
+        md += [f"- **({f['id']}) {f['verdict']}**: {f['claim']}  ", f"  {f['text']}"]
+    md += ["", "## Metrics", "", to_markdown(table), "## Conventions", "", *notes, ""]
+    md += ["## Figures", ""]
+    for name, image in images.items():
+        md += [f"### {name}", "", f"![{name}]({_link(image, out_dir)})", ""]
+    page = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(TITLE)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(TITLE)}</h1>",
+        f"<p>{_inline(intro)}</p>",
+        "<h2>Findings</h2>",
+    ]
+    for f in findings:
+        page.append(
+            f'<div class="finding {f["verdict"].replace(" ", "-")}"><b>({f["id"]}) '
+            f"{f['verdict']}</b>: {_inline(f['claim'])}<br>{_inline(f['text'])}</div>"
+        )
+    page += ["<h2>Metrics</h2>", to_html(table), "<h2>Conventions</h2><ul>"]
+    page += [f"<li>{_inline(n[2:].replace('**', ''))}</li>" for n in notes] + ["</ul>"]
+    page.append("<h2>Figures</h2>")
+    for name, image in images.items():
+        alt = html.escape(name, quote=True)
+        page += [f"<h3>{alt}</h3>", f'<img src="{_data_uri(image)}" alt="{alt}">']
+    page.append("</body></html>")
+    out_dir = Path(out_dir)
+    md_path, html_path = out_dir / "report.md", out_dir / "report.html"
+    atomic_write_text(md_path, "\n".join(md))
+    atomic_write_text(html_path, "\n".join(page) + "\n")
+    return md_path, html_path

@@ -58,12 +58,19 @@ def _curve(by_steps: dict, key: str) -> tuple[list[float], list[float]]:
     return [x for x, _ in pts], [y for _, y in pts]
 
 
-def quality_vs_nfe(metrics: dict, path: str | Path) -> Path:
-    """Two panels, alignment and FD against NFE (log x), one line per model."""
-    fig = Figure(figsize=(10, 4))
-    panels = (("alignment", "alignment (judge, higher is better)"), ("fd", "FD (lower is better)"))
+WORLD_PANELS = (
+    ("alignment", "alignment (judge, higher is better)"),
+    ("fd", "FD (lower is better)"),
+)
+
+
+def quality_vs_nfe(
+    metrics: dict, path: str | Path, panels: tuple[tuple[str, str], ...] = WORLD_PANELS
+) -> Path:
+    """One panel per (metric key, label) against NFE (log x), one line per model."""
+    fig = Figure(figsize=(5 * len(panels), 4))
     for i, (key, label) in enumerate(panels):
-        ax = fig.add_subplot(1, 2, i + 1)
+        ax = fig.add_subplot(1, len(panels), i + 1)
         for model in sorted(metrics, key=model_key):
             x, y = _curve(metrics[model], key)
             if x:
@@ -122,8 +129,28 @@ def training_curves(csv_paths: dict[str, Path], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def image_grid(rows: dict[str, np.ndarray], path: str | Path, scale: int = 4) -> Path:
-    """One labelled row per model of uint8 images (N, H, W, 3), nearest-neighbour upscaled."""
+def _wrap(text: str, width: int, font, measure, max_lines: int = 4) -> list[str]:
+    """Greedy word wrap to `width` pixels, at most max_lines (the last one cut with ...)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and measure.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] += " ..."
+    return lines
+
+
+def image_grid(
+    rows: dict[str, np.ndarray],
+    path: str | Path,
+    scale: int = 4,
+    captions: list[str] | None = None,
+) -> Path:
+    """One labelled row per model of uint8 images (N, H, W, 3), nearest-neighbour upscaled;
+    `captions` (one per column, e.g. the prompt) are written under the last row."""
     if not rows:
         raise ValueError("image_grid needs at least one row")
     shape = next(iter(rows.values())).shape
@@ -139,10 +166,21 @@ def image_grid(rows: dict[str, np.ndarray], path: str | Path, scale: int = 4) ->
     font = ImageFont.load_default(size=max(10, min(16, cell_h // 4)))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_w = int(max(measure.textlength(name, font=font) for name in rows)) + 2 * pad
+    small = ImageFont.load_default(size=11)
+    wrapped = [_wrap(c, cell_w, small, measure) for c in captions] if captions else []
+    caption_h = (14 * max(len(w) for w in wrapped) + pad) if wrapped else 0
     canvas = Image.new(
-        "RGB", (label_w + n * (cell_w + gap), len(rows) * (cell_h + gap) + gap), "white"
+        "RGB",
+        (label_w + n * (cell_w + gap), len(rows) * (cell_h + gap) + gap + caption_h),
+        "white",
     )
     draw = ImageDraw.Draw(canvas)
+    below = gap + len(rows) * (cell_h + gap)
+    for c, lines in enumerate(wrapped):
+        for j, line in enumerate(lines):
+            draw.text(
+                (label_w + c * (cell_w + gap), below + 14 * j), line, fill="black", font=small
+            )
     for r, (name, images) in enumerate(rows.items()):
         top = gap + r * (cell_h + gap)
         draw.text((pad, top + cell_h // 2), name, fill="black", font=font, anchor="lm")

@@ -1,0 +1,292 @@
+"""Preference metrics of sample sets, with the tiny offline scorers of test_scorers: every
+number checked against the scorers' own output, bootstrap and Fréchet distance."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cdm.metrics import preference as pref
+from cdm.metrics.aesthetic import HEAD_FILE
+from cdm.metrics.bootstrap import bootstrap_ci
+from cdm.metrics.scorers import build_scorer
+from cdm.sampler import COLUMNS, png_name
+from tests.test_scorers import (  # noqa: F401  (tiny_clip, tiny_pick: fixtures)
+    PROMPTS,
+    TINY_CLIP,
+    random_head,
+    random_images,
+    tiny_clip,
+    tiny_pick,
+    tiny_scorer_configs,
+)
+
+N_PAIRS = 7  # more pairs than PROMPTS: pairs 5 and 6 repeat prompts 0 and 1
+
+
+def write_set(root: Path, model: str, steps: int, seed: int, dark: bool = False) -> Path:
+    """samples/<model>/<steps>/ with PNGs and an index written out of pair order."""
+    folder = root / model / str(steps)
+    folder.mkdir(parents=True)
+    images = random_images([(36 + 4 * j, 32 + 2 * j) for j in range(N_PAIRS)], seed)
+    rows = []
+    for pair, image in enumerate(images):
+        if dark:  # a different image distribution: its FD to the others is not 0
+            image = Image.fromarray((np.asarray(image) // 4).astype(np.uint8))
+        image.save(folder / png_name(pair), format="PNG")
+        prompt = PROMPTS[pair % len(PROMPTS)]
+        rows.append([prompt, pair, 1000 + pair, model, steps, steps * 2, 0.25, png_name(pair)])
+    pd.DataFrame(rows[::-1], columns=COLUMNS).to_parquet(folder / "index.parquet", index=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def configs(
+    tiny_clip: Path,  # noqa: F811
+    tiny_pick: tuple[Path, Path],  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, dict]:
+    configs = tiny_scorer_configs(tiny_clip, tiny_pick, tmp_path_factory.mktemp("head"))
+    configs["clip"]["batch_size"] = 3
+    return configs
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, int, Path]]:
+    root = tmp_path_factory.mktemp("samples")
+    return [
+        ("teacher_cfg", 2, write_set(root, "teacher_cfg", 2, seed=1)),
+        ("teacher_cfg", 4, write_set(root, "teacher_cfg", 4, seed=2)),
+        ("cdm", 1, write_set(root, "cdm", 1, seed=3, dark=True)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def result(
+    configs: dict[str, dict], sets: list[tuple[str, int, Path]]
+) -> tuple[pref.PreferenceResult, int]:
+    """score_sets once for the module, counting how often a scorer gets built."""
+    built = []
+
+    def counting(name: str, config: dict) -> object:
+        built.append(name)
+        return build_scorer(name, config)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pref, "build_scorer", counting)
+        out = pref.score_sets(sets, configs, batch_size=2, n_boot=300, chunk=3)
+    return out, len(built)
+
+
+def own_scores(configs: dict[str, dict], folder: Path) -> dict[str, np.ndarray]:
+    """Each scorer's own output on the set's images and prompts, in pair order."""
+    images = [Image.open(folder / png_name(p)).convert("RGB") for p in range(N_PAIRS)]
+    prompts = [PROMPTS[p % len(PROMPTS)] for p in range(N_PAIRS)]
+    return {
+        name: build_scorer(name, configs[name]).score(images, prompts)
+        for name in ("clip", "pickscore", "aesthetic")
+    }
+
+
+def test_per_image_scores_are_the_scorers_own(
+    result: tuple[pref.PreferenceResult, int],
+    configs: dict[str, dict],
+    sets: list[tuple[str, int, Path]],
+) -> None:
+    out, n_built = result
+    assert n_built == 3  # once each, reused across the three sets
+    table = out.per_image
+    assert list(table.columns) == [
+        "model",
+        "steps",
+        "pair",
+        "prompt",
+        "clip",
+        "pickscore",
+        "aesthetic",
+    ]
+    for model, steps, folder in sets:
+        rows = table[(table.model == model) & (table.steps == steps)]
+        assert rows["pair"].tolist() == list(range(N_PAIRS))
+        assert rows["prompt"].tolist() == [PROMPTS[p % len(PROMPTS)] for p in range(N_PAIRS)]
+        for name, expected in own_scores(configs, folder).items():
+            np.testing.assert_allclose(rows[name].to_numpy(), expected, rtol=1e-5, atol=1e-5)
+            assert np.ptp(expected) > 0  # the images do score differently
+
+
+def test_means_intervals_and_set_facts(result: tuple[pref.PreferenceResult, int]) -> None:
+    out, _ = result
+    table = out.per_image
+    assert set(out.metrics) == {"teacher_cfg", "cdm"}
+    assert set(out.metrics["teacher_cfg"]) == {"2", "4"}
+    for model, by_steps in out.metrics.items():
+        for steps, entry in by_steps.items():
+            rows = table[(table.model == model) & (table.steps == int(steps))]
+            for name in ("clip", "pickscore", "aesthetic"):
+                assert entry[name] == pytest.approx(rows[name].mean(), rel=1e-12)
+                low, high = entry[f"{name}_ci"]
+                assert low <= entry[name] <= high and low < high
+                ci = bootstrap_ci(rows[name], rows["prompt"].tolist(), n_boot=300, seed=0)
+                assert [ci.low, ci.high] == [low, high]  # grouped by prompt, seeded
+                assert ci.n_prompts == len(PROMPTS)
+            assert entry["nfe"] == 2 * int(steps)
+            assert entry["images_per_s"] == pytest.approx(4.0)
+            assert entry["n_images"] == N_PAIRS
+            assert "hpsv3" not in entry
+
+
+def test_fd_to_the_teacher_sets(result: tuple[pref.PreferenceResult, int]) -> None:
+    out, _ = result
+    cfg = {k: v["fd_to_teacher_cfg"] for k, v in out.metrics["teacher_cfg"].items()}
+    assert cfg["4"] == pytest.approx(0.0, abs=1e-6)  # the reference: largest step count
+    assert cfg["2"] > 1e-3
+    assert out.metrics["cdm"]["1"]["fd_to_teacher_cfg"] > cfg["2"]  # darker images: further
+    assert all(
+        math.isnan(e["fd_to_teacher_nocfg"]) for m in out.metrics.values() for e in m.values()
+    )
+    notes = out.conventions
+    assert notes["fd_to_teacher_cfg"]["reference"] == "teacher_cfg@4"
+    assert notes["fd_to_teacher_nocfg"]["reference"] is None
+
+
+def test_hpsv3_is_skipped_with_its_reason(result: tuple[pref.PreferenceResult, int]) -> None:
+    out, _ = result
+    assert set(out.skipped) == {"hpsv3"}
+    reason = out.skipped["hpsv3"]
+    assert reason.startswith("HPSv3: not installed;") and "transformers==4.45.2" in reason
+    assert "\n" not in reason
+    assert "hpsv3" not in out.per_image.columns
+    assert out.conventions["hpsv3"] == {"skipped": reason}
+
+
+def test_conventions_name_weights_preprocessing_and_formula(
+    result: tuple[pref.PreferenceResult, int], configs: dict[str, dict]
+) -> None:
+    out, _ = result
+    notes = out.conventions
+    clip = notes["clip"]
+    assert clip["model"] == TINY_CLIP and clip["pretrained"] == configs["clip"]["pretrained"]
+    assert "Hessel et al. 2021" in clip["formula"] and clip["formula"].startswith(
+        "100 * max(cos, 0)"
+    )
+    assert "Resize(size=32" in clip["preprocess"] and "Normalize(mean=" in clip["preprocess"]
+    pick = notes["pickscore"]
+    assert pick["formula"].startswith("logit_scale.exp() * cos")
+    assert pick["logit_scale_exp"] == pytest.approx(math.exp(3.1), rel=1e-5)
+    assert "resize {'shortest_edge': 32} (BICUBIC)" in pick["preprocess"]
+    assert "center crop {'height': 32, 'width': 32}" in pick["preprocess"]
+    aes = notes["aesthetic"]
+    assert "L2-normalised CLIP ViT-L/14" in aes["formula"]
+    head = Path(configs["aesthetic"]["head"]).read_bytes()
+    assert aes["head_sha256"] == hashlib.sha256(head).hexdigest()
+    assert notes["ci"]["n_boot"] == 300 and notes["ci"]["level"] == 0.95
+    # From the configs alone (no scorer built) the preprocessing reads the same.
+    static = pref.conventions(configs)
+    for name in ("clip", "pickscore", "aesthetic"):
+        assert static[name]["preprocess"] == notes[name]["preprocess"]
+    assert static["pickscore"]["logit_scale_exp"] is None
+
+
+def test_defaults_describe_the_real_models_without_weights(tmp_path: Path) -> None:
+    notes = pref.conventions(
+        {**pref.DEFAULT_SCORER_CONFIGS, "pickscore": {"cache_dir": str(tmp_path)}}
+    )
+    assert notes["clip"]["source"] == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K/"
+    assert "Resize(size=224" in notes["clip"]["preprocess"]
+    assert notes["aesthetic"]["clip"]["pretrained"] == "openai"
+    assert notes["aesthetic"]["model"] == f"camenduru/improved-aesthetic-predictor/{HEAD_FILE}"
+    assert "not in the local cache" in notes["pickscore"]["preprocess"]
+
+
+def test_no_clip_scorer_or_no_reference_gives_nan_fd(
+    configs: dict[str, dict], sets: list[tuple[str, int, Path]]
+) -> None:
+    only_pick = {"pickscore": configs["pickscore"]}
+    out = pref.score_sets(sets[:2], only_pick, n_boot=50)
+    assert list(out.per_image.columns)[-1] == "pickscore"
+    entries = out.metrics["teacher_cfg"].values()
+    assert all(math.isnan(e["fd_to_teacher_cfg"]) for e in entries)
+    clip = {"clip": configs["clip"]}
+    out = pref.score_sets(sets, clip, n_boot=50, reference_cfg=None, reference_nocfg=("cdm", 1))
+    assert all(math.isnan(e["fd_to_teacher_cfg"]) for m in out.metrics.values() for e in m.values())
+    assert out.metrics["cdm"]["1"]["fd_to_teacher_nocfg"] == pytest.approx(0.0, abs=1e-6)
+    assert out.metrics["teacher_cfg"]["4"]["fd_to_teacher_nocfg"] > 1e-3
+    with pytest.raises(ValueError, match="reference set teacher_nocfg@28 is not among"):
+        pref.score_sets(sets, clip, reference_nocfg=("teacher_nocfg", 28))
+
+
+def test_unreadable_png_is_one_line_naming_the_file(
+    configs: dict[str, dict], tmp_path: Path
+) -> None:
+    clip = {"clip": configs["clip"]}
+    folder = write_set(tmp_path, "cdm", 4, seed=5)
+    bad = folder / png_name(3)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    with pytest.raises(ValueError) as exc:
+        pref.score_sets([("cdm", 4, folder)], clip)
+    assert str(bad) in str(exc.value) and "\n" not in str(exc.value)
+    good = (folder / png_name(2)).read_bytes()
+    bad.write_bytes(good[: len(good) // 2])  # truncated: opens, fails to decode
+    with pytest.raises(ValueError, match=f"{bad}: not a readable PNG") as exc:
+        pref.score_sets([("cdm", 4, folder)], clip)
+    assert "\n" not in str(exc.value)
+    bad.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{bad}: image listed"):
+        pref.score_sets([("cdm", 4, folder)], clip)
+
+
+def test_bad_inputs_are_one_line(configs: dict[str, dict], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown metric 'hps'.*known: aesthetic, clip, hpsv3"):
+        pref.score_sets([("cdm", 1, tmp_path)], {"hps": {}})
+    with pytest.raises(FileNotFoundError, match="no sample index"):
+        pref.score_sets([("cdm", 1, tmp_path)], {})
+    with pytest.raises(ValueError, match="cdm@1 is listed twice"):
+        pref.score_sets([("cdm", 1, tmp_path), ("cdm", 1, tmp_path)], {})
+    with pytest.raises(ValueError, match="no sample sets"):
+        pref.score_sets([], {})
+
+
+# ---------------------------------------------------------------- paired differences
+
+
+def test_paired_difference_holds_only_when_the_interval_excludes_zero() -> None:
+    rng = np.random.default_rng(0)
+    prompts = [f"p{i % 50}" for i in range(200)]
+    b = rng.normal(0, 1, 200)
+    shifted = pref.paired_difference(b + 0.5, b, prompts, n_boot=500, seed=1)
+    assert shifted.mean == pytest.approx(0.5) and shifted.low == pytest.approx(0.5)
+    assert shifted.holds and shifted.n_prompts == 50
+    same = pref.paired_difference(b, b, prompts, n_boot=500)
+    assert (same.mean, same.low, same.high, same.holds) == (0.0, 0.0, 0.0, False)
+    noisy = pref.paired_difference(b + rng.normal(0, 1, 200) * 0.01, b, prompts, n_boot=500)
+    assert noisy.low < noisy.mean < noisy.high and not noisy.holds
+    worse = pref.paired_difference(b - 1 + rng.normal(0, 0.1, 200), b, prompts, n_boot=500)
+    assert worse.high < 0 and worse.holds
+    # Paired: a large spread shared by both sets does not widen the interval.
+    spread = rng.normal(0, 100, 200)
+    assert pref.paired_difference(b + spread + 0.5, b + spread, prompts).holds
+    with pytest.raises(ValueError, match="differ in length: 3 and 2"):
+        pref.paired_difference([1, 2, 3], [1, 2], ["a", "b", "c"])
+
+
+def test_compare_aligns_sets_by_pair(result: tuple[pref.PreferenceResult, int]) -> None:
+    out, _ = result
+    table = out.per_image
+    got = pref.compare(table, "clip", ("cdm", 1), ("teacher_cfg", 4), n_boot=200)
+    a = table[table.model == "cdm"]["clip"].to_numpy()
+    b = table[(table.model == "teacher_cfg") & (table.steps == 4)]["clip"].to_numpy()
+    assert got.mean == pytest.approx((a - b).mean())
+    assert got.low <= got.mean <= got.high
+    shuffled = table.sample(frac=1.0, random_state=0)  # row order must not matter
+    assert pref.compare(shuffled, "clip", ("cdm", 1), ("teacher_cfg", 4), n_boot=200) == got
+    with pytest.raises(ValueError, match="no per-image scores of cdm@8"):
+        pref.compare(table, "clip", ("cdm", 8), ("teacher_cfg", 4))
+    fewer = table[~((table.model == "cdm") & (table.pair == 0))]
+    with pytest.raises(ValueError, match="do not hold the same pairs"):
+        pref.compare(fewer, "clip", ("cdm", 1), ("teacher_cfg", 4))

@@ -1,0 +1,222 @@
+"""The sbatch lines the SLURM profile (workflow/profiles/slurm/) makes for every rule.
+
+`snakemake --profile slurm` really submits here: the SLURM executor plugin builds each
+command line with its own code and runs `sbatch`, which is a fake on PATH that records its
+arguments and prints a job id; fake `sacct`/`squeue` report the jobs COMPLETED (no cluster).
+The fake jobs write nothing, so each run ends on missing outputs after submitting; the test
+makes the outputs a wave needs and runs the next wave, until every rule was submitted once.
+A dry run (`snakemake -n --profile slurm`) never reaches this code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cdm.overlay import apply
+from tests.conftest import PYTHON, copy_project
+
+pytest.importorskip("snakemake_executor_plugin_slurm")
+
+BIN = str(Path(PYTHON).parent)
+ACCOUNT, PARTITION = "my-account", "gpu"  # the profile's placeholders
+
+# Fake SLURM commands. sbatch (called with --parsable) prints the bare job id.
+SBATCH = f"""#!{sys.executable}
+import json, os, sys
+log = os.environ["FAKE_SLURM_LOG"]
+ids = log + ".ids"
+job = 1000 + (sum(1 for _ in open(ids)) if os.path.exists(ids) else 0)
+with open(log, "a") as f:
+    f.write(json.dumps({{"argv": sys.argv[1:], "stdin": sys.stdin.read(), "id": job}}) + "\\n")
+with open(ids, "a") as f:
+    f.write(f"{{job}}\\n")
+print(job)
+"""
+STATUS = f"""#!{sys.executable}
+import os
+ids = os.environ["FAKE_SLURM_LOG"] + ".ids"
+for line in open(ids) if os.path.exists(ids) else []:
+    print(f"{{line.strip()}}|COMPLETED")
+"""
+FAKES = {
+    "sbatch": SBATCH,
+    "sacct": STATUS,
+    "squeue": STATUS,
+    "sacctmgr": f"#!/bin/sh\necho {ACCOUNT}\n",  # account check
+    "sshare": f"#!/bin/sh\necho {ACCOUNT}\n",
+    "scontrol": "#!/bin/sh\necho 'MaxArraySize = 1001'\necho 'MinJobAge = 300 sec'\n",
+    "sinfo": f"#!/bin/sh\necho {PARTITION}\n",
+    "scancel": "#!/bin/sh\nexit 0\n",
+    "srun": "#!/bin/sh\necho 'srun runs inside a job, not on the submit host' >&2\nexit 1\n",
+}
+
+# What each rule's sbatch line must hold, beside the per-run --job-name, --output, -D,
+# --comment and --wrap: one task (GPU jobs: no --ntasks*, sbatch's default of one task per
+# node; CPU jobs: --ntasks=1), the GPUs as --gres, the CPUs as --cpus-per-task.
+COMMON = {"--parsable", "--export=ALL", f"-A {ACCOUNT}", f"-p {PARTITION}"}
+EXPECTED = {
+    "prepare_teacher": {"-t 60", "--mem 64000", "--cpus-per-task=8", "--gres=gpu:1"},
+    "cache_teacher": {"-t 60", "--mem 64000", "--cpus-per-task=8", "--gres=gpu:1"},
+    "distill": {
+        "-t 1440",
+        "--mem 480000",
+        "--nodes=1",
+        "--cpus-per-task=64",
+        "--gres=gpu:8",
+    },
+    "sample_part": {"-t 240", "--mem 64000", "--cpus-per-task=8", "--gres=gpu:1"},
+    "sample": {"-t 30", "--mem 8000", "--ntasks=1", "--cpus-per-task=2"},  # merge of parts
+    "score": {"-t 120", "--mem 64000", "--ntasks=1", "--cpus-per-task=16"},
+    "report": {"-t 30", "--mem 8000", "--ntasks=1", "--cpus-per-task=2"},
+}
+GPUS = {"prepare_teacher": 1, "cache_teacher": 1, "distill": 8, "sample_part": 1}
+PER_RUN = ("--job-name", "--output", "-D", "--comment")
+
+
+def _options(argv: list[str]) -> tuple[str, set[str]]:
+    """(rule, options): the sbatch options as 'flag value' / 'flag=value' strings, without
+    the per-run ones and the wrapped command."""
+    rule, options, i = None, set(), 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--wrap") or arg == "/dev/stdin":
+            i += 2 if arg == "--wrap" else 1
+            continue
+        takes_value = arg in PER_RUN or arg in ("-A", "-p", "-t", "--mem", "--mem-per-cpu")
+        if arg == "--comment":
+            rule = argv[i + 1].removeprefix("rule_").split("_wildcards_")[0]
+        elif arg not in PER_RUN:
+            options.add(f"{arg} {argv[i + 1]}" if takes_value else arg)
+        i += 2 if takes_value else 1
+    assert rule, argv
+    return rule, options
+
+
+def _make(root: Path, *paths: str) -> None:
+    """Outputs of jobs the fake cluster 'ran': a folder, or an empty file if it has a suffix."""
+    for name in paths:
+        path = root / name
+        if path.suffix:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+
+
+class FakeCluster:
+    def __init__(self, tmp: Path):
+        self.bin = tmp / "fake-slurm"
+        self.bin.mkdir()
+        for name, text in FAKES.items():
+            (self.bin / name).write_text(text)
+            (self.bin / name).chmod(0o755)
+        self.log = tmp / "sbatch.jsonl"
+        self.env = os.environ | {
+            "PATH": f"{self.bin}:{BIN}:{os.environ['PATH']}",
+            "OMP_NUM_THREADS": "1",
+            "FAKE_SLURM_LOG": str(self.log),
+        }
+        self.env = {k: v for k, v in self.env.items() if not k.startswith("SLURM_")}
+
+    def submit(self, work: Path, *targets: str) -> list[tuple[str, set[str]]]:
+        """Run the profile on `targets`; the (rule, options) of each sbatch call it made."""
+        before = len(self.log.read_text().splitlines()) if self.log.exists() else 0
+        cmd = [
+            "snakemake", "--cores", "all", "--profile", "slurm", *targets,
+            # the fake jobs write nothing: no waiting for their outputs, no second attempt
+            "--latency-wait", "0", "--retries", "0",
+            "--slurm-init-seconds-before-status-checks", "1",
+        ]  # fmt: skip
+        proc = subprocess.run(
+            cmd, cwd=work, env=self.env, capture_output=True, text=True, timeout=180
+        )
+        out = proc.stdout + proc.stderr
+        calls = [json.loads(line) for line in self.log.read_text().splitlines()[before:]]
+        assert calls and "sbatch failed" not in out, out[-4000:]
+        assert out.count("has been submitted with SLURM jobid") == len(calls), out[-4000:]
+        for call in calls:
+            print("sbatch", *(a for a in call["argv"] if not a.startswith("--wrap")))
+        return [_options(call["argv"]) for call in calls]
+
+
+@pytest.fixture(scope="module")
+def submissions(tmp_path_factory) -> dict[str, list[set[str]]]:
+    """rule -> the options of its sbatch calls, over the sd3 DAG (every GPU rule) and the
+    shapes DAG's world metrics (score, report)."""
+    tmp = tmp_path_factory.mktemp("slurm")
+    cluster = FakeCluster(tmp)
+    calls = []
+
+    # SD3 overlay, the real run's DAG (every GPU rule), in waves along it: prepare_teacher;
+    # cache_teacher; distill, a sample_part and (its parts made) a sample merge.
+    sd3 = copy_project(tmp / "sd3")
+    apply(sd3 / "configs/sd3-medium.yaml", sd3 / "params.yaml")
+    params = yaml.safe_load((sd3 / "params.yaml").read_text())
+    methods, steps, shards = params["distill"]["methods"], params["sample"]["teacher_steps"], 4
+    cfg, nocfg = f"samples/teacher_cfg/{steps[0]}", f"samples/teacher_nocfg/{steps[0]}"
+    calls += cluster.submit(sd3, "results/teacher.json")
+    _make(sd3, "models/teacher", "results/teacher.json")
+    calls += cluster.submit(sd3, "cache/prompts")
+    _make(sd3, "cache/prompts")
+    _make(sd3, *(f"{nocfg}/part-{i}-of-{shards}/index.parquet" for i in range(shards)))
+    students = [f"models/students/{m}" for m in methods]
+    calls += cluster.submit(
+        sd3, *students, f"{cfg}/part-0-of-{shards}/index.parquet", f"{nocfg}/index.parquet"
+    )
+
+    # Shapes world: score and report exist only here; everything before them is made.
+    world = copy_project(tmp / "world")
+    params = yaml.safe_load((world / "params.yaml").read_text())
+    methods, sample = params["distill"]["methods"], params["sample"]
+    sets = [(m, s) for m in ("teacher_cfg", "teacher_nocfg") for s in sample["teacher_steps"]]
+    sets += [(m, s) for m in methods for s in sample["student_steps"]]
+    _make(world, "models/teacher", "results/teacher.json", "cache/prompts")
+    _make(world, *(f"models/students/{m}" for m in methods))
+    _make(world, *(f"logs/{m}/train.csv" for m in methods))
+    _make(world, *(f"samples/{m}/{s}/index.parquet" for m, s in sets))
+    calls += cluster.submit(world, "results/metrics.json")
+    _make(world, "results/metrics.json", "results/scores.parquet")
+    calls += cluster.submit(world, "results/report.html")
+
+    by_rule: dict[str, list[set[str]]] = {}
+    for rule, options in calls:
+        by_rule.setdefault(rule, []).append(options)
+    return by_rule
+
+
+def test_every_rule_is_submitted(submissions):
+    assert set(submissions) == set(EXPECTED)
+    assert len(submissions["distill"]) == 2  # dmd2 and cdm of configs/sd3-medium.yaml
+    assert all(len(v) == 1 for k, v in submissions.items() if k != "distill")
+
+
+@pytest.mark.parametrize("rule", sorted(EXPECTED))
+def test_sbatch_line_of_each_rule(submissions, rule):
+    for options in submissions[rule]:
+        assert sorted(options) == sorted(COMMON | EXPECTED[rule])
+
+
+def test_distill_is_one_task_with_all_the_node_gpus(submissions):
+    for options in submissions["distill"]:
+        # one task: no --ntasks* at all, one node: sbatch's default of one task per node
+        assert not any(o.startswith(("--ntasks", "-n ")) for o in options), options
+        assert "--nodes=1" in options
+        assert "--gres=gpu:8" in options and "--cpus-per-task=64" in options
+        assert not any(o.startswith(("--gpus", "--cpus-per-gpu")) for o in options), options
+        assert not any(o.startswith("--signal") for o in options)  # see the profile's note
+
+
+@pytest.mark.parametrize("rule", [r for r, n in GPUS.items() if n == 1])
+def test_single_gpu_rules_are_one_task_with_one_gpu(submissions, rule):
+    for options in submissions[rule]:
+        # --ntasks-per-gpu with --cpus-per-task: srun fails on SLURM_TRES_PER_TASK
+        assert not any(o.startswith(("--ntasks", "-n ")) for o in options), options
+        assert "--gres=gpu:1" in options and "--cpus-per-task=8" in options
+        assert not any(o.startswith(("--gpus", "--cpus-per-gpu")) for o in options), options
