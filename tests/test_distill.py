@@ -186,6 +186,23 @@ def test_sigusr1_checkpoints_exits_and_the_rerun_equals_an_uninterrupted_run(pro
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+def test_a_truncated_newest_checkpoint_is_skipped_for_the_last_intact_one(project, tmp_path):
+    work = _clone(project, tmp_path, iterations=20)
+    _run(work, "distill.py", "--method", "dmd2")
+    first = _student(work, "dmd2")
+    newest = sorted(work.glob("checkpoints/dmd2-*/it-*"))[-1]
+    assert newest.name == "it-0000020"
+    ema = newest / "ema.safetensors"
+    with open(ema, "r+b") as f:
+        f.truncate(ema.stat().st_size // 2)
+    shutil.rmtree(work / "models/students/dmd2")
+    proc = _run(work, "distill.py", "--method", "dmd2")
+    warnings = [line for line in proc.stderr.splitlines() if "damaged checkpoint" in line]
+    assert len(warnings) == 1 and str(newest.name) in warnings[0] and "truncated" in warnings[0]
+    again = _student(work, "dmd2")  # resumed from it-10 and replayed the same iterations
+    assert max((first[k] - again[k]).abs().max().item() for k in first) <= 1e-6
+
+
 @pytest.mark.parametrize(
     ("distill", "args", "message"),
     [

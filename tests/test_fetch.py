@@ -330,7 +330,8 @@ def test_fetched_weights_load_offline(
         with pytest.raises(FileNotFoundError, match="fetch them with"):
             make()
 
-    params = SimpleNamespace(teacher=P.Teacher(), score=SimpleNamespace(models=models))
+    teacher = P.Teacher(backend="sd3", path=str(tmp_path))  # a local teacher: not fetched
+    params = SimpleNamespace(teacher=teacher, score=SimpleNamespace(models=models))
     done = fetch.fetch_weights(params, fetch.Hub(snapshot=hub.snapshot, file=hub.file))  # type: ignore[arg-type]
     assert len(done) == 4  # tiny-clip once for both CLIP users, pickscore x2, the head
     processor_files = {

@@ -55,3 +55,17 @@ def test_cli_exits_non_zero_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "world_teacher.steps" in proc.stderr
+
+
+def test_the_schema_defaults_are_the_committed_params():
+    """One source of truth: a key left out of a params file means its params.yaml value."""
+    assert P.Params().model_dump() == P.load(ROOT / "params.yaml").model_dump()
+
+
+def test_a_method_name_the_rules_cannot_match_is_refused():
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["methods"]["cdm-v2"] = {"schedule": "dynamic", "ca": True, "dm": True, "cdm": True}
+    data["distill"]["methods"] = ["cdm-v2"]
+    with pytest.raises(P.ParamsError, match="'cdm-v2' is not usable.*cdm_v2") as err:
+        P.parse(data)
+    assert "\n" not in str(err.value)

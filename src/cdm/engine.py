@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -190,15 +191,55 @@ def fake_score_step_loss(
 # --- checkpoints ----------------------------------------------------------------------
 
 
+MANIFEST = "manifest.json"
+HASHED_BYTES = 256 * 2**20  # files up to this size are hashed too; larger ones by size only
+
+
 def _checkpoints(root: Path) -> list[Path]:
     done = [p for p in root.glob("it-*") if (p / "state.json").is_file()]
     return sorted(done, key=lambda p: int(p.name[3:]))
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Every file's size (and the sha256 of the small ones), recorded at save time."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        size = path.stat().st_size
+        files[str(path.relative_to(folder))] = {
+            "size": size, "sha256": _sha256(path) if size <= HASHED_BYTES else None,
+        }  # fmt: skip
+    (folder / MANIFEST).write_text(json.dumps(files, indent=0))
+
+
+def damage(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted (a missing, truncated or altered file), or None."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST}"
+    for name, want in json.loads(manifest.read_text()).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["size"]:
+            return f"{name} is truncated or altered ({path.stat().st_size} of {want['size']} bytes)"
+        if want["sha256"] is not None and _sha256(path) != want["sha256"]:
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
 def save_checkpoint(
     root: Path, iteration: int, student, fake, ema: torch.nn.Module, keep: int, rank: int
 ) -> None:
-    """One atomic folder: both engines (weights, optimizer, scheduler), the EMA and the step."""
+    """One atomic folder: both engines (weights, optimizer, scheduler), the EMA, the step and
+    a manifest of every file's size and hash (checked before a resume)."""
     tmp = root / f".tmp-it-{iteration:07d}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -209,26 +250,34 @@ def save_checkpoint(
     if rank == 0:
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
         (tmp / "state.json").write_text(json.dumps({"iteration": iteration}))
-        tmp.rename(root / f"it-{iteration:07d}")
+        write_manifest(tmp)
+        final = root / f"it-{iteration:07d}"
+        shutil.rmtree(final, ignore_errors=True)  # a damaged one of the same step, if any
+        tmp.rename(final)
         for old in _checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     zero.barrier()
 
 
 def load_latest(root: Path, student, fake, ema: torch.nn.Module) -> int:
-    """Resume from the newest complete checkpoint; returns the iteration to start from."""
+    """Resume from the newest intact checkpoint; returns the iteration to start from.
+
+    A damaged one (its files disagree with its manifest) is skipped with a one-line warning
+    naming it, and left in place for inspection."""
     if zero.rank() == 0:  # a crash while saving leaves a temporary folder: never resume from it
         for stale in root.glob(".tmp-it-*"):
             shutil.rmtree(stale, ignore_errors=True)
     zero.barrier()
-    found = _checkpoints(root)
-    if not found:
-        return 0
-    latest = found[-1]
-    student.load_checkpoint(str(latest / "student"), tag="state")
-    fake.load_checkpoint(str(latest / "fake"), tag="state")
-    ema.load_state_dict(load_file(latest / "ema.safetensors"))
-    return json.loads((latest / "state.json").read_text())["iteration"]
+    for folder in reversed(_checkpoints(root)):
+        problem = damage(folder)
+        if problem is not None:
+            log.warning("skipping damaged checkpoint %s: %s", folder, problem)
+            continue
+        student.load_checkpoint(str(folder / "student"), tag="state")
+        fake.load_checkpoint(str(folder / "fake"), tag="state")
+        ema.load_state_dict(load_file(folder / "ema.safetensors"))
+        return json.loads((folder / "state.json").read_text())["iteration"]
+    return 0
 
 
 # --- the loop ---------------------------------------------------------------------------

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,9 @@ def fetch(item: Download, hub: Hub) -> str:
 
 
 def fetch_weights(params: P.Params, hub: Hub | None = None) -> list[Download]:
+    if params.teacher.backend == "shapes":  # the world's teacher and judge are committed
+        log.info("shapes backend: no weights to fetch")
+        return []
     hub = hub or Hub()
     plan, skipped = weights_plan(params)
     for name, reason in skipped.items():
@@ -284,10 +288,12 @@ def parser() -> argparse.ArgumentParser:
     )
     top = argparse.ArgumentParser(prog="python -m cdm.fetch", description=__doc__.splitlines()[0])
     sub = top.add_subparsers(dest="what", required=True)
-    sub.add_parser("weights", parents=[common], help="teacher and scorer weights")
+    weights = sub.add_parser("weights", parents=[common], help="teacher and scorer weights")
+    weights.add_argument("--record", help="write what was fetched, as JSON, to this file")
     prompts = sub.add_parser("prompts", parents=[common], help="the evaluation prompts file")
     prompts.add_argument(
-        "--source", default=DEFAULT_SOURCE, help=f"a local file or http(s) URL ({DEFAULT_SOURCE})"
+        "--source",
+        help=f"a local file or http(s) URL (default: prompts.eval_source, else {DEFAULT_SOURCE})",
     )
     prompts.add_argument("--out", help="where to write them (default: prompts.eval_file)")
     return top
@@ -297,9 +303,14 @@ def main(argv: list[str] | None = None, hub: Hub | None = None) -> None:
     args = parser().parse_args(argv)
     params = P.load(args.params)
     if args.what == "weights":
-        fetch_weights(params, hub)
+        plan = fetch_weights(params, hub)
+        if args.record:  # the orchestrators' marker that the weights are in the caches
+            record = {"backend": params.teacher.backend, "fetched": [asdict(d) for d in plan]}
+            with atomic_file(Path(args.record)) as tmp:
+                tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
     else:
-        fetch_prompts(args.source, eval_prompts_path(params, args.out))
+        source = args.source or params.prompts.eval_source or DEFAULT_SOURCE
+        fetch_prompts(source, eval_prompts_path(params, args.out))
         check_train_prompts(params)
 
 

@@ -6,6 +6,7 @@ before any work with one line naming the key and what is allowed.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -30,7 +31,7 @@ class Teacher(Section):
 
     backend: Literal["shapes", "sd3", "longcat"] = "shapes"
     path: str = "src/cdm/world/pretrained/teacher"  # local folder or hub id
-    cfg_scale: float = Field(4.0, ge=1.0)  # the teacher's own CFG when it is sampled
+    cfg_scale: float = Field(3.0, ge=1.0)  # the teacher's own CFG when it is sampled
     steps: int = Field(28, gt=0)  # the teacher's own Euler steps
     # Square image size in pixels of distillation and sampling (sd3, longcat); None: the
     # model's default (SD3: transformer sample_size x VAE factor; LongCat: 1024). The
@@ -55,6 +56,8 @@ class Prompts(Section):
 
     train_file: str | None = None  # one prompt per line; None: every shapes-world prompt
     eval_file: str | None = None  # None: the shapes world's prompts, cycled to eval_pairs
+    # Where `python -m cdm.fetch prompts` gets eval_file (a file or URL; sha256-checked)
+    eval_source: str | None = None
     eval_pairs: int = Field(2048, gt=0)  # prompt/seed pairs of the evaluation
 
 
@@ -91,15 +94,16 @@ class Distill(Section):
     methods: list[str] = ["dmd2", "cdm"]  # which presets of `methods` the pipeline runs
     iterations: int = Field(400, gt=0)  # fake-score updates; the student gets 1/update_ratio
     batch_size: int = Field(32, gt=0)  # per process
+    num_processes: int = Field(1, gt=0)  # accelerate processes (GPUs) of the distill job
     update_ratio: int = Field(2, gt=0)  # fake-score updates per student update
-    lr_student: float = Field(1e-4, gt=0)
-    lr_fake: float = Field(5e-5, gt=0)
+    lr_student: float = Field(1e-5, gt=0)
+    lr_fake: float = Field(1e-3, gt=0)
     warmup: int = Field(20, ge=0)  # optimizer steps of linear warm-up, then constant
     betas: list[float] = Field([0.9, 0.999], min_length=2, max_length=2)
     weight_decay: float = Field(1e-4, ge=0)
     adam_eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, gt=0)
-    guidance: float = Field(7.0, ge=0)  # g of the CA loss, (alpha - 1) of Decoupled DMD
+    guidance: float = Field(1.0, ge=0)  # g of the CA loss, (alpha - 1) of Decoupled DMD
     fake_blend: float = Field(0.999, ge=0, le=1)  # F <- fake_blend F + (1 - fake_blend) G
     ema_max: float = Field(0.999, ge=0, lt=1)  # student EMA decay min((1+n)/(10+n), ema_max)
     normaliser_floor: float = Field(0.1, gt=0)
@@ -218,6 +222,9 @@ class WorldJudge(Section):
     seed: int = 0
 
 
+METHOD_NAME = re.compile(r"[A-Za-z0-9_]+")  # what the rules' {method} wildcard accepts
+
+
 class Params(Section):
     seed: int = 0
     teacher: Teacher = Teacher()
@@ -243,6 +250,12 @@ class Params(Section):
                         f"prompts.{key} must name a prompts file for teacher.backend "
                         f"'{self.teacher.backend}' (null means the shapes world's prompts)"
                     )
+        bad = [m for m in self.methods if not METHOD_NAME.fullmatch(m)]
+        if bad:
+            raise ValueError(
+                f"methods: the name '{bad[0]}' is not usable in file and rule names; use "
+                "letters, digits and underscores (e.g. cdm_v2)"
+            )
         unknown = [m for m in self.distill.methods if m not in self.methods]
         ablated = [m for m in self.ablation.methods if m not in self.methods]
         if ablated:

@@ -5,6 +5,7 @@ rule cache_teacher:
     input:
         teacher="models/teacher",
         script="src/cache_teacher.py",
+        prompts=[] if WORLD or not PARAMS.prompts.eval_file else PARAMS.prompts.eval_file,
     output:
         directory("cache/prompts"),
     params:

@@ -5,12 +5,12 @@ PARAMS_FILE = "params.yaml"
 # The validated params (read as YAML 1.2, as the scripts and DVC read them).
 PARAMS = P.load(PARAMS_FILE)
 PYTHON = "python"
-# Processes per distill job: 1 locally; a cluster profile sets NPROC via --config nproc=N
-# to the GPUs of one node (one launcher per node starts them all).
-NPROC = config.get("nproc", 1)
+# Processes per distill job: distill.num_processes (8 GPUs of one node in the real-run
+# overlays; one launcher per node starts them all).
+NPROC = PARAMS.distill.num_processes
 METHODS = config["distill"]["methods"]
-# The world metrics (judge, score, report) exist only for the embedded shapes world; for
-# sd3 / longcat the DAG ends at the sample sets, which external scorers read.
+# The shapes world is scored by its judge; sd3 / longcat by the paper's preference scorers,
+# whose weights (and a hub teacher) fetch_weights downloads first on the login node.
 WORLD = config["teacher"]["backend"] == "shapes"
 RESOLUTION = config["teacher"].get("resolution")
 # Accelerate config variant: "" (1 process by default) locally; the SLURM profile sets

@@ -6,6 +6,7 @@ rule score:
     input:
         sets=sample_sets(),
         script="src/score.py",
+        weights=[] if WORLD else "models/weights.json",  # the scorers, fetched beforehand
     output:
         scores="results/scores.parquet",
         metrics="results/metrics.json",
@@ -16,7 +17,7 @@ rule score:
     log:
         "logs/score.log",
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} src/score.py --params {PARAMS_FILE} 2>&1 | tee {log}"
+        "HF_HUB_OFFLINE=1 OMP_NUM_THREADS={threads} {PYTHON} src/score.py --params {PARAMS_FILE} 2>&1 | tee {log}"
 
 
 rule report:

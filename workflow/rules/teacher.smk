@@ -6,6 +6,7 @@
 rule prepare_teacher:
     input:
         script="src/prepare_teacher.py",
+        weights=[] if WORLD else "models/weights.json",  # a hub teacher: fetched on the login node
     output:
         teacher=directory("models/teacher"),
         report="results/teacher.json",
