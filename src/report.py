@@ -18,15 +18,18 @@ from PIL import Image
 
 from cdm import params as P
 from cdm.cli import run_stage, stage_parser
+from cdm.io import atomic_write_json
 from cdm.report.findings import findings
 from cdm.report.html import real_report, write_report
 from cdm.report.plots import WORLD_PANELS, image_grid, quality_vs_nfe, training_curves
 from cdm.report.preference import LABELS, scored
 from cdm.report.preference import findings as real_findings
+from cdm.report.provenance import committed_metrics, provenance, since_committed
 from cdm.report.tables import model_key
 
 log = logging.getLogger("report")
 INDEX = "index.parquet"
+WORLD_KEYS = ["alignment", "fd", "fd_to_teacher_nocfg", "precision", "recall"]
 GRID_SCALE = 3  # 32 px images -> 96 px cells
 
 
@@ -87,6 +90,7 @@ def main() -> None:
     parser.add_argument("--results", default="results")
     parser.add_argument("--samples", default="samples")
     parser.add_argument("--logs", default="logs")
+    parser.add_argument("--benchmarks", default="benchmarks", help="Snakemake's stage timings")
     args = parser.parse_args()
     params = P.load(args.params)
     results = Path(args.results)
@@ -112,16 +116,23 @@ def main() -> None:
         images[label] = image_grid(rows, plots / "samples.png", scale=scale, captions=captions)
     else:
         log.warning("no sample sets under %s; the report has no image grid", args.samples)
+    prov = provenance(args.params, params, Path(args.benchmarks))
+    atomic_write_json(results / "provenance.json", prov)
+    keys = WORLD_KEYS if world else [k for k, _ in real_panels(metrics)]
+    moved = since_committed(
+        metrics, committed_metrics(results / "metrics.json"), keys, params.prompts.eval_pairs
+    )
+    context = {"provenance": prov, "since": moved}
     if not world:
         per_image = pd.read_parquet(read_path(results / "scores.parquet", "score"))
         found = real_findings(per_image, metrics, params.report.steps, params.score.n_boot)
-        md, page = real_report(results, metrics, found, images, teacher)
+        md, page = real_report(results, metrics, found, images, teacher, context)
         log.info("wrote %s and %s", md, page)
         return
     found = findings(metrics, steps=params.report.steps)
     ablation_path = results / "ablation.json"  # `make ablation`: findings over seeds
     ablation = json.loads(ablation_path.read_text()) if ablation_path.is_file() else None
-    md, page = write_report(results, metrics, found, images, teacher, ablation)
+    md, page = write_report(results, metrics, found, images, teacher, ablation, context)
     for f in found:
         log.info(
             "finding %d: %s",

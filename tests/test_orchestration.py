@@ -127,3 +127,18 @@ def test_dvc_repro_reruns_only_what_a_param_change_affects(scratch, tmp_path):
         "workflow/ablation/dvc.yaml:ablation",
     } <= ran
     _check_ablation(work)
+
+    # A DVC experiment with a setting written the way DVC writes it (2e-05: YAML 1.2 float),
+    # a bookkeeping change that must not retrain, and the loss plots.
+    _edit(work / "params.yaml", distill={"checkpoint_every": 2, "keep_checkpoints": 3})
+    assert not {"distill@dmd2", "distill@cdm"} & _ran(_sh(work, "dvc", "repro"))
+    _sh(work, "git", "add", "-A")
+    _sh(work, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base")
+    out = _sh(work, "dvc", "exp", "run", "-n", "slow", "-S", "distill.lr_student=2e-5")
+    assert {"distill@dmd2", "distill@cdm"} <= _ran(out)
+    assert "slow" in _sh(work, "dvc", "exp", "show", "--no-pager")
+    shown = subprocess.run(
+        ["dvc", "plots", "show", "--json"], cwd=work, env=ENV, capture_output=True, text=True
+    )
+    drawn = " ".join(json.loads(shown.stdout)["data"])
+    assert "logs/cdm/plots/loss_cdm.tsv" in drawn and "logs/cdm/plots/loss_fake.tsv" in drawn

@@ -258,3 +258,33 @@ def test_training_curves_read_the_engine_log(tmp_path):
     df = _read_losses(path)
     assert df is not None and list(df["step"]) == [1, 2, 3, 4, 5]
     assert df["loss_cdm"].eq(0.5).all()
+
+
+def test_changed_params_list_every_leaf_that_differs(tmp_path):
+    from cdm.report.provenance import changed_params
+
+    committed = (Path(__file__).parents[1] / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(committed.replace("guidance: 1.0", "guidance: 2.0"))
+    assert changed_params(path, committed) == {"distill.guidance": [1.0, 2.0]}
+    assert changed_params(path, None)["distill.guidance"] == [None, 2.0]
+
+
+def test_since_committed_flags_moves_beyond_the_margin():
+    from cdm.report.provenance import since_committed
+
+    then = {"cdm": {"4": {"alignment": 0.80, "fd": 200.0}}}
+    # 2,048 pairs: one standard error of 0.8 is ~0.0088
+    small = since_committed(
+        {"cdm": {"4": {"alignment": 0.805, "fd": 900.0}}}, then, ["alignment", "fd"], 2048
+    )
+    big = since_committed(
+        {"cdm": {"4": {"alignment": 0.83, "fd": 200.0}}}, then, ["alignment", "fd"], 2048
+    )
+    assert small.set_index("metric")["moved"].to_dict() == {"alignment": "", "fd": ""}
+    assert big.set_index("metric").loc["alignment", "moved"] == "yes"
+    assert big.set_index("metric").loc["alignment", "change"] == pytest.approx(0.03)
+    # Real runs: the interval's half-width is the margin.
+    ci = {"cdm": {"4": {"pickscore": 21.5, "pickscore_ci": [21.3, 21.7]}}}
+    moved = since_committed(ci, {"cdm": {"4": {"pickscore": 21.0}}}, ["pickscore"], 2048)
+    assert moved["moved"].tolist() == ["yes"]

@@ -12,6 +12,8 @@ rule cache_teacher:
         backend=config["teacher"]["backend"],
         prompts=config["prompts"],
         stage=config["cache_teacher"],
+    benchmark:
+        "benchmarks/cache_teacher.tsv"
     log:
         "logs/cache_teacher.log",
     shell:

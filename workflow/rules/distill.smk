@@ -24,6 +24,8 @@ rule distill:
         resolution=RESOLUTION,
         port=distill_port,
     threads: 1  # per process; the other cores sample the teacher meanwhile
+    benchmark:
+        "benchmarks/distill_{method}.tsv"
     log:
         "logs/distill_{method}.log",
     shell:

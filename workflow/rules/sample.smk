@@ -39,6 +39,8 @@ if SHARDS == 1:
             resolution=RESOLUTION,
             pairs=config["prompts"]["eval_pairs"],
             batch=config["sample"]["batch_size"],
+        benchmark:
+            "benchmarks/sample_{model}_{steps}.tsv"
         log:
             "logs/sample/{model}_{steps}.log",
         shell:

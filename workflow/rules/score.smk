@@ -14,6 +14,8 @@ rule score:
         judge=config["judge"],
         score=config["score"],
     threads: workflow.cores
+    benchmark:
+        "benchmarks/score.tsv"
     log:
         "logs/score.log",
     shell:

@@ -16,6 +16,8 @@ rule prepare_teacher:
         judge=config["judge"],
         stage=config["prepare_teacher"],
     threads: workflow.cores
+    benchmark:
+        "benchmarks/prepare_teacher.tsv"
     log:
         "logs/prepare_teacher.log",
     shell:

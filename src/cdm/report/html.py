@@ -72,9 +72,10 @@ def report_markdown(
     images: dict[str, Path],
     teacher: dict | None = None,
     ablation: dict | None = None,
+    context: dict | None = None,
 ) -> str:
     """Markdown text: findings, metrics table, teacher check, figures linked relative to out_dir."""
-    lines = [f"# {TITLE}", ""]
+    lines = [f"# {TITLE}", "", *provenance_lines(context), ""]
     if ablation:
         lines += ["## Findings over distillation seeds", "", _ablation_intro(ablation), ""]
         lines += [to_markdown(A.findings_frame(ablation))]
@@ -95,6 +96,7 @@ def report_markdown(
         "",
         to_markdown(against_teacher(metrics)),
     ]
+    lines += since_markdown(context)
     if teacher:
         lines += ["## Teacher", "", teacher_note(teacher), "", to_markdown(teacher_table(teacher))]
     lines += ["## Figures", ""]
@@ -127,9 +129,64 @@ def _single_title(ablation: dict | None) -> str:
     return "Findings (one distillation seed; `make ablation` measures them over seeds)"
 
 
+def provenance_lines(context: dict | None) -> list[str]:
+    """The provenance block, as Markdown bullet lines."""
+    if not context:
+        return []
+    p = context["provenance"]
+    changed = p["params_changed_since_commit"]
+    listed = ", ".join(f"`{k}`: {a} -> {b}" for k, (a, b) in changed.items()) or "none"
+    packages = ", ".join(f"{k} {v}" for k, v in p["packages"].items() if v)
+    stages = ", ".join(
+        f"{s['stage']} {s['seconds']} s / {s['max_rss_mb']:.0f} MB" for s in p["stages"]
+    )
+    return [
+        f"- commit `{p['commit'][:12]}`{' (dirty tree)' if p['dirty'] else ''}, "
+        f"{p['date_utc']} UTC; backend `{p['backend']}`, teacher `{p['teacher']}`",
+        f"- params that differ from the committed params.yaml: {listed}",
+        f"- {p['device']}; Python {p['python']}, CUDA {p['cuda']}; {packages}",
+        f"- stage wall time / peak RSS (Snakemake benchmarks): {stages or 'not recorded'}",
+    ]
+
+
+def since_markdown(context: dict | None) -> list[str]:
+    if not context or context["since"].empty:
+        return []
+    table = context["since"]
+    flagged = int((table["moved"] == "yes").sum())
+    return [
+        "## Since the last committed run",
+        "",
+        f"Every metric beside its value in the committed `results/metrics.json`; {flagged} "
+        "moved by more than their margin (the interval's half-width, or one binomial standard "
+        "error for a world fraction; FD has none and is not flagged).",
+        "",
+        to_markdown(table),
+    ]
+
+
 def _inline(text: str) -> str:
     """Escape text for HTML, rendering `code` spans."""
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(str(text)))
+
+
+def _html_provenance(context: dict | None) -> list[str]:
+    lines = provenance_lines(context)
+    if not lines:
+        return []
+    items = "".join(f"<li>{_inline(line[2:])}</li>" for line in lines)
+    return [f'<ul class="provenance">{items}</ul>']
+
+
+def _html_since(context: dict | None) -> list[str]:
+    md = since_markdown(context)
+    if not md:
+        return []
+    return [
+        "<h2>Since the last committed run</h2>",
+        f"<p>{_inline(md[2])}</p>",
+        to_html(context["since"]),
+    ]
 
 
 def _data_uri(image: Path) -> str:
@@ -142,6 +199,7 @@ def report_html(
     images: dict[str, Path],
     teacher: dict | None = None,
     ablation: dict | None = None,
+    context: dict | None = None,
 ) -> str:
     """Self-contained HTML: inline CSS, tables as HTML, PNGs embedded as data URIs."""
     parts = [
@@ -149,6 +207,7 @@ def report_html(
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(TITLE)}</title><style>{CSS}</style></head><body>",
         f"<h1>{html.escape(TITLE)}</h1>",
+        *_html_provenance(context),
     ]
     if ablation:
         parts += [
@@ -175,6 +234,7 @@ def report_html(
         "<h2>Students against the teacher</h2>",
         f"<p>{_inline(AGAINST)}</p>",
         to_html(against_teacher(metrics)),
+        *_html_since(context),
     ]
     if teacher:
         parts += [
@@ -197,6 +257,7 @@ def write_report(
     images: dict[str, Path],
     teacher: dict | None = None,
     ablation: dict | None = None,
+    context: dict | None = None,
 ) -> tuple[Path, Path]:
     """Write out_dir/report.md and out_dir/report.html atomically; return both paths.
 
@@ -204,9 +265,10 @@ def write_report(
     `ablation` (results/ablation.json, optional) the findings over distillation seeds."""
     out_dir = Path(out_dir)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    md = report_markdown(out_dir, metrics, findings, images, teacher, ablation)
+    md = report_markdown(out_dir, metrics, findings, images, teacher, ablation, context)
     atomic_write_text(md_path, md)
-    atomic_write_text(html_path, report_html(metrics, findings, images, teacher, ablation))
+    page = report_html(metrics, findings, images, teacher, ablation, context)
+    atomic_write_text(html_path, page)
     return md_path, html_path
 
 
@@ -216,6 +278,7 @@ def real_report(
     findings: list,
     images: dict[str, Path],
     teacher: dict | None,
+    context: dict | None = None,
 ) -> tuple[Path, Path]:
     """report.md and a self-contained report.html of an sd3 / longcat run (cdm.report.preference)."""
     from cdm.report import preference as R
@@ -229,10 +292,11 @@ def real_report(
         f"Findings rule: {R.RULE}. Numbers of two runs compare only when the conventions below "
         "match (`metrics.json` keeps them beside every entry)."
     )
-    md = [f"# {TITLE}", "", intro, "", "## Findings", ""]
+    md = [f"# {TITLE}", "", *provenance_lines(context), "", intro, "", "## Findings", ""]
     for f in findings:
         md += [f"- **({f['id']}) {f['verdict']}**: {f['claim']}  ", f"  {f['text']}"]
-    md += ["", "## Metrics", "", to_markdown(table), "## Conventions", "", *notes, ""]
+    md += ["", "## Metrics", "", to_markdown(table), *since_markdown(context)]
+    md += ["## Conventions", "", *notes, ""]
     md += ["## Figures", ""]
     for name, image in images.items():
         md += [f"### {name}", "", f"![{name}]({_link(image, out_dir)})", ""]
@@ -241,6 +305,7 @@ def real_report(
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(TITLE)}</title><style>{CSS}</style></head><body>",
         f"<h1>{html.escape(TITLE)}</h1>",
+        *_html_provenance(context),
         f"<p>{_inline(intro)}</p>",
         "<h2>Findings</h2>",
     ]
@@ -249,7 +314,7 @@ def real_report(
             f'<div class="finding {f["verdict"].replace(" ", "-")}"><b>({f["id"]}) '
             f"{f['verdict']}</b>: {_inline(f['claim'])}<br>{_inline(f['text'])}</div>"
         )
-    page += ["<h2>Metrics</h2>", to_html(table), "<h2>Conventions</h2><ul>"]
+    page += ["<h2>Metrics</h2>", to_html(table), *_html_since(context), "<h2>Conventions</h2><ul>"]
     page += [f"<li>{_inline(n[2:].replace('**', ''))}</li>" for n in notes] + ["</ul>"]
     page.append("<h2>Figures</h2>")
     for name, image in images.items():

@@ -1,0 +1,144 @@
+"""Where a report's numbers come from, and how they moved since the last committed run.
+
+`provenance()` gathers the commit (and whether the tree was dirty), the date, the backend and
+teacher, the params that differ from the committed params.yaml, package versions, the device
+and the stages' wall time and peak memory (Snakemake `benchmark:` files). `since_committed()`
+sets every metric beside its value in the committed results/metrics.json.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from cdm import params as P
+
+PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "deepspeed", "open_clip_torch",
+            "snakemake", "dvc")  # fmt: skip
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out |= _flatten(value, f"{prefix}{key}.")
+        return out
+    return {prefix[:-1]: data}
+
+
+def changed_params(params_file: str | Path, committed_text: str | None) -> dict[str, list]:
+    """{key: [committed value, this run's value]} of every leaf that differs."""
+    now = _flatten(P.read_yaml(params_file))
+    then = _flatten(P.parse_yaml(committed_text)) if committed_text else {}
+    keys = sorted(set(now) | set(then))
+    return {k: [then.get(k), now.get(k)] for k in keys if now.get(k) != then.get(k)}
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def stage_costs(benchmarks: Path) -> list[dict[str, Any]]:
+    """Wall seconds and peak RSS (MB) of every stage job, from Snakemake's benchmark files."""
+    rows = []
+    for path in sorted(benchmarks.glob("**/*.tsv")):
+        table = pd.read_csv(path, sep="\t")
+        if table.empty:
+            continue
+        rows.append(
+            {
+                "stage": str(path.relative_to(benchmarks).with_suffix("")),
+                "seconds": round(float(table["s"].iloc[-1]), 1),
+                "max_rss_mb": round(float(table["max_rss"].iloc[-1]), 1),
+            }
+        )
+    return rows
+
+
+def provenance(params_file: str | Path, params: P.Params, benchmarks: Path) -> dict[str, Any]:
+    status = _git("status", "--porcelain")
+    return {
+        "commit": (_git("rev-parse", "HEAD") or "unknown").strip(),
+        "dirty": bool(status.strip()) if status is not None else None,
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "backend": params.teacher.backend,
+        "teacher": params.teacher.path,
+        "params_changed_since_commit": changed_params(
+            params_file, _git("show", f"HEAD:{Path(params_file).as_posix()}")
+        ),
+        "packages": {p: _version(p) for p in PACKAGES},
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "device": device_name(),
+        "stages": stage_costs(benchmarks),
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def committed_metrics(path: str | Path) -> dict | None:
+    text = _git("show", f"HEAD:{Path(path).as_posix()}")
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return None
+
+
+def _margin(key: str, entry: dict, pairs: int) -> float | None:
+    """How far a value may move by chance: its interval's half-width (real runs), or one
+    binomial standard error of a world fraction over the evaluation pairs."""
+    ci = entry.get(f"{key}_ci")
+    if isinstance(ci, list) and len(ci) == 2:
+        return (ci[1] - ci[0]) / 2
+    value = entry.get(key)
+    if key != "images_per_s" and isinstance(value, float) and 0.0 <= value <= 1.0 and pairs:
+        return math.sqrt(max(value * (1 - value), 1e-12) / pairs)
+    return None
+
+
+def since_committed(now: dict, then: dict | None, keys: list[str], pairs: int) -> pd.DataFrame:
+    """One row per set and metric: committed value, this run's, the difference, and whether it
+    moved by more than its margin (`_margin`; FD and speed have none and are not flagged)."""
+    rows = []
+    for model in sorted(now):
+        for steps, entry in sorted(now[model].items(), key=lambda x: float(x[0])):
+            old = ((then or {}).get(model) or {}).get(steps) or {}
+            for key in keys:
+                value, before = entry.get(key), old.get(key)
+                if not isinstance(value, (int, float)):
+                    continue
+                diff = value - before if isinstance(before, (int, float)) else math.nan
+                margin = _margin(key, entry, pairs)
+                moved = margin is not None and not math.isnan(diff) and abs(diff) > margin
+                rows.append(
+                    {
+                        "model": model, "steps": int(steps), "metric": key,
+                        "committed": before if before is not None else math.nan,
+                        "now": value, "change": diff, "moved": "yes" if moved else "",
+                    }
+                )  # fmt: skip
+    return pd.DataFrame(rows)
