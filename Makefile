@@ -22,7 +22,7 @@ run: $(STAMP)
 ablation: $(STAMP)
 	$(PY) -m cdm.params params.yaml
 	snakemake --cores all ablation
-	snakemake --cores all results/report.html
+	snakemake --cores all --forcerun report results/report.html
 
 test: $(STAMP)
 	$(PY) -m pytest
