@@ -73,6 +73,11 @@ def _clone(project: Path, dst: Path, **distill) -> Path:
     return dst
 
 
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest absolute difference between two students' weights."""
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
 def _student(path: Path, method: str) -> dict[str, torch.Tensor]:
     return load_file(
         path / "models/students" / method / "transformer/diffusion_pytorch_model.safetensors"
@@ -154,7 +159,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(project, tmp_path):
     assert not (crashed / "models/students/cdm").exists()
     _run(crashed, "distill.py", "--method", "cdm")
     a, b = _student(straight, "cdm"), _student(crashed, "cdm")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert _max_diff(a, b) <= 1e-6
     log = (crashed / "logs/cdm/train.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in log[1:]] == list(range(1, 41))
 
@@ -184,7 +189,7 @@ def test_sigusr1_checkpoints_exits_and_the_rerun_equals_an_uninterrupted_run(pro
     assert not (warned / "models/students/dmd2").exists()
     _run(warned, "distill.py", "--method", "dmd2")
     a, b = _student(straight, "dmd2"), _student(warned, "dmd2")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert _max_diff(a, b) <= 1e-6
 
 
 def test_a_truncated_newest_checkpoint_is_skipped_for_the_last_intact_one(project, tmp_path):
@@ -201,7 +206,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_for_the_last_intact_one(projec
     warnings = [line for line in proc.stderr.splitlines() if "damaged checkpoint" in line]
     assert len(warnings) == 1 and str(newest.name) in warnings[0] and "truncated" in warnings[0]
     again = _student(work, "dmd2")  # resumed from it-10 and replayed the same iterations
-    assert max((first[k] - again[k]).abs().max().item() for k in first) <= 1e-6
+    assert _max_diff(first, again) <= 1e-6
 
 
 @pytest.mark.parametrize(
@@ -238,7 +243,7 @@ def test_gradient_checkpointing_gives_the_same_student(project, tmp_path):
     ckpt = _clone(project, tmp_path / "ckpt", iterations=6, gradient_checkpointing=True)
     _run(ckpt, "distill.py", "--method", "cdm")
     a, b = _student(plain, "cdm"), _student(ckpt, "cdm")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert _max_diff(a, b) <= 1e-6
 
 
 def test_changed_params_start_afresh_and_keep_the_other_runs(project, tmp_path):

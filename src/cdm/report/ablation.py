@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cdm.report.findings import CLAIMS, verdict
 from cdm.report.tables import model_key
 
 RULE = (
@@ -27,11 +28,6 @@ RULE = (
 HIGHER = ("alignment", "precision", "recall", "shape", "colour", "position", "background")
 LOWER = ("fd", "fd_to_teacher_nocfg")
 METRICS = HIGHER + LOWER + ("images_per_s",)
-CLAIMS = {
-    1: "A dynamic continuous schedule beats the fixed discrete one (both with CA+DM).",
-    2: "A student trained with DM alone lands near the teacher's CFG-free distribution.",
-    3: "Adding the CDM loss improves further over the dynamic schedule.",
-}
 
 
 def summarise(values: list[float]) -> dict[str, Any]:
@@ -65,14 +61,6 @@ def compare(a: dict, b: dict) -> dict[str, float | bool]:
     return {"diff": round(diff, 6), "se": round(se, 6), "beyond": abs(diff) > 2 * se}
 
 
-def _verdict(better: list[str], worse: list[str]) -> str:
-    if better and not worse:
-        return "held"
-    if worse and not better:
-        return "did not hold"
-    return "mixed" if better else "within noise"
-
-
 def beats(table: dict, a: str, b: str, steps: str, metrics=("alignment", "fd")) -> dict:
     """Does preset `a` beat `b` at `steps` on `metrics`, by the rule?"""
     sa, sb = table[a][steps], table[b][steps]
@@ -87,7 +75,7 @@ def beats(table: dict, a: str, b: str, steps: str, metrics=("alignment", "fd")) 
             f"{2 * c['se']:.3g})"
         )
     return {
-        "verdict": _verdict(better, worse),
+        "verdict": verdict(better, worse),
         "better": better,
         "worse": worse,
         "text": "; ".join(parts),
@@ -115,12 +103,12 @@ def _near_cfg_free(table: dict, steps: str) -> dict:
             f"2 se {2 * c['se']:.3g})"
         )
     if worse:
-        verdict = "did not hold"
+        judged = "did not hold"
     elif others and len(better) == len(others):
-        verdict = "held"
+        judged = "held"
     else:
-        verdict = "within noise"
-    return {"verdict": verdict, "better": better, "worse": worse, "text": "; ".join(parts)}
+        judged = "within noise"
+    return {"verdict": judged, "better": better, "worse": worse, "text": "; ".join(parts)}
 
 
 def judge_findings(table: dict, steps_list: list[str]) -> list[dict]:

@@ -29,6 +29,16 @@ CLAIMS = {
 Row = dict[str, Any]
 
 
+def verdict(better: list[str], worse: list[str]) -> str:
+    """A claim judged on several metrics, each better, worse or neither beyond its margin:
+    held (better somewhere, worse nowhere), did not hold, mixed, or within noise."""
+    if better and not worse:
+        return "held"
+    if worse and not better:
+        return "did not hold"
+    return "mixed" if better else "within noise"
+
+
 def _needs(*models: str) -> str:
     return "needs " + " and ".join(RUNS.get(m, f"the `{m}` run") for m in models)
 

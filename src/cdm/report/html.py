@@ -99,10 +99,7 @@ def report_markdown(
     lines += since_markdown(context)
     if teacher:
         lines += ["## Teacher", "", teacher_note(teacher), "", to_markdown(teacher_table(teacher))]
-    lines += ["## Figures", ""]
-    for name, image in images.items():
-        lines += [f"### {name}", "", f"![{name}]({_link(image, out_dir)})", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _md_figures(images, out_dir))
 
 
 AGAINST = (
@@ -189,6 +186,32 @@ def _html_since(context: dict | None) -> list[str]:
     ]
 
 
+def _html_head() -> list[str]:
+    return [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(TITLE)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(TITLE)}</h1>",
+    ]
+
+
+def _md_figures(images: dict[str, Path], out_dir: Path) -> list[str]:
+    """A Figures section, each PNG linked relative to the report's folder."""
+    lines = ["## Figures", ""]
+    for name, image in images.items():
+        lines += [f"### {name}", "", f"![{name}]({_link(image, out_dir)})", ""]
+    return lines
+
+
+def _html_figures(images: dict[str, Path]) -> list[str]:
+    """A Figures section, each PNG embedded as a data URI."""
+    parts = ["<h2>Figures</h2>"]
+    for name, image in images.items():
+        alt = html.escape(name, quote=True)
+        parts += [f"<h3>{alt}</h3>", f'<img src="{_data_uri(image)}" alt="{alt}">']
+    return parts
+
+
 def _data_uri(image: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(image).read_bytes()).decode("ascii")
 
@@ -203,10 +226,7 @@ def report_html(
 ) -> str:
     """Self-contained HTML: inline CSS, tables as HTML, PNGs embedded as data URIs."""
     parts = [
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(TITLE)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{html.escape(TITLE)}</h1>",
+        *_html_head(),
         *_html_provenance(context),
     ]
     if ablation:
@@ -242,11 +262,7 @@ def report_html(
             f"<p>{_inline(teacher_note(teacher))}</p>",
             to_html(teacher_table(teacher)),
         ]
-    parts.append("<h2>Figures</h2>")
-    for name, image in images.items():
-        alt = html.escape(name, quote=True)
-        parts += [f"<h3>{alt}</h3>", f'<img src="{_data_uri(image)}" alt="{alt}">']
-    parts.append("</body></html>")
+    parts += [*_html_figures(images), "</body></html>"]
     return "\n".join(parts) + "\n"
 
 
@@ -297,14 +313,9 @@ def real_report(
         md += [f"- **({f['id']}) {f['verdict']}**: {f['claim']}  ", f"  {f['text']}"]
     md += ["", "## Metrics", "", to_markdown(table), *since_markdown(context)]
     md += ["## Conventions", "", *notes, ""]
-    md += ["## Figures", ""]
-    for name, image in images.items():
-        md += [f"### {name}", "", f"![{name}]({_link(image, out_dir)})", ""]
+    md += _md_figures(images, Path(out_dir))
     page = [
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{html.escape(TITLE)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{html.escape(TITLE)}</h1>",
+        *_html_head(),
         *_html_provenance(context),
         f"<p>{_inline(intro)}</p>",
         "<h2>Findings</h2>",
@@ -316,11 +327,7 @@ def real_report(
         )
     page += ["<h2>Metrics</h2>", to_html(table), *_html_since(context), "<h2>Conventions</h2><ul>"]
     page += [f"<li>{_inline(n[2:].replace('**', ''))}</li>" for n in notes] + ["</ul>"]
-    page.append("<h2>Figures</h2>")
-    for name, image in images.items():
-        alt = html.escape(name, quote=True)
-        page += [f"<h3>{alt}</h3>", f'<img src="{_data_uri(image)}" alt="{alt}">']
-    page.append("</body></html>")
+    page += [*_html_figures(images), "</body></html>"]
     out_dir = Path(out_dir)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     atomic_write_text(md_path, "\n".join(md))

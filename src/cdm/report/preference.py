@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from cdm.report.findings import CLAIMS, verdict
 from cdm.report.tables import model_key
 
 METRICS = ("clip", "pickscore", "aesthetic", "hpsv3")
@@ -25,11 +26,6 @@ RULE = (
     "a difference holds when the 95% bootstrap interval of the paired difference over prompts "
     "(same prompts and noise in both sets) excludes zero"
 )
-CLAIMS = {
-    1: "A dynamic continuous schedule beats the fixed discrete one (both with CA+DM).",
-    2: "A student trained with DM alone lands near the teacher's CFG-free distribution.",
-    3: "Adding the CDM loss improves further over the dynamic schedule.",
-}
 
 
 def scored(metrics: dict) -> list[str]:
@@ -78,13 +74,7 @@ def _beats(per_image: pd.DataFrame, metrics: dict, a: str, b: str, steps: str, n
         if d.holds:
             (better if d.mean > 0 else worse).append(m)
         parts.append(f"{LABELS[m]} `{a}` - `{b}` {d.mean:+.4g} [{d.low:+.4g}, {d.high:+.4g}]")
-    if better and not worse:
-        verdict = "held"
-    elif worse and not better:
-        verdict = "did not hold"
-    else:
-        verdict = "mixed" if better else "within noise"
-    return verdict, f"at {steps} steps: " + "; ".join(parts) + "."
+    return verdict(better, worse), f"at {steps} steps: " + "; ".join(parts) + "."
 
 
 def findings(per_image: pd.DataFrame, metrics: dict, steps: str, n_boot: int = 1000) -> list:
@@ -93,23 +83,23 @@ def findings(per_image: pd.DataFrame, metrics: dict, steps: str, n_boot: int = 1
     out = []
     for fid, (a, b) in {1: ("dynamic", "dmd2"), 3: ("cdm", "dynamic")}.items():
         if {a, b} <= have:
-            verdict, text = _beats(per_image, metrics, a, b, steps, n_boot)
+            judged, text = _beats(per_image, metrics, a, b, steps, n_boot)
         else:
-            verdict, text = "not measured", f"needs the `{a}` and `{b}` runs at {steps} steps"
-        out.append({"id": fid, "claim": CLAIMS[fid], "verdict": verdict, "text": text})
+            judged, text = "not measured", f"needs the `{a}` and `{b}` runs at {steps} steps"
+        out.append({"id": fid, "claim": CLAIMS[fid], "verdict": judged, "text": text})
     students = sorted(m for m in have if not m.startswith("teacher"))
     if "dm_only" in have and len(students) > 1:
         fd = {m: metrics[m][steps].get("fd_to_teacher_nocfg", math.nan) for m in students}
         closest = min(fd, key=lambda m: fd[m])
-        verdict = "held" if closest == "dm_only" else "did not hold"
+        judged = "held" if closest == "dm_only" else "did not hold"
         listed = ", ".join(f"`{m}` {v:.4g}" for m, v in sorted(fd.items(), key=lambda x: x[1]))
         text = (
             f"at {steps} steps, FD of CLIP features to the CFG-free teacher set: {listed} "
             "(a point estimate: FD has no interval here; held when `dm_only` is the closest)."
         )
     else:
-        verdict, text = "not measured", "needs the `dm_only` run and another student"
-    out.insert(1, {"id": 2, "claim": CLAIMS[2], "verdict": verdict, "text": text})
+        judged, text = "not measured", "needs the `dm_only` run and another student"
+    out.insert(1, {"id": 2, "claim": CLAIMS[2], "verdict": judged, "text": text})
     return out
 
 
