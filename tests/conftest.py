@@ -36,6 +36,37 @@ def copy_project(dst: Path, skip: tuple[str, ...] = ()) -> Path:
     return dst
 
 
+def edit_params(path: Path, **changes: dict) -> None:
+    """Update sections of a params file (each section's keys merged with `changes`)."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    for section, values in changes.items():
+        data[section] = data[section] | values
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+# A shapes-world run small enough for the orchestrator tests: the tiny teacher, 8 pairs.
+TINY_WORLD = {
+    "teacher": {"path": "tiny_teacher", "steps": 2},
+    "prepare_teacher": {"n_pairs": 8, "judge_renders": 512},
+    "prompts": {"eval_pairs": 8},
+    "distill": {"iterations": 4, "batch_size": 2, "k_max": 4, "checkpoint_every": 1},
+    "sample": {"student_steps": [1], "teacher_steps": [2], "batch_size": 8},
+    "report": {"grid_prompts": 2, "steps": "1"},
+}
+
+
+def tiny_world_project(dst: Path, teacher: Path, **changes: dict) -> Path:
+    """A scratch copy of the project (no dvc.lock) with the tiny teacher and TINY_WORLD
+    params, each section further updated by `changes`."""
+    copy_project(dst, skip=("dvc.lock",))
+    shutil.copytree(teacher, dst / "tiny_teacher")
+    merged = {k: TINY_WORLD.get(k, {}) | changes.get(k, {}) for k in {*TINY_WORLD, *changes}}
+    edit_params(dst / "params.yaml", **merged)
+    return dst
+
+
 def call_stage(cwd: Path, script: str, *args: str) -> tuple[int, str]:
     """Run a stage script of src/ as __main__ in this process: (exit code, stderr).
 
@@ -72,3 +103,13 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         path
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random SD3 and LongCat-Image pipelines saved with save_pretrained (offline)."""
+    from tests import tiny_pipelines
+
+    root = tmp_path_factory.mktemp("tiny_pipelines")
+    builders = {"sd3": tiny_pipelines.sd3_pipeline, "longcat": tiny_pipelines.longcat_pipeline}
+    return {name: tiny_pipelines.save(build(), root / name) for name, build in builders.items()}

@@ -221,9 +221,15 @@ def test_default_weights_request_the_right_ids(cli, tmp_path: Path) -> None:
         ),
         ("file", "camenduru/improved-aesthetic-predictor", HEAD_FILE, none),
         ("open_clip", "ViT-L-14", "openai", None),
+        ("file", "MizzenAI/HPSv3", "HPSv3.safetensors", none),  # every HPSv3 weight
+        (
+            "snapshot",
+            "Qwen/Qwen2-VL-7B-Instruct",  # only its config and processor files
+            (("allow_patterns", ["*.json", "*.txt"]), ("cache_dir", None)),
+        ),
     ]
     _, skipped = fetch.weights_plan(P.load(sd3_params(tmp_path)))
-    assert skipped["hpsv3"].startswith("HPSv3: not installed;")
+    assert skipped == {}
 
 
 def test_score_models_and_local_paths(tmp_path: Path) -> None:
@@ -319,7 +325,6 @@ def test_fetched_weights_load_offline(
                       "cache_dir": cache},
         "aesthetic": {"head": f"cdm-test/aesthetic/{HEAD_FILE}", "clip_model": TINY_CLIP,
                       "clip_pretrained": "tiny", "cache_dir": cache},
-        "hpsv3": {},
     }  # fmt: skip
     build = {
         "clip": lambda: ClipScorer(**models["clip"]),

@@ -26,6 +26,7 @@ from cdm.sampling import inference_sigmas
 from cdm.world.evaluate import EvalPairs
 from tests import tiny_pipelines
 from tests.conftest import PYTHON, ROOT, call_stage
+from tests.test_hpsv3 import tiny, tiny_hpsv3_config  # noqa: F401
 from tests.test_scorers import TINY_CLIP, tiny_clip, tiny_pick, tiny_scorer_configs  # noqa: F401
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
@@ -62,12 +63,6 @@ def _run(cwd: Path, script: str, *args: str, env: dict | None = None, check: boo
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny_pipelines")
-    return {name: tiny_pipelines.save(spec[0](), root / name) for name, spec in BACKENDS.items()}
 
 
 @pytest.fixture(scope="module", params=list(BACKENDS))
@@ -272,23 +267,25 @@ def test_score_and_report_with_the_papers_metrics(
     tmp_path,
     tiny_clip,  # noqa: F811
     tiny_pick,  # noqa: F811
+    tiny,  # noqa: F811
 ):
     """score (tiny scorers of the real classes, loaded offline) and report for a real run:
-    every metric with its interval, HPSv3 marked, the conventions beside every number."""
+    every metric with its interval, the conventions beside every number."""
     work = tmp_path / "work"
     shutil.copytree(project, work, symlinks=True)
     data = yaml.safe_load((work / "params.yaml").read_text())
     data["score"]["models"] = tiny_scorer_configs(tiny_clip, tiny_pick, tmp_path)
+    data["score"]["models"]["hpsv3"] = tiny_hpsv3_config(tiny)
     data["score"]["n_boot"] = 200
     (work / "params.yaml").write_text(yaml.safe_dump(data))
     code, err = call_stage(work, "score.py")
     assert code == 0, err[-2000:]
     metrics = json.loads((work / "results/metrics.json").read_text())
     entry = metrics["cdm"]["4"]
-    for m in ("clip", "pickscore", "aesthetic"):
+    for m in ("clip", "pickscore", "aesthetic", "hpsv3"):
         low, high = entry[f"{m}_ci"]
         assert low <= entry[m] <= high
-    assert entry["conventions"]["clip"]["model"] == TINY_CLIP and "hpsv3" in entry["skipped"]
+    assert entry["conventions"]["clip"]["model"] == TINY_CLIP and not entry["skipped"]
     assert (
         entry["fd_to_teacher_cfg"] >= 0 and metrics["teacher_cfg"]["2"]["fd_to_teacher_cfg"] < 1e-6
     )
@@ -296,6 +293,6 @@ def test_score_and_report_with_the_papers_metrics(
     assert code == 0, err[-2000:]
     md = (work / "results/report.md").read_text()
     assert "| model | steps | nfe | CLIP score | PickScore | aesthetic | HPSv3 |" in md
-    assert "not installed" in md and "Hessel" in md and "## Conventions" in md
+    assert "Hessel" in md and "## Conventions" in md
     page = (work / "results/report.html").read_text()
     assert page.count("data:image/png;base64,") == 3

@@ -155,14 +155,11 @@ def test_fd_to_the_teacher_sets(result: tuple[pref.PreferenceResult, int]) -> No
     assert notes["fd_to_teacher_nocfg"]["reference"] is None
 
 
-def test_hpsv3_is_skipped_with_its_reason(result: tuple[pref.PreferenceResult, int]) -> None:
+def test_nothing_is_skipped(result: tuple[pref.PreferenceResult, int]) -> None:
+    """HPSv3 is a registered scorer now (tests/test_hpsv3.py); these configs leave it out."""
     out, _ = result
-    assert set(out.skipped) == {"hpsv3"}
-    reason = out.skipped["hpsv3"]
-    assert reason.startswith("HPSv3: not installed;") and "transformers==4.45.2" in reason
-    assert "\n" not in reason
-    assert "hpsv3" not in out.per_image.columns
-    assert out.conventions["hpsv3"] == {"skipped": reason}
+    assert out.skipped == {}
+    assert "hpsv3" not in out.per_image.columns and "hpsv3" not in out.conventions
 
 
 def test_conventions_name_weights_preprocessing_and_formula(

@@ -161,8 +161,7 @@ def tiny_scorer_configs(clip: Path, pick: tuple[Path, Path], head_dir: Path) -> 
         "clip": {"model": TINY_CLIP, "pretrained": str(clip)},
         "pickscore": {"model": str(pick[0]), "processor": str(pick[1])},
         "aesthetic": {"head": str(head), "clip_model": TINY_CLIP, "clip_pretrained": str(clip)},
-        "hpsv3": {},
-    }
+    }  # hpsv3 has its own tiny model in tests/test_hpsv3.py
 
 
 def random_head(width: int, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -335,14 +334,14 @@ def test_pickscore_missing_offline(tiny_pick: tuple[Path, Path], tmp_path: Path)
 
 
 def test_registry_builds_each_scorer_by_name(tiny_clip: Path) -> None:
-    assert set(SCORERS) == {"clip", "pickscore", "aesthetic"}
+    assert set(SCORERS) == {"clip", "pickscore", "aesthetic", "hpsv3"}
     assert all(issubclass(cls, Scorer) and cls.name == key for key, cls in SCORERS.items())
     scorer = build_scorer(
         "clip", {"model": TINY_CLIP, "pretrained": str(tiny_clip), "batch_size": 4}
     )
     assert isinstance(scorer, ClipScorer) and scorer.batch_size == 4
-    with pytest.raises(KeyError, match="known: aesthetic, clip, pickscore"):
-        build_scorer("hpsv3")
+    with pytest.raises(KeyError, match="known: aesthetic, clip, hpsv3, pickscore"):
+        build_scorer("hps")
     with pytest.raises(ValueError, match="batch_size"):
         build_scorer("clip", {"model": TINY_CLIP, "pretrained": str(tiny_clip), "batch_size": 0})
 

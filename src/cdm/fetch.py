@@ -129,6 +129,15 @@ def scorer_plan(name: str, config: Mapping[str, Any] | None) -> list[Download]:
         return plan + open_clip_plan(
             "aesthetic CLIP", cfg["clip_model"], cfg["clip_pretrained"], cache
         )
+    if name == "hpsv3":
+        # The checkpoint holds every weight; of the base repo only config and processor files.
+        ckpt = cfg["checkpoint"]
+        plan = []
+        if is_hub_id(ckpt):
+            plan.append(Download("file", "hpsv3", ckpt, cfg["checkpoint_file"], cache))
+        return plan + repo_plan(
+            "hpsv3 base processor", cfg["base"], cache, allow_patterns=tuple(PROCESSOR_FILES)
+        )
     raise ValueError(f"no download recipe for scorer '{name}'; add one to cdm.fetch")
 
 

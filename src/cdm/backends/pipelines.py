@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
@@ -99,14 +99,19 @@ def check(folder: str | Path, family: Family, what: str = "teacher.path") -> Pat
 
 def link_tree(src: Path, dst: Path, fallback: str = "symlink", skip: tuple[str, ...] = ()) -> None:
     """Mirror `src` into `dst` with hard links to the real files (hub caches hold symlinks);
-    across filesystems fall back to a symlink (a resolved reference) or a copy (self-contained)."""
-    for root, _, files in os.walk(src, followlinks=True):
+    across filesystems fall back to a symlink (a resolved reference) or a copy (self-contained).
+
+    Hidden entries are left out: an orchestrator's marker such as Snakemake's
+    .snakemake_timestamp, hard-linked into an export, would tie the two folders' timestamps
+    (touching the student's would make the teacher look updated)."""
+    for root, dirs, files in os.walk(src, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
         rel = Path(root).relative_to(src)
         if rel.parts and rel.parts[0] in skip:
             continue
         (dst / rel).mkdir(parents=True, exist_ok=True)
         for name in files:
-            if not rel.parts and name in skip:
+            if name.startswith(".") or (not rel.parts and name in skip):
                 continue
             real = (Path(root) / name).resolve()
             try:
@@ -178,9 +183,23 @@ class PipelineTeacher:
 
     family: Family
     folder: Path
+    pipe: Any
+    # Tokenizer attribute -> the tokens the pipeline's encode_prompt keeps of a prompt.
+    token_limits: ClassVar[dict[str, int]] = {}
 
     def encode(self, prompts: list[str]) -> Condition:
         raise NotImplementedError
+
+    def truncated(self, prompts: list[str]) -> int:
+        """How many prompts some text encoder sees cut (longer than its token limit)."""
+        cut: set[int] = set()
+        for attr, limit in self.token_limits.items():
+            tokenizer = getattr(self.pipe, attr, None)
+            if tokenizer is None:
+                continue
+            ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+            cut |= {i for i, row in enumerate(ids) if len(row) > limit}
+        return len(cut)
 
     def null_condition(self) -> Condition:
         """The empty prompt, as the pipeline encodes its default negative prompt for CFG."""

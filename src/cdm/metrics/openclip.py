@@ -64,6 +64,15 @@ def resolve_weights(
     return path, cfg
 
 
+def architecture(model: str) -> str:
+    """open_clip's name for `model`: a registered name as is, or a local `<name>.json` config
+    (an architecture open_clip does not ship), registered here under its file stem."""
+    if model.endswith(".json") and Path(model).is_file():
+        open_clip.add_model_config(model)
+        return Path(model).stem
+    return model
+
+
 class OpenClipEncoder:
     """open_clip model + eval transform + tokenizer, with normalised image and text features."""
 
@@ -74,6 +83,7 @@ class OpenClipEncoder:
         device: torch.device,
         cache_dir: str | None = None,
     ) -> None:
+        model = architecture(model)
         checkpoint, cfg = resolve_weights(model, pretrained, cache_dir)
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(
             model,

@@ -1,7 +1,7 @@
 """Preference metrics of real sample sets (SD3-Medium, LongCat-Image runs).
 
 Per sample set `samples/<model>/<steps>/`: every configured scorer (CLIP score, PickScore,
-aesthetic score; HPSv3 where it can be installed) on each image and its prompt, the means with
+aesthetic score, HPSv3) on each image and its prompt, the means with
 95% bootstrap intervals over prompts, and the Fréchet distance of the set's CLIP image features
 (the clip scorer's own, so no extra model) to the teacher sets with and without CFG at their
 largest step count. `paired_difference` compares two sets of the same pairs; `conventions`
@@ -11,7 +11,6 @@ says which weights, preprocessing and formula stand behind each number.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import inspect
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,7 +29,7 @@ from cdm.metrics.base import HUB_ID, Scorer
 from cdm.metrics.bootstrap import bootstrap_ci
 from cdm.metrics.clip_score import ClipScorer
 from cdm.metrics.frechet import frechet_distance
-from cdm.metrics.openclip import resolve_weights
+from cdm.metrics.openclip import architecture, resolve_weights
 from cdm.metrics.pickscore import PickScorer
 from cdm.metrics.scorers import SCORERS, build_scorer
 
@@ -40,8 +39,7 @@ TEACHER_CFG, TEACHER_NOCFG = "teacher_cfg", "teacher_nocfg"
 FD_KEYS = {TEACHER_CFG: "fd_to_teacher_cfg", TEACHER_NOCFG: "fd_to_teacher_nocfg"}
 LEVEL = 0.95
 CHUNK = 256  # images decoded at once: a 2,048-image set of 1024 px PNGs is 6 GB as arrays
-HPSV3_PIN = "transformers==4.45.2"  # what the hpsv3 package requires
-# The paper's metrics; HPSv3 is listed so that the report can say why its column is absent.
+# The paper's metrics.
 DEFAULT_SCORER_CONFIGS: dict[str, dict[str, Any]] = {
     "clip": {},
     "pickscore": {},
@@ -84,16 +82,7 @@ def unavailable_reason(name: str) -> str | None:
     """Why a configured metric cannot be scored here (None: it can); unknown names raise."""
     if name in SCORERS:
         return None
-    if name == "hpsv3":
-        if importlib.util.find_spec("hpsv3") is None:
-            import transformers
-
-            return (
-                f"HPSv3: not installed; the hpsv3 package pins {HPSV3_PIN}, which conflicts "
-                f"with transformers {transformers.__version__} here"
-            )
-        return "HPSv3: the hpsv3 package is installed but no scorer is registered for it"
-    known = ", ".join(sorted({*SCORERS, "hpsv3"}))
+    known = ", ".join(sorted(SCORERS))
     raise ValueError(f"unknown metric '{name}' in the scorer configs; known: {known}")
 
 
@@ -355,6 +344,7 @@ def describe_transform(transform: Any) -> str:
 
 def open_clip_transform(model: str, pretrained: str) -> Any:
     """The eval transform OpenClipEncoder builds, from the configs alone (no weights)."""
+    model = architecture(model)
     cfg = open_clip.get_pretrained_cfg(model, pretrained) or {}
     size = open_clip.get_model_config(model)["vision_cfg"]["image_size"]
     return open_clip.image_transform(
@@ -369,6 +359,7 @@ def open_clip_transform(model: str, pretrained: str) -> Any:
 
 def open_clip_weights(model: str, pretrained: str, cache_dir: str | None) -> dict[str, Any]:
     """The open_clip model, its tag, where the tag's weights come from and their revision."""
+    model = architecture(model)
     cfg = open_clip.get_pretrained_cfg(model, pretrained) or {}
     try:
         path, _ = resolve_weights(model, pretrained, cache_dir)

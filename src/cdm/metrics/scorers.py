@@ -1,4 +1,4 @@
-"""The registry of preference scorers: config name -> class (an HPSv3 scorer adds one entry)."""
+"""The registry of preference scorers: config name -> class."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from typing import Any
 from cdm.metrics.aesthetic import AestheticScorer
 from cdm.metrics.base import Scorer
 from cdm.metrics.clip_score import ClipScorer
+from cdm.metrics.hpsv3 import HPSv3Scorer
 from cdm.metrics.pickscore import PickScorer
 
 SCORERS: dict[str, type[Scorer]] = {
-    cls.name: cls for cls in (ClipScorer, PickScorer, AestheticScorer)
+    cls.name: cls for cls in (ClipScorer, PickScorer, AestheticScorer, HPSv3Scorer)
 }
 
 
