@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install run ablation test lint format world-judge world-teacher dry-run clean
+.PHONY: install run ablation test browser lint format world-judge world-teacher dry-run clean
 
 install: $(STAMP)
 
@@ -14,18 +14,26 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m cdm.params params.yaml
+	$(PY) -m cdm.validate params.yaml
 	snakemake --cores all
 
 # The paper's findings over distillation seeds (params: ablation.*): results/ablation.json,
 # then the report again, which reads it.
 ablation: $(STAMP)
-	$(PY) -m cdm.params params.yaml
+	$(PY) -m cdm.validate params.yaml
 	snakemake --cores all ablation
 	snakemake --cores all --forcerun report results/report.html
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest
+
+# The report's browser test (tests/test_browser.py) renders it in Debian's chromium: installed
+# here where apt can (as root); elsewhere that test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
+	  echo "note: chromium could not be installed; tests/test_browser.py will be skipped"
 
 lint: $(STAMP)
 	ruff check src tests bench

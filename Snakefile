@@ -22,6 +22,21 @@ if _OVERRIDDEN or workflow.config_settings.configfiles:
     )
 
 
+# Validate the params and the inputs they name, and take the project lock (cdm.lock), before
+# any job runs: Snakemake removes a job's old outputs when it starts it, so a bad input
+# found by the job itself would cost the previous results.
+onstart:
+    shell(f"{PYTHON} -m cdm.validate {PARAMS_FILE}")
+
+
+onsuccess:
+    release_lock()
+
+
+onerror:
+    release_lock()
+
+
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/world.smk"
 include: "workflow/rules/teacher.smk"

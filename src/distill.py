@@ -1,7 +1,8 @@
 """Stage distill: CDM distillation of the teacher into a few-step student, one method per run.
 
 Single process: `python src/distill.py --method cdm`. Several processes or GPUs:
-`accelerate launch --config_file configs/accelerate/<cfg>.yaml src/distill.py --method cdm`.
+`python -m cdm.launch --config_file configs/accelerate/<cfg>.yaml src/distill.py --method cdm`
+(accelerate launch, ending in the worker's one-line error on failure: cdm.launch).
 A rerun after a crash resumes from the newest checkpoint in checkpoints/<method>/.
 """
 
@@ -16,11 +17,12 @@ import torch
 from cdm import params as P
 from cdm import zero
 from cdm.backends import backend_module
-from cdm.cache import load_condition
+from cdm.cache import open_condition
 from cdm.checkpoints import fingerprint
 from cdm.cli import run_stage, stage_parser
 from cdm.engine import RunPaths, train
 from cdm.io import atomic_dir, atomic_write_text
+from cdm.lifeline import launched, tie_to_parent
 from cdm.preview import preview_writer
 
 log = logging.getLogger("distill")
@@ -45,14 +47,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, help="distillation seed (default: params `seed`)")
     parser.add_argument("--stop-after", type=int, help="stop at this iteration (tests of resume)")
     args = parser.parse_args()
+    if launched():  # a killed launcher must not leave this worker writing
+        tie_to_parent()
     params = P.load(args.params)
     if args.method not in params.methods:
         raise ValueError(
             f"unknown method '{args.method}'; choose one of {', '.join(params.methods)}"
         )
     method, cfg = params.methods[args.method], params.distill
-    train_cond, _ = load_condition(Path(args.cache) / "train.safetensors")
-    null, _ = load_condition(Path(args.cache) / "null.safetensors")
+    train_cond, _ = open_condition(args.cache, "train")  # sharded: read batch by batch
+    null, _ = open_condition(args.cache, "null")
     backend = backend_module(params.teacher.backend)
     velocity, shift, latent_shape = backend.load_velocity(args.teacher, params.teacher.resolution)
 

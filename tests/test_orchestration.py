@@ -10,9 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import PYTHON, copy_project
+from tests.conftest import PYTHON, edit_params, tiny_world_project
 
 BIN = str(Path(PYTHON).parent)
 ENV = os.environ | {
@@ -28,31 +27,14 @@ def _sh(cwd: Path, *cmd: str) -> str:
     return proc.stdout + proc.stderr
 
 
-def _edit(path: Path, **changes: dict) -> None:
-    data = yaml.safe_load(path.read_text())
-    for section, values in changes.items():
-        data[section] = data[section] | values
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-
-
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory, tiny_teacher_dir) -> Path:
     """The project's files (tracked and new) with a tiny teacher and tiny params."""
-    path = tmp_path_factory.mktemp("orchestrated")
-    copy_project(path, skip=("dvc.lock",))
-    shutil.copytree(tiny_teacher_dir, path / "tiny_teacher")
-    _edit(
-        path / "params.yaml",
-        teacher={"path": "tiny_teacher", "steps": 2},
-        prepare_teacher={"n_pairs": 8, "judge_renders": 512},
-        prompts={"eval_pairs": 8},
-        distill={"iterations": 4, "batch_size": 2, "k_max": 4, "checkpoint_every": 1},
-        sample={"student_steps": [1], "teacher_steps": [2], "batch_size": 8},
+    return tiny_world_project(
+        tmp_path_factory.mktemp("orchestrated"), tiny_teacher_dir,
         score={"k": 2},
-        report={"grid_prompts": 2, "steps": "1"},
         ablation={"methods": ["dmd2", "cdm"], "seeds": [0, 1], "steps": [1]},
-    )
-    return path
+    )  # fmt: skip
 
 
 def _check_results(path: Path) -> None:
@@ -69,6 +51,14 @@ def test_snakemake_runs_the_whole_dag(scratch, tmp_path):
     _sh(work, "snakemake", "--cores", "2")
     _check_results(work)
     assert "Nothing to be done" in _sh(work, "snakemake", "--cores", "2", "-n")
+
+    # The ablation overlay adds two methods: only their students are planned.
+    saved = (work / "params.yaml").read_text()
+    _sh(work, PYTHON, "-m", "cdm.overlay", "configs/ablation.yaml")
+    plan = _sh(work, "snakemake", "--cores", "2", "-n")
+    planned = set(re.findall(r"rule distill:\n(?:.*\n)*?\s+wildcards: method=(\w+)", plan))
+    assert planned == {"dynamic", "dm_only"}, planned
+    (work / "params.yaml").write_text(saved)
 
     # The ablation target: each preset x seed distilled, sampled and scored, then summarised;
     # the report, asked again, reads the summary.
@@ -111,10 +101,18 @@ def test_dvc_repro_reruns_only_what_a_param_change_affects(scratch, tmp_path):
     _check_results(work)
     assert "up to date" in _sh(work, "dvc", "status", "dvc.yaml")  # the root pipeline
 
-    _edit(work / "params.yaml", report={"grid_prompts": 1})
-    assert _ran(_sh(work, "dvc", "repro")) == {"report"}
+    # The ablation overlay adds two methods: DVC finds only their students missing.
+    saved = (work / "params.yaml").read_text()
+    _sh(work, PYTHON, "-m", "cdm.overlay", "configs/ablation.yaml")
+    status = _sh(work, "dvc", "status", "dvc.yaml")
+    assert "distill@dynamic:" in status and "distill@dm_only:" in status
+    assert "distill@cdm:" not in status and "distill@dmd2:" not in status, status
+    (work / "params.yaml").write_text(saved)
 
-    _edit(work / "params.yaml", distill={"iterations": 6})
+    edit_params(work / "params.yaml", report={"grid_prompts": 1})
+    assert _ran(_sh(work, "dvc", "repro")) - {"validate"} == {"report"}
+
+    edit_params(work / "params.yaml", distill={"iterations": 6})
     rerun = _ran(_sh(work, "dvc", "repro"))
     assert {"distill@dmd2", "distill@cdm", "score", "report"} <= rerun
     assert not rerun & {"prepare_teacher", "cache_teacher", "sample_teacher@0", "sample_teacher@1"}
@@ -130,7 +128,7 @@ def test_dvc_repro_reruns_only_what_a_param_change_affects(scratch, tmp_path):
 
     # A DVC experiment with a setting written the way DVC writes it (2e-05: YAML 1.2 float),
     # a bookkeeping change that must not retrain, and the loss plots.
-    _edit(work / "params.yaml", distill={"checkpoint_every": 2, "keep_checkpoints": 3})
+    edit_params(work / "params.yaml", distill={"checkpoint_every": 2, "keep_checkpoints": 3})
     assert not {"distill@dmd2", "distill@cdm"} & _ran(_sh(work, "dvc", "repro"))
     _sh(work, "git", "add", "-A")
     _sh(work, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base")

@@ -161,8 +161,10 @@ def submissions(tmp_path_factory) -> dict[str, list[set[str]]]:
     params = yaml.safe_load((sd3 / "params.yaml").read_text())
     methods, steps, shards = params["distill"]["methods"], params["sample"]["teacher_steps"], 4
     cfg, nocfg = f"samples/teacher_cfg/{steps[0]}", f"samples/teacher_nocfg/{steps[0]}"
-    # fetch_weights and fetch_prompts: local rules (the login node), never sbatch
+    # fetch_weights and fetch_prompts: local rules (the login node), never sbatch; the
+    # training prompts are the user's (onstart's validation checks they are there).
     _make(sd3, "models/weights.json", params["prompts"]["eval_file"])
+    (sd3 / params["prompts"]["train_file"]).write_text("a cat\n")
     calls += cluster.submit(sd3, "results/teacher.json")
     _make(sd3, "models/teacher", "results/teacher.json")
     calls += cluster.submit(sd3, "cache/prompts")

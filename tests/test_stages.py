@@ -106,8 +106,9 @@ def test_make_run_with_broken_params_writes_nothing(tmp_path):
     (tmp_path / "params.yaml").write_text(text)
     before = {p: p.read_bytes() for p in (tmp_path / "results").rglob("*") if p.is_file()}
     venv = Path(PYTHON).parent.parent
+    (tmp_path / "stamp").touch()  # installed already: make must not pip install from here
     proc = subprocess.run(
-        ["make", "run", f"VENV={venv}", f"STAMP={venv}/.installed"],
+        ["make", "run", f"VENV={venv}", "STAMP=stamp"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -1,16 +1,35 @@
-"""Shared entry-point plumbing of the stage scripts."""
+"""Shared entry-point plumbing of the stage scripts: arguments, and every failure as one line.
+
+A stage that fails prints `error: <one line>` naming the file and the cause and exits
+non-zero: 2 for wrong input, 1 for anything else. The traceback goes to
+logs/tracebacks/<stage>.txt (printed instead with --verbose or CDM_VERBOSE=1).
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import re
+import shutil
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
 
+from cdm.lock import ProjectBusy, claim
 from cdm.params import ParamsError
 
 # Errors that mean "the input is wrong", reported as one line rather than a traceback.
 INPUT_ERRORS = (ParamsError, FileNotFoundError, ValueError)
+TRACEBACKS = Path("logs/tracebacks")
+# Writes that fail this close to a full disk are reported as the full disk they are
+# (torch and safetensors say "iostream error" or "file write failed", not ENOSPC).
+LOW_SPACE = 16 * 2**20
+UNREADABLE_WEIGHTS = re.compile(r"Unable to load weights from checkpoint file for '([^']+)'")
+PATH_NAMES = ("path", "filename", "file", "checkpoint_file", "folder")
 
 
 class StageFailure(RuntimeError):
@@ -22,18 +41,108 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--params", default="params.yaml", help="params file (default: params.yaml)"
     )
+    parser.add_argument(
+        "--verbose", action="store_true", help="print the traceback of a failure (CDM_VERBOSE=1)"
+    )
     return parser
 
 
+def verbose() -> bool:
+    return os.environ.get("CDM_VERBOSE") == "1" or "--verbose" in sys.argv
+
+
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(); an input error exits 2 with `error: <one line>` on stderr."""
+    """Run a stage's main(); any failure ends in `error: <one line>` on stderr."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        claim()  # one orchestrator per project: a dvc repro beside a snakemake run stops here
+    except ProjectBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
     try:
         main()
     except INPUT_ERRORS as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"error: {message}", file=sys.stderr)
+        if verbose():
+            raise
+        print(f"error: {first_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except StageFailure as exc:  # the run went wrong, not its input: still one line
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except Exception as exc:
+        if verbose():
+            raise
+        where = save_traceback(exc)
+        hint = f" (traceback: {where})" if where else " (rerun with --verbose for the traceback)"
+        print(f"error: {fault_line(exc)}{hint}", file=sys.stderr)
+        sys.exit(1)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def fault_line(exc: BaseException) -> str:
+    """The cause of an unexpected failure, in the user's terms where it is a known fault."""
+    for e in chain(exc):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return f"no space left on the device holding {e.filename or Path.cwd()}"
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            return f"{e.filename or 'an output'} is not writable ({e.strerror})"
+        match = UNREADABLE_WEIGHTS.search(str(e))
+        if match or type(e).__name__ == "SafetensorError":
+            name = match[1] if match else path_in(e.__traceback__, ".safetensors")
+            cause = first_line(list(chain(e))[-1])  # safetensors' own words, under diffusers'
+            return (
+                f"{name or 'a weights file'} is truncated or not a safetensors file ({cause}); "
+                "rerun the stage that wrote it"
+            )
+    fullest = min(output_folders(), key=lambda p: shutil.disk_usage(p).free)
+    free = shutil.disk_usage(fullest).free
+    if free < LOW_SPACE:
+        return (
+            f"no space left on the device holding {fullest} ({free // 2**10} KiB free): "
+            f"{first_line(exc)}"
+        )
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def output_folders() -> list[Path]:
+    """The project folder and its subfolders: any may be a mount of its own (checkpoints on
+    a cluster's scratch space)."""
+    cwd = Path.cwd()
+    return [cwd, *(p for p in cwd.iterdir() if p.is_dir() and not p.name.startswith("."))]
+
+
+def path_in(tb: TracebackType | None, suffix: str) -> str | None:
+    """The innermost file path ending in `suffix` among the failing frames' usual names."""
+    found = None
+    while tb is not None:
+        for name in PATH_NAMES:
+            value = tb.tb_frame.f_locals.get(name)
+            if isinstance(value, (str, os.PathLike)) and str(value).endswith(suffix):
+                found = str(value)
+        tb = tb.tb_next
+    return found
+
+
+def save_traceback(exc: BaseException) -> Path | None:
+    """Write the traceback beside the logs (best effort: the fault may be a full disk)."""
+    stage = Path(sys.argv[0]).stem or "stage"
+    path = TRACEBACKS / f"{stage}.txt"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(exc)))
+    except OSError:
+        return None
+    return path

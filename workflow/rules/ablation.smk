@@ -30,7 +30,7 @@ rule ablation_distill:
     log:
         "logs/ablation/distill_{method}_seed{seed}.log",
     shell:
-        "OMP_NUM_THREADS={threads} accelerate launch --config_file configs/accelerate/zero{params.zero}{ACCELERATE_SUFFIX}.yaml"
+        "OMP_NUM_THREADS={threads} {PYTHON} -m cdm.launch --config_file configs/accelerate/zero{params.zero}{ACCELERATE_SUFFIX}.yaml"
         " --num_processes {NPROC} --main_process_port {params.port}"
         " src/distill.py --method {wildcards.method} --seed {wildcards.seed} --params {PARAMS_FILE}"
         " --out ablation/models/seed{wildcards.seed} --checkpoints ablation/checkpoints/seed{wildcards.seed}"

@@ -1,5 +1,6 @@
 # Shared settings of every rule.
 from cdm import params as P
+from cdm.lock import release as release_lock
 
 PARAMS_FILE = "params.yaml"
 # The validated params (read as YAML 1.2, as the scripts and DVC read them).

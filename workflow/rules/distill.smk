@@ -29,6 +29,6 @@ rule distill:
     log:
         "logs/distill_{method}.log",
     shell:
-        "OMP_NUM_THREADS={threads} accelerate launch --config_file configs/accelerate/zero{params.zero}{ACCELERATE_SUFFIX}.yaml"
+        "OMP_NUM_THREADS={threads} {PYTHON} -m cdm.launch --config_file configs/accelerate/zero{params.zero}{ACCELERATE_SUFFIX}.yaml"
         " --num_processes {NPROC} --main_process_port {params.port}"
         " src/distill.py --method {wildcards.method} --params {PARAMS_FILE} 2>&1 | tee {log}"

@@ -70,6 +70,7 @@ class LongCatTeacher(pipelines.PipelineTeacher):
 
     name = "longcat"
     family = FAMILY
+    token_limits = {"tokenizer": TEXT_TOKENS}  # the prompt's own tokens, before the template
 
     def __init__(self, folder: Path, resolution: int | None = None):
         from diffusers import LongCatImagePipeline

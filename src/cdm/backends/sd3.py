@@ -77,6 +77,8 @@ class SD3Teacher(pipelines.PipelineTeacher):
 
     name = "sd3"
     family = FAMILY
+    # encode_prompt's defaults: both CLIPs keep 77 tokens, T5 max_sequence_length 256.
+    token_limits = {"tokenizer": 77, "tokenizer_2": 77, "tokenizer_3": 256}
 
     def __init__(self, folder: Path, resolution: int | None = None):
         self.folder, self.resolution = folder, resolution

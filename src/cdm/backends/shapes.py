@@ -37,6 +37,11 @@ class ShapesBackend:
     def null_condition(self) -> Condition:
         return self.encode([""])
 
+    def truncated(self, prompts: list[str]) -> int:
+        """How many prompts the word tokenizer cuts (max_length less start and end)."""
+        room = self.teacher.tokenizer.max_length - 2
+        return sum(len(p.split()) > room for p in prompts)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixel space already: [-1, 1] -> uint8 (B, H, W, 3)."""
         return decode(latents)

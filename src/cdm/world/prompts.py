@@ -86,6 +86,22 @@ def parse_prompt(prompt: str) -> Attributes:
         raise ValueError(f"not a shapes-world prompt: {prompt!r}") from None
 
 
+def check_renderable(prompts: list[str], source: str) -> None:
+    """The shapes world scores only prompts it can render: refuse the others up front."""
+    bad = []
+    for i, prompt in enumerate(prompts):
+        try:
+            parse_prompt(prompt)
+        except ValueError:
+            bad.append(i)
+    if bad:
+        raise ValueError(
+            f"{source}: {len(bad)} prompt(s) the shapes world cannot render (the first: "
+            f"{prompts[bad[0]][:80]!r}); the world takes prompts like "
+            "'a red triangle on the left on a light background'"
+        )
+
+
 def all_attributes() -> list[Attributes]:
     ranges = (range(len(v)) for v in ATTRIBUTES.values())
     return [Attributes(*combo) for combo in itertools.product(*ranges)]

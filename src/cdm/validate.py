@@ -1,0 +1,78 @@
+"""`python -m cdm.validate [params.yaml]`: the params and the inputs they name, checked before
+any stage runs (and so before an orchestrator removes any output).
+
+Snakemake calls it at start (onstart), DVC as the `validate` stage every other stage is
+downstream of, `make run` first. It checks the schema (cdm.params), the files the params
+name that no stage produces (the teacher and judge folders, the prompt files, every
+prompt renderable by the shapes world), and takes the project lock (cdm.lock) for the
+orchestrator that started it. A problem is one line and exit 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cdm import params as P
+from cdm.cache import read_prompts_file
+from cdm.lock import ProjectBusy, claim
+from cdm.metrics.base import HUB_ID
+from cdm.world.prompts import check_renderable
+
+
+def check_inputs(params: P.Params) -> None:
+    """Raise ValueError / FileNotFoundError (one line) for an input no stage can make."""
+    teacher, prompts = params.teacher, params.prompts
+    world = teacher.backend == "shapes"
+    if not Path(teacher.path).exists() and (world or not HUB_ID.match(teacher.path)):
+        kind = (
+            "the world teacher folder (`make world-teacher`)"
+            if world
+            else "a local pipeline folder or a hub id (owner/name)"
+        )
+        raise FileNotFoundError(f"teacher.path '{teacher.path}' does not exist; expected {kind}")
+    if world and not Path(params.judge.path).exists():
+        raise FileNotFoundError(
+            f"judge.path '{params.judge.path}' does not exist; restore it from git or run "
+            "`make world-judge`"
+        )
+    # The real runs' eval_file is fetched (fetch_prompts); every other named file must exist.
+    files = {"train_file": prompts.train_file, "eval_file": prompts.eval_file if world else None}
+    for key, name in files.items():
+        if name is None:
+            continue
+        if not Path(name).is_file():
+            what = "training" if key == "train_file" else "evaluation"
+            raise FileNotFoundError(
+                f"prompts.{key} {name} does not exist; put the {what} prompts there, one per line"
+            )
+        lines = read_prompts_file(name)
+        if world:
+            check_renderable(lines, f"prompts.{key} {name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("params", nargs="?", default=P.DEFAULT_PATH)
+    parser.add_argument(
+        "--record", help="write 'valid' here on success (DVC's stage output, always the same)"
+    )
+    parser.add_argument("--no-lock", action="store_true", help="check only; take no lock")
+    args = parser.parse_args(argv)
+    try:
+        params = P.load(args.params)
+        check_inputs(params)
+        if not args.no_lock:
+            claim(Path(args.params).resolve().parent)
+    except (P.ParamsError, ValueError, FileNotFoundError, ProjectBusy) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if args.record:
+        Path(args.record).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.record).write_text("valid\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
