@@ -12,61 +12,22 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from PIL import Image
 
 from cdm import params as P
 from cdm.cli import run_stage, stage_parser
 from cdm.io import atomic_write_json
 from cdm.report.findings import findings
+from cdm.report.grid import grid_rows
 from cdm.report.html import real_report, write_report
 from cdm.report.plots import WORLD_PANELS, image_grid, quality_vs_nfe, training_curves
 from cdm.report.preference import LABELS, scored
 from cdm.report.preference import findings as real_findings
 from cdm.report.provenance import committed_metrics, provenance, since_committed
-from cdm.report.tables import model_key
 
 log = logging.getLogger("report")
-INDEX = "index.parquet"
 WORLD_KEYS = ["alignment", "fd", "fd_to_teacher_nocfg", "precision", "recall"]
 GRID_SCALE = 3  # 32 px images -> 96 px cells
-
-
-def sample_sets(samples: Path) -> list[tuple[str, int, Path]]:
-    """(model, steps, folder) of every complete sample set, teachers first, then by steps."""
-    sets = []
-    for index in samples.glob(f"*/*/{INDEX}"):
-        folder = index.parent
-        if folder.parent.name.startswith(".") or not folder.name.isdigit():
-            continue
-        sets.append((folder.parent.name, int(folder.name), folder))
-    return sorted(sets, key=lambda s: (model_key(s[0]), s[1]))
-
-
-def grid_rows(samples: Path, n: int) -> tuple[dict[str, np.ndarray], list[str]]:
-    """{"model @ N": uint8 (n, H, W, 3)} of pairs 0..n-1 (those every set holds), and the
-    prompts of those pairs (the grid's captions)."""
-    sets = sample_sets(samples)
-    files = {}
-    for model, steps, folder in sets:
-        index = pd.read_parquet(folder / INDEX)
-        files[(model, steps, folder)] = dict(
-            zip(index["pair"].tolist(), index["file"], strict=True)
-        )
-    common = set(range(n)).intersection(*(f.keys() for f in files.values())) if files else set()
-    pairs = sorted(common)
-    if not pairs:
-        return {}, []
-    first = pd.read_parquet(sets[0][2] / INDEX).set_index("pair")
-    captions = [str(first.loc[p, "prompt"]) for p in pairs]
-    rows = {
-        f"{model} @ {steps}": np.stack(
-            [np.asarray(Image.open(folder / by_pair[p]).convert("RGB")) for p in pairs]
-        )
-        for (model, steps, folder), by_pair in files.items()
-    }
-    return rows, captions
 
 
 def read_path(path: Path, stage: str) -> Path:
@@ -99,7 +60,7 @@ def main() -> None:
     teacher = json.loads(teacher_path.read_text()) if teacher_path.is_file() else None
     if teacher is None:
         log.warning("no %s; the report has no teacher section", teacher_path)
-    rows, captions = grid_rows(Path(args.samples), params.report.grid_prompts)
+    rows, captions, pairs = grid_rows(Path(args.samples), params.report.grid_prompts)
     world = params.teacher.backend == "shapes"
 
     plots = results / "plots"
@@ -109,7 +70,7 @@ def main() -> None:
     images["Training losses"] = training_curves(logs, plots / "training_curves.png")
     if rows:
         label = (
-            f"Samples: pairs 0-{len(captions) - 1} (prompt under each column), "
+            f"Samples: pairs {', '.join(map(str, pairs))} (prompt under each column), "
             "the same noise in every row"
         )
         scale = GRID_SCALE if world else 1

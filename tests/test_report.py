@@ -288,3 +288,43 @@ def test_since_committed_flags_moves_beyond_the_margin():
     ci = {"cdm": {"4": {"pickscore": 21.5, "pickscore_ci": [21.3, 21.7]}}}
     moved = since_committed(ci, {"cdm": {"4": {"pickscore": 21.0}}}, ["pickscore"], 2048)
     assert moved["moved"].tolist() == ["yes"]
+
+
+def test_grid_pairs_span_every_world_attribute() -> None:
+    """The first eight evaluation pairs show few colours; the chosen eight show every shape,
+    colour, position and background."""
+    from cdm.report.grid import spanning_pairs
+    from cdm.world.evaluate import EvalPairs
+    from cdm.world.prompts import ATTRIBUTES, all_prompts, parse_prompt
+
+    pairs = EvalPairs.of(all_prompts(), range(512))
+    prompts = dict(enumerate(pairs.prompts))
+
+    def shown(chosen: list[int]) -> dict[str, set[int]]:
+        attrs = [parse_prompt(prompts[p]) for p in chosen]
+        return {name: {getattr(a, name) for a in attrs} for name in ATTRIBUTES}
+
+    first = shown(list(range(8)))
+    assert any(len(first[n]) < len(v) for n, v in ATTRIBUTES.items())  # the old grid
+    chosen = spanning_pairs(prompts, 8)
+    assert len(set(chosen)) == 8 and chosen == sorted(chosen)
+    assert all(len(shown(chosen)[n]) == len(v) for n, v in ATTRIBUTES.items())
+    assert spanning_pairs(prompts, 8) == chosen  # deterministic
+
+
+def test_grid_pairs_of_real_prompts_are_evenly_spaced() -> None:
+    from cdm.report.grid import spanning_pairs
+
+    prompts = {i: f"a photo number {i}" for i in range(2048)}
+    assert spanning_pairs(prompts, 4) == [0, 512, 1024, 1536]
+    assert spanning_pairs({0: "x", 5: "y"}, 8) == [0, 5]
+
+
+def test_one_colour_per_model_in_every_figure() -> None:
+    from cdm.report.plots import model_colour
+    from cdm.report.tables import MODEL_ORDER
+
+    colours = [model_colour(m) for m in MODEL_ORDER]
+    assert len(set(colours)) == len(MODEL_ORDER)
+    assert model_colour("my_method") == model_colour("my_method")
+    assert model_colour("my_method") not in colours

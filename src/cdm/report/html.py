@@ -186,6 +186,12 @@ def _html_since(context: dict | None) -> list[str]:
     ]
 
 
+NATURAL_SIZES = (
+    '<script>addEventListener("load", () => { for (const i of document.images) '
+    'i.dataset.natural = i.naturalWidth + "x" + i.naturalHeight; });</script>'
+)
+
+
 def _html_head() -> list[str]:
     return [
         "<!doctype html>",
@@ -209,6 +215,9 @@ def _html_figures(images: dict[str, Path]) -> list[str]:
     for name, image in images.items():
         alt = html.escape(name, quote=True)
         parts += [f"<h3>{alt}</h3>", f'<img src="{_data_uri(image)}" alt="{alt}">']
+    # Each image's decoded size as data-natural="WxH": a browser that could not decode one
+    # says 0x0 (what the suite's headless-Chromium test reads from the DOM).
+    parts.append(NATURAL_SIZES)
     return parts
 
 

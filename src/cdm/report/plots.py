@@ -23,6 +23,19 @@ from cdm.report.tables import model_key
 
 LOSS_COLUMNS = ("loss_ca", "loss_dm", "loss_cdm", "loss_fake")
 DPI = 120
+# One colour per model in every figure (teachers in greys); other names hash into the rest.
+COLOURS = {
+    "teacher_cfg": "#222222", "teacher_nocfg": "#8c8c8c", "dmd2": "#1f77b4",
+    "dynamic": "#ff7f0e", "cdm": "#d62728", "dm_only": "#2ca02c",
+}  # fmt: skip
+SPARE = ("#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f")
+
+
+def model_colour(model: str) -> str:
+    """The model's colour, the same in the loss panels, the quality plots and every report."""
+    if model in COLOURS:
+        return COLOURS[model]
+    return SPARE[sum(map(ord, model)) % len(SPARE)]  # stable across runs (not hash())
 
 
 @contextlib.contextmanager
@@ -75,8 +88,9 @@ def quality_vs_nfe(
             x, y = _curve(metrics[model], key)
             if x:
                 ax.plot(
-                    x, y, marker="o", label=model, ls="--" if model.startswith("teacher") else "-"
-                )
+                    x, y, marker="o", label=model, color=model_colour(model),
+                    ls="--" if model.startswith("teacher") else "-",
+                )  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("NFE")
         ax.set_ylabel(label)
@@ -121,7 +135,7 @@ def training_curves(csv_paths: dict[str, Path], path: str | Path) -> Path:
             series = df[["step", col]].dropna()
             window = max(1, len(series) // 50)
             smooth = series[col].rolling(window, center=True, min_periods=1).mean()
-            ax.plot(series["step"], smooth, label=method)
+            ax.plot(series["step"], smooth, label=method, color=model_colour(method))
         ax.set_title(col)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
