@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -216,3 +217,30 @@ def test_no_flow_match_config_is_both_exact_and_finite():
     for steps in STEPS:
         sigmas = few_step.pipeline_sigmas(config, steps, 4096)
         torch.testing.assert_close(sigmas, inference_sigmas(steps, 3.0), rtol=0, atol=0)
+
+
+def test_publish_links_the_student_and_puts_the_results_in_its_own_card(exported, tmp_path):
+    """The student the orchestrators track stays as it is; the published copy shares its
+    weights (hard links) and its card carries the method's metrics and the sample grid."""
+    from cdm.publish import main as publish
+
+    _, _, folder, _, _ = exported
+    students, results = tmp_path / "students", tmp_path / "results"
+    shutil.copytree(folder, students / "cdm")
+    card_before = (students / "cdm" / "README.md").read_text()
+    (results / "plots").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(results / "plots" / "samples.png")
+    metrics = {"cdm": {"4": {"clip": 31.2, "clip_ci": [30.0, 32.0], "conventions": {}},
+                       "2": {"clip": 29.5}}, "teacher_cfg": {"28": {"clip": 33.0}}}  # fmt: skip
+    (results / "metrics.json").write_text(json.dumps(metrics))
+    out = tmp_path / "exports" / "cdm"
+    args = ["cdm", "--students", str(students), "--results", str(results), "--out", str(out)]
+    assert publish(args) == 0
+    text = (out / "README.md").read_text()
+    assert "| 4 steps.clip | 31.2 |" in text and "| 2 steps.clip | 29.5 |" in text
+    assert "conventions" not in text and f"![sample grid]({pipelines.GRID})" in text
+    assert (students / "cdm" / "README.md").read_text() == card_before
+    weights = next((out / "transformer").glob("*.safetensors"))
+    twin = students / "cdm" / "transformer" / weights.name
+    assert weights.stat().st_ino == twin.stat().st_ino
+    assert publish(["dmd2", "--students", str(students), "--results", str(results)]) == 2

@@ -1,0 +1,70 @@
+"""`python -m cdm.publish <method> [--out exports/<method>]`: a student ready to upload.
+
+The distill stage's `models/students/<method>/` is a pipeline output the orchestrators track,
+so the report never writes into it. Publishing links it (hard links: no second copy of the
+weights) into its own folder and adds the run's results to that copy's model card: the
+method's metrics at every step count, with their conventions, and the report's sample grid.
+Run it after the report; rerunning replaces the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from cdm.backends.pipelines import add_results_to_card, link_tree
+from cdm.io import atomic_dir
+
+SKIPPED = ("conventions", "skipped")  # long per-metric records: the report holds them
+
+
+def card_metrics(metrics: dict[str, Any], method: str) -> dict[str, Any]:
+    """{steps: {metric: value}} of one method, for the card's table."""
+    if method not in metrics:
+        known = ", ".join(sorted(metrics))
+        raise ValueError(f"results/metrics.json has no '{method}'; scored sets: {known}")
+    return {
+        f"{steps} steps": {k: v for k, v in entry.items() if k not in SKIPPED}
+        for steps, entry in sorted(metrics[method].items(), key=lambda kv: float(kv[0]))
+    }
+
+
+def publish(method: str, students: Path, results: Path, out: Path) -> Path:
+    student = students / method
+    if not (student / "model_index.json").is_file():
+        raise FileNotFoundError(f"{student} holds no exported student; run distill for {method}")
+    metrics_file = results / "metrics.json"
+    if not metrics_file.is_file():
+        raise FileNotFoundError(f"missing {metrics_file}; run the score stage first")
+    table = card_metrics(json.loads(metrics_file.read_text()), method)
+    grid = results / "plots" / "samples.png"
+    with atomic_dir(out) as tmp:
+        link_tree(student, tmp, fallback="copy", skip=("README.md",))
+        shutil.copyfile(student / "README.md", tmp / "README.md")  # edited: never a link
+        add_results_to_card(tmp, table, grid if grid.is_file() else None)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("method", help="a distilled method (models/students/<method>)")
+    parser.add_argument("--students", default="models/students")
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--out", help="default: exports/<method>")
+    args = parser.parse_args(argv)
+    out = Path(args.out or f"exports/{args.method}")
+    try:
+        publish(args.method, Path(args.students), Path(args.results), out)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
