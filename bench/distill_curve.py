@@ -33,7 +33,7 @@ from distill_probe import override  # noqa: E402
 
 from cdm import params as P  # noqa: E402
 from cdm.backends import backend_module  # noqa: E402
-from cdm.cache import load_condition  # noqa: E402
+from cdm.cache import load_condition, open_condition  # noqa: E402
 from cdm.conditioning import Condition  # noqa: E402
 from cdm.engine import RunPaths, train  # noqa: E402
 from cdm.metrics.frechet import frechet_distance  # noqa: E402
@@ -111,7 +111,7 @@ def main() -> None:
         params = P.load(work / "params.yaml")
         cfg, method = params.distill, params.methods[args.method]
         cache = work / "cache" / "prompts"
-        train_cond, _ = load_condition(cache / "train.safetensors")
+        train_cond, _ = open_condition(cache, "train")  # sharded: read batch by batch
         null, _ = load_condition(cache / "null.safetensors")
         evals, prompts = load_condition(cache / "eval.safetensors")
         backend = backend_module(params.teacher.backend)

@@ -111,3 +111,17 @@ def test_cli_error_is_one_line():
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
     assert proc.stderr.count("\n") == 1 and "covers the sd3 and longcat backends" in proc.stderr
+
+
+# Measured on one H100 (bf16, torch 2.11, SDPA) with random weights of SD3-Medium's published
+# transformer config at 1024 px: fwd+bwd activations per sample (the issue on real scale).
+H100_GIB_PER_SAMPLE = {True: 0.28, False: 2.75}  # gradient checkpointing on / off
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_activation_model_reproduces_the_h100_measurements(checkpointing):
+    model, _ = plan.describe("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", 1024)
+    for batch in (1, 4):
+        got = plan.student_activations(model, batch, checkpointing) / plan.GIB
+        want = H100_GIB_PER_SAMPLE[checkpointing] * batch
+        assert got == pytest.approx(want, rel=0.15), (batch, got, want)

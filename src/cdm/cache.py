@@ -1,16 +1,43 @@
-"""Cached text conditioning: safetensors files the later stages read instead of a text encoder."""
+"""Cached text conditioning: safetensors files the later stages read instead of a text encoder.
+
+eval and null are one file each (`<name>.safetensors`, loaded into memory). The training set
+is sharded (`train/shard-00000.safetensors`, ... plus `train/index.json`): with ~200k prompts
+SD3's embeddings are hundreds of GB, so the engine reads only each batch's rows from disk
+(`StreamedCondition`) and moves only that batch to the GPU.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cdm.conditioning import Condition
 
 CACHE_DIR = Path("cache/prompts")
 FILES = ("train", "eval", "null")
+SHARDED = ("train",)  # sets written as a folder of shards; the others are one file each
+INDEX = "index.json"
+SHARD = "shard-{:05d}.safetensors"
+KEYS = ("embeds", "pooled")
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def save_condition(path: Path, cond: Condition, prompts: list[str]) -> None:
@@ -18,16 +45,228 @@ def save_condition(path: Path, cond: Condition, prompts: list[str]) -> None:
     save_file(tensors, path, metadata={"prompts": json.dumps(prompts)})
 
 
-def load_condition(path: str | Path) -> tuple[Condition, list[str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"missing cache file {path}; run the cache_teacher stage first")
-    from safetensors import safe_open
+def save_sharded(
+    folder: Path, parts: Iterable[tuple[Condition, list[str]]], shard_prompts: int
+) -> dict:
+    """Write `parts` (conditions with their prompts, in order) as shards of at most
+    `shard_prompts` prompts plus `index.json`; holds at most one shard in memory."""
+    if shard_prompts <= 0:
+        raise ValueError(f"shard_prompts must be > 0, got {shard_prompts}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict] = []
+    prompts: list[str] = []
+    pending: list[Condition] = []
+    pending_prompts: list[str] = []
+    spec: tuple | None = None  # dtype and row shapes, the same in every batch
 
-    with safe_open(str(path), "pt") as f:
-        prompts = json.loads(f.metadata()["prompts"])
-    tensors = load_file(path)
-    return Condition(tensors["embeds"], tensors["pooled"]), prompts
+    def flush(final: bool) -> None:
+        nonlocal pending, pending_prompts
+        while len(pending_prompts) >= shard_prompts or (final and pending_prompts):
+            cond = Condition.cat(pending)
+            head, tail = cond.take(slice(0, shard_prompts)), cond.take(slice(shard_prompts, None))
+            name = SHARD.format(len(shards))
+            save_condition(folder / name, head, pending_prompts[:shard_prompts])
+            shards.append({"file": name, "count": len(head)})
+            pending_prompts = pending_prompts[shard_prompts:]
+            pending = [tail.to(copy=True)] if len(tail) else []  # not a view of the old batch
+
+    for cond, names in parts:
+        if len(cond) != len(names):
+            raise ValueError(f"{len(cond)} embeddings for {len(names)} prompts")
+        shape = (cond.embeds.dtype, cond.pooled.dtype, cond.embeds.shape[1:], cond.pooled.shape[1:])
+        if spec is not None and shape != spec:
+            raise ValueError(f"a batch of {shape} after batches of {spec}")
+        spec = shape
+        pending.append(cond)
+        pending_prompts += names
+        prompts += names
+        flush(final=False)
+    flush(final=True)
+    if spec is None:
+        raise ValueError(f"no prompts to write to {folder}")
+    index = {
+        "format": "cdm-condition-shards",
+        "version": 1,
+        "count": len(prompts),
+        "shard_prompts": shard_prompts,
+        "dtype": str(spec[0]).removeprefix("torch."),
+        "pooled_dtype": str(spec[1]).removeprefix("torch."),
+        "embeds_shape": list(spec[2]),
+        "pooled_shape": list(spec[3]),
+        "shards": shards,
+        "prompts": prompts,
+    }
+    (folder / INDEX).write_text(json.dumps(index))
+    return index
+
+
+def _header(path: str) -> tuple[int, dict]:
+    """Start of the data and the tensor entries of a safetensors file (already validated)."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+class StreamedCondition:
+    """A sharded prompt cache read row by row from disk: `take` returns the same rows as
+    `Condition.take` on the whole cache in memory, reading only those rows (positioned reads,
+    no whole shard and no mapping of it in this process), so memory stays flat however large
+    the cache is. `take(idx).to(device)` moves only the batch."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        index_file = folder / INDEX
+        if not index_file.is_file():
+            raise FileNotFoundError(
+                f"missing cache index {index_file}; run the cache_teacher stage first"
+            )
+        index = json.loads(index_file.read_text())
+        self.folder = folder
+        self.prompts: list[str] = index["prompts"]
+        self.dtypes = {
+            "embeds": getattr(torch, index["dtype"]),
+            "pooled": getattr(torch, index.get("pooled_dtype", index["dtype"])),
+        }
+        self.shapes = {
+            "embeds": tuple(index["embeds_shape"]),
+            "pooled": tuple(index["pooled_shape"]),
+        }
+        self._files: list[str] = []
+        self._data: list[dict[str, int]] = []  # byte offset of each tensor's first row
+        self._fds: list[int | None] = []
+        starts = [0]
+        for shard in index["shards"]:
+            path = str(folder / shard["file"])
+            with safe_open(path, "pt") as f:  # a truncated or foreign file fails here, named
+                keys = set(f.keys())
+            if not set(KEYS) <= keys:
+                raise ValueError(f"{path} holds {sorted(keys)}, not {list(KEYS)}")
+            begin, header = _header(path)
+            offsets = {}
+            for key in KEYS:
+                entry = header[key]
+                shape = (shard["count"], *self.shapes[key])
+                dtype = self.dtypes[key]
+                if _DTYPES.get(entry["dtype"]) != dtype or tuple(entry["shape"]) != shape:
+                    raise ValueError(
+                        f"{path}: {key} is {entry['dtype']} {entry['shape']}, "
+                        f"the index says {dtype} {list(shape)}"
+                    )
+                offsets[key] = begin + entry["data_offsets"][0]
+            self._files.append(path)
+            self._data.append(offsets)
+            self._fds.append(None)
+            starts.append(starts[-1] + shard["count"])
+        if starts[-1] != index["count"] or starts[-1] != len(self.prompts):
+            raise ValueError(f"{index_file}: shard counts do not add up to {index['count']}")
+        self._starts = torch.tensor(starts)
+        self._row_bytes = {
+            k: torch.empty((), dtype=self.dtypes[k]).element_size() * _numel(self.shapes[k])
+            for k in KEYS
+        }
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for i, fd in enumerate(getattr(self, "_fds", [])):
+            if fd is not None:
+                os.close(fd)
+                self._fds[i] = None
+
+    def take(self, index: torch.Tensor | slice) -> Condition:
+        """The rows `index` (integer tensor, repeats and negatives allowed, or a slice) on CPU."""
+        n = len(self)
+        if isinstance(index, slice):
+            rows = torch.arange(n)[index]
+        else:
+            rows = torch.as_tensor(index).cpu()
+            if rows.dtype in (torch.bool, torch.uint8) or rows.is_floating_point():
+                raise TypeError(f"take needs integer indices, got {rows.dtype}")
+            rows = rows.long()
+            if rows.numel() and (rows.min() < -n or rows.max() >= n):
+                bad = rows[(rows < -n) | (rows >= n)][0].item()
+                raise IndexError(f"index {bad} is out of bounds for a cache of {n} prompts")
+            rows = torch.where(rows < 0, rows + n, rows)
+        unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+        out = {k: torch.empty((len(unique), self._row_bytes[k]), dtype=torch.uint8) for k in KEYS}
+        for shard, first, j, count in self._runs(unique):
+            for key in KEYS:
+                size = self._row_bytes[key]
+                offset = self._data[shard][key] + first * size
+                self._read_into(shard, out[key][j : j + count], offset)
+        parts = [
+            out[k].view(self.dtypes[k]).view(len(unique), *self.shapes[k])[inverse.view(rows.shape)]
+            for k in KEYS
+        ]
+        return Condition(*parts)
+
+    def load(self) -> Condition:
+        """The whole cache in memory."""
+        return self.take(slice(None))
+
+    def _runs(self, unique: torch.Tensor) -> Iterator[tuple[int, int, int, int]]:
+        """(shard, first row in the shard, first output row, rows) for each contiguous run."""
+        shards = (torch.searchsorted(self._starts, unique, right=True) - 1).tolist()
+        rows = unique.tolist()
+        starts = self._starts.tolist()
+        j = 0
+        while j < len(rows):
+            count = 1
+            while (
+                j + count < len(rows)
+                and shards[j + count] == shards[j]
+                and rows[j + count] == rows[j] + count
+            ):
+                count += 1
+            yield shards[j], rows[j] - starts[shards[j]], j, count
+            j += count
+
+    def _read_into(self, shard: int, buf: torch.Tensor, offset: int) -> None:
+        fd = self._fds[shard]
+        if fd is None:
+            fd = self._fds[shard] = os.open(self._files[shard], os.O_RDONLY)
+        view = memoryview(buf.numpy()).cast("B")
+        done = 0
+        while done < len(view):  # pread may return less than asked (large reads, network FS)
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise OSError(f"{self._files[shard]} ended early; rerun the cache_teacher stage")
+            done += got
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def load_condition(path: str | Path) -> tuple[Condition | StreamedCondition, list[str]]:
+    """A cache file in memory, or a sharded cache folder streamed from disk (also where `path`
+    names `<name>.safetensors` and only the folder `<name>/` exists)."""
+    path = Path(path)
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            prompts = json.loads(f.metadata()["prompts"])
+        tensors = load_file(path)
+        return Condition(tensors["embeds"], tensors["pooled"]), prompts
+    folder = path if path.is_dir() else path.with_suffix("")
+    if (folder / INDEX).is_file():
+        reader = StreamedCondition(folder)
+        return reader, reader.prompts
+    raise FileNotFoundError(f"missing cache file {path}; run the cache_teacher stage first")
+
+
+def open_condition(cache: str | Path, name: str) -> tuple[Condition | StreamedCondition, list[str]]:
+    """Set `name` of a cache folder: `<name>/` (sharded, streamed) or `<name>.safetensors`."""
+    return load_condition(Path(cache) / f"{name}.safetensors")
 
 
 def read_prompts_file(path: str | Path) -> list[str]:

@@ -236,7 +236,7 @@ def damage(folder: Path) -> str | None:
 
 
 def save_checkpoint(
-    root: Path, iteration: int, student, fake, ema: torch.nn.Module, keep: int, rank: int
+    root: Path, iteration: int, student, fake, ema: zero.PartitionedEMA, keep: int, rank: int
 ) -> None:
     """One atomic folder: both engines (weights, optimizer, scheduler), the EMA, the step and
     a manifest of every file's size and hash (checked before a resume)."""
@@ -244,13 +244,20 @@ def save_checkpoint(
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     zero.barrier()
-    student.save_checkpoint(str(tmp / "student"), tag="state")
-    fake.save_checkpoint(str(tmp / "fake"), tag="state")
-    zero.barrier()
+    try:
+        student.save_checkpoint(str(tmp / "student"), tag="state")
+        fake.save_checkpoint(str(tmp / "fake"), tag="state")
+        ema_state = ema.state_dict()  # gathered: collective, every rank
+        zero.barrier()
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in ema_state.items()}, tmp / "ema.safetensors")
+            (tmp / "state.json").write_text(json.dumps({"iteration": iteration}))
+            write_manifest(tmp)
+    except BaseException:
+        if rank == 0:  # a full disk: give the space of the partial folder back
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if rank == 0:
-        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
-        (tmp / "state.json").write_text(json.dumps({"iteration": iteration}))
-        write_manifest(tmp)
         final = root / f"it-{iteration:07d}"
         shutil.rmtree(final, ignore_errors=True)  # a damaged one of the same step, if any
         tmp.rename(final)
@@ -259,7 +266,7 @@ def save_checkpoint(
     zero.barrier()
 
 
-def load_latest(root: Path, student, fake, ema: torch.nn.Module) -> int:
+def load_latest(root: Path, student, fake, ema: zero.PartitionedEMA) -> int:
     """Resume from the newest intact checkpoint; returns the iteration to start from.
 
     A damaged one (its files disagree with its manifest) is skipped with a one-line warning
@@ -352,20 +359,21 @@ def train(
     if cfg.gradient_checkpointing:
         for m in (student_model, fake_model):
             m.transformer.enable_gradient_checkpointing()
-    ema = copy.deepcopy(teacher_model).float().to(device).requires_grad_(False).eval()
     conf = zero.ds_config(cfg.batch_size, cfg.zero_stage, bf16, cfg.grad_clip, launched or ds_base)
     opt = dict(
         warmup=cfg.warmup, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.adam_eps
     )
     student = zero.make_engine(student_model, cfg.lr_student, config=conf, **opt)
     fake = zero.make_engine(fake_model, cfg.lr_fake, config=conf, **opt)
+    # The student EMA, sharded like the optimizer state (the student starts at the teacher).
+    ema = zero.PartitionedEMA(student)
 
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
     start = load_latest(paths.checkpoints, student, fake, ema)
     if start:
         log.info("resuming from iteration %d", start)
     writer = _CsvLog(paths.log_csv, start, paths.live_csv) if rank == 0 else None
-    train_cond, null = train_cond.to(device), null.to(device)
+    null = null.to(device)  # train_cond stays put (a streamed cache): only batches move
     zero3 = cfg.zero_stage == 3
     end = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
     bar = tqdm(
@@ -386,7 +394,7 @@ def train(
             sigmas = schedule_for(method, cfg, shift, shared, gen).to(device)
             k = len(sigmas) - 1
             idx = torch.randint(len(train_cond), (cfg.batch_size,), generator=gen, device=device)
-            cond = train_cond.take(idx)
+            cond = train_cond.take(idx.cpu()).to(device)
             anchor = draw_anchor(k, cfg.batch_size, gen)
             noise = torch.randn((cfg.batch_size, *latent_shape), generator=gen, device=device)
 
@@ -426,7 +434,7 @@ def train(
                 if zero.all_finite(out.total):
                     student.backward(out.total)
                     student.step()
-                    _ema_update(ema, student, ema_decay(student_step, cfg.ema_max))
+                    ema.update(ema_decay(student_step, cfg.ema_max))
                     row["grad_norm_student"] = _grad_norm(student)
                 else:
                     finite = False
@@ -464,13 +472,11 @@ def train(
                     "lower distill.lr_student / lr_fake or check the teacher"
                 )
             updated = (it + 1) % cfg.update_ratio == 0
-            if (
-                updated
-                and preview is not None
-                and rank == 0
-                and student_step % cfg.preview_every == 0
-            ):
-                preview(student_step, ema)
+            if updated and preview is not None and student_step % cfg.preview_every == 0:
+                full = ema.module(teacher_model)  # gathered on every rank, drawn on rank 0
+                if rank == 0:
+                    preview(student_step, full)
+                del full
             # No checkpoint during a non-finite streak: the kept ones stay the last good states.
             if streak == 0 and updated and student_step % cfg.checkpoint_every == 0:
                 save_checkpoint(
@@ -488,7 +494,7 @@ def train(
                 )
     if end > start:
         _save_once(paths.checkpoints, end, student, fake, ema, cfg, rank)
-    return ema
+    return ema.module(teacher_model)
 
 
 def _save_once(root: Path, iteration: int, student, fake, ema, cfg: Distill, rank: int) -> None:
@@ -496,13 +502,6 @@ def _save_once(root: Path, iteration: int, student, fake, ema, cfg: Distill, ran
     done = _checkpoints(root)
     if not done or done[-1].name != f"it-{iteration:07d}":
         save_checkpoint(root, iteration, student, fake, ema, cfg.keep_checkpoints, rank)
-
-
-@torch.no_grad()
-def _ema_update(ema: torch.nn.Module, student, decay: float) -> None:
-    """EMA <- decay EMA + (1 - decay) G, from the student's fp32 master weights."""
-    for (_, full), e in zip(zero.full_fp32_params(student), ema.parameters(), strict=True):
-        e.lerp_(full.to(e.device), 1 - decay)
 
 
 def _grad_norm(engine) -> float:

@@ -63,6 +63,8 @@ class Prompts(Section):
 
 class CacheTeacher(Section):
     batch_size: int = Field(64, gt=0)
+    # Prompts per shard of cache/prompts/train/ (distillation reads the shards batch by batch)
+    shard_prompts: int = Field(4096, gt=0)
 
 
 class Method(Section):
@@ -163,7 +165,11 @@ PAPER_SCORERS: dict[str, dict[str, Any]] = {
         "clip_model": "ViT-L-14",
         "clip_pretrained": "openai",
     },
-    "hpsv3": {},
+    "hpsv3": {  # a 7B VLM: its own batch, not score.batch_size
+        "checkpoint": "MizzenAI/HPSv3",
+        "base": "Qwen/Qwen2-VL-7B-Instruct",
+        "batch_size": 8,
+    },
 }
 
 

@@ -14,14 +14,15 @@ in fp32 on CPUs; N = GPUs):
 - optimizer states per engine: fp32 master + AdamW m and v, partitioned: 12 P / N
 - gradients per engine: w P / N partitioned, the reduce bucket, and a transient fp32 copy
   of the partition (4 P / N) while an engine steps (one at a time)
-- student EMA: an fp32 module on every rank: 4 P
-- activations with gradient checkpointing: each block's input (B_s tokens x hidden, w bytes)
-  for the student's forward with gradient (B_s = 2 B with the CDM point, else B), plus one
-  block recomputed in backward (34 w/2 bytes per token x hidden, Korthikanti et al. 2022,
-  flash attention) or, whichever is larger, the no-grad working set of the teacher's batched
-  call (4 B samples: CA cond + uncond, DM, CDM) at ~10 values per token x hidden; without
-  checkpointing every block keeps its 34 w/2 bytes per token x hidden
-- the prompt cache: the engine moves every training prompt's embedding to each GPU
+- student EMA: fp32, partitioned like the optimizer state (zero.PartitionedEMA): 4 P / N
+- activations with gradient checkpointing: each block's input for the student's forward
+  with gradient (B_s = 2 B samples with the CDM point, else B), plus one block recomputed in
+  backward, or, whichever is larger, the no-grad working set of the teacher's batched call
+  (4 B samples: CA cond + uncond, DM, CDM) at ~10 values per token x hidden; without
+  checkpointing every block keeps its values for the backward. The per-block constants are
+  fitted to measurements on an H100 (student_activations)
+- prompt embeddings: only each batch's (B prompts + the null prompt); the training cache
+  stays on disk in shards the engine reads batch by batch (its size is printed, not counted)
 - latents and loss tensors (fp32): ~24 latent-sized tensors of B_s samples
 Not counted: the CUDA context and allocator fragmentation (keep a few GiB free).
 """
@@ -81,6 +82,12 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         "vae_factor": 8,
     },
 }
+# The activation model's constants, in bytes per (token, hidden unit) of a sample in 16-bit, fitted
+# to the H100 measurements in student_activations (the textbook 34 of Korthikanti et al.
+# 2022 and a 2-value stash overestimated them 1.9x), and the teacher's no-grad working set.
+BLOCK_UNITS = 18.1
+STASH_UNITS = 1.09
+TEACHER_UNITS = 20.0
 SD3_TEXT_TOKENS = 77 + 256  # CLIP tokens + T5 max_sequence_length of StableDiffusion3Pipeline
 LONGCAT_TEXT_TOKENS = 512  # LongCatImagePipeline.tokenizer_max_length
 
@@ -157,36 +164,56 @@ def estimate(
     cdm: bool = True,
     weight_bytes: int = 2,
     reduce_bucket: int = DS_REDUCE_BUCKET_DEFAULT,
-    train_prompts: int | None = None,
 ) -> dict[str, float]:
     """Bytes per GPU of each part of a run (see the module docstring for the formulas)."""
     w, p, n = weight_bytes, m.params, gpus
     gathered = 2 * m.block_params * w if zero == 3 else 0
     weights = (w * p if zero == 2 else w * p / n) + gathered
     grad_batch = 2 * batch if cdm else batch
-    tokens = m.image_tokens + m.text_tokens
-    unit = tokens * m.hidden * w / 2  # bytes of 16-bit values per (sample, hidden unit) of a block
+    unit = _unit(m, w)
+    teacher_set = TEACHER_UNITS * unit * 4 * batch  # the teacher's no-grad batched call
     if checkpointing:
-        stash = m.blocks * 2 * unit * grad_batch
-        activations = stash + max(34 * unit * grad_batch, 20 * unit * 4 * batch)
+        activations = max(student_activations(m, grad_batch, True, w), teacher_set)
     else:
-        activations = m.blocks * 34 * unit * grad_batch + 20 * unit * 4 * batch
+        activations = student_activations(m, grad_batch, False, w) + teacher_set
     rows = {
         "teacher (frozen, replicated)": w * p,
         "student weights": weights,
         "fake score weights": weights,
-        "student EMA (fp32, replicated)": 4 * p,
+        "student EMA (fp32, partitioned)": 4 * p / n,
         "optimizer states (fp32 master + AdamW m, v; 2 engines)": 2 * 12 * p / n,
         "gradients (partitioned + bucket; 2 engines)": 2 * (w * p / n + w * reduce_bucket)
         + 4 * p / n,
         "activations": activations,
         "latents and loss tensors (fp32)": 24 * 4 * m.latent_numel * grad_batch,
     }
-    if train_prompts is not None:
-        rows["prompt cache (train prompts on every GPU)"] = (
-            (train_prompts + 1) * m.text_tokens * m.text_width * w
-        )
+    rows["prompt embeddings (one batch + null; cache on disk)"] = cache_bytes(m, batch + 1, w)
     return rows
+
+
+def cache_bytes(m: Model, prompts: int, weight_bytes: int = 2) -> float:
+    """Bytes of `prompts` prompts' token embeddings (the pooled vectors are negligible)."""
+    return prompts * m.text_tokens * m.text_width * weight_bytes
+
+
+def _unit(m: Model, weight_bytes: int) -> float:
+    """Tokens x hidden of one sample, in bytes at 16 bits (scaled by w / 2 in fp32)."""
+    return (m.image_tokens + m.text_tokens) * m.hidden * weight_bytes / 2
+
+
+def student_activations(
+    m: Model, samples: int, checkpointing: bool, weight_bytes: int = 2
+) -> float:
+    """Bytes the student's forward with gradient keeps for its backward, `samples` samples.
+
+    Calibrated on one H100 (bf16, SDPA, SD3-Medium's config at 1024 px, random weights):
+    0.28 GiB per sample with gradient checkpointing, 2.75 GiB without. Per (token, hidden
+    unit), a block keeps BLOCK_UNITS bytes for its backward; a checkpointed block keeps only
+    its input (STASH_UNITS bytes), plus one block recomputed at a time."""
+    unit = _unit(m, weight_bytes) * samples
+    if checkpointing:
+        return m.blocks * STASH_UNITS * unit + BLOCK_UNITS * unit
+    return m.blocks * BLOCK_UNITS * unit
 
 
 def _reduce_bucket(zero: int) -> int:
@@ -212,7 +239,7 @@ def plan(overlay: str, params_path: str, gpus: int, zero: int | None, memory_gib
     prompts = _count_lines(params.prompts.train_file)
     rows = estimate(
         model, cfg.batch_size, gpus, zero, cfg.gradient_checkpointing, cdm,
-        reduce_bucket=_reduce_bucket(zero), train_prompts=prompts,
+        reduce_bucket=_reduce_bucket(zero),
     )  # fmt: skip
     total = sum(rows.values())
     side = int(model.image_tokens**0.5)
@@ -226,14 +253,14 @@ def plan(overlay: str, params_path: str, gpus: int, zero: int | None, memory_gib
         f"  {'per GPU':<58}{'GiB':>8}",
     ]
     lines += [f"  {name:<58}{value / GIB:>8.2f}" for name, value in rows.items()]
-    if prompts is None:
-        lines.append(f"  {'prompt cache: not counted (train prompts file not found)':<58}{'-':>8}")
+    disk = "-" if prompts is None else f"{cache_bytes(model, prompts) / GIB:.2f}"
+    lines.append(f"  {'train prompt cache (on disk, read per batch; not counted)':<58}{disk:>8}")
     verdict = "fits" if total / GIB <= memory_gib else "does NOT fit"
     fitting = [
         b
         for b in range(1, 257)
         if sum(estimate(model, b, gpus, zero, cfg.gradient_checkpointing, cdm,
-                        reduce_bucket=_reduce_bucket(zero), train_prompts=prompts).values())
+                        reduce_bucket=_reduce_bucket(zero)).values())
         <= memory_gib * GIB
     ]  # fmt: skip
     lines += [

@@ -8,6 +8,8 @@ the next optimizer step, so the fake-score blend writes both the master and the 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import socket
 from collections.abc import Iterator
@@ -20,7 +22,6 @@ from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_local_fp32_param,
     safe_set_full_fp32_param,
-    safe_set_local_fp32_param,
 )
 
 
@@ -94,28 +95,99 @@ def full_fp32_params(engine: deepspeed.DeepSpeedEngine) -> Iterator[tuple[str, t
         yield name, (p.detach().float() if value is None else value)
 
 
+def local_partitions(engine: deepspeed.DeepSpeedEngine) -> list[torch.Tensor]:
+    """This rank's flat fp32 master partitions, one per parameter group: what its optimizer
+    updates (ZeRO-1/2: single_partition_of_fp32_groups; ZeRO-3: fp32_partitioned_groups_flat)."""
+    opt = engine.optimizer
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        parts = getattr(opt, attr, None)
+        if parts:
+            return list(parts)
+    raise RuntimeError(f"{type(opt).__name__} holds no fp32 partitions; expected a ZeRO optimizer")
+
+
 @torch.no_grad()
 def blend_engines_(
     target: deepspeed.DeepSpeedEngine, source: deepspeed.DeepSpeedEngine, keep: float
 ) -> None:
     """target <- keep * target + (1 - keep) * source, in the optimizer's fp32 masters and the module.
 
-    The two engines hold the same architecture with the same ZeRO partitioning, so at
-    stage 3 the blend runs shard against shard with no communication.
+    The two engines hold the same architecture with the same ZeRO partitioning, so the blend
+    runs partition against partition on each rank: one lerp per parameter group, no
+    communication. The module follows: at ZeRO-3 its shard is read back from the blended
+    partition; where the module is whole on every rank (ZeRO-1/2, and ZeRO-3's persistent
+    small parameters) each rank blends it the same way (in fp32 exactly the masters'
+    values; in bf16 within rounding, until the next step writes the masters back).
     """
+    for t, s in zip(local_partitions(target), local_partitions(source), strict=True):
+        t.lerp_(s, 1 - keep)
     for pt, ps in zip(target.module.parameters(), source.module.parameters(), strict=True):
         if is_zero3(pt):
-            new = safe_get_local_fp32_param(pt).lerp(safe_get_local_fp32_param(ps), 1 - keep)
-            safe_set_local_fp32_param(pt, new)
-            pt.ds_tensor.data.copy_(new.to(pt.ds_tensor.dtype))
-            continue
-        full_t, full_s = safe_get_full_fp32_param(pt), safe_get_full_fp32_param(ps)
-        if full_t is None:  # not managed by a ZeRO optimizer
-            pt.data.lerp_(ps.data.to(pt.dtype), 1 - keep)
-            continue
-        new = full_t.lerp(full_s, 1 - keep)
-        safe_set_full_fp32_param(pt, new)
-        pt.data.copy_(new.to(pt.dtype))
+            pt.ds_tensor.data.copy_(safe_get_local_fp32_param(pt).to(pt.ds_tensor.dtype))
+            if not getattr(pt, "ds_persist", False):
+                continue  # a persistent (small) parameter stays whole on every rank: below
+        pt.data.lerp_(ps.data.to(pt.dtype), 1 - keep)
+
+
+class PartitionedEMA:
+    """The student's EMA, held as its optimizer holds the master weights: each rank keeps only
+    its own fp32 partitions (P / N floats instead of P), updated partition against partition.
+
+    Full tensors exist only while a checkpoint, a preview or the export needs them
+    (state_dict / module: collective, every rank calls them)."""
+
+    def __init__(self, engine: deepspeed.DeepSpeedEngine) -> None:
+        self.engine = engine
+        self.parts = [t.detach().clone() for t in local_partitions(engine)]
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        """EMA <- decay EMA + (1 - decay) G, G the student's fp32 master weights."""
+        for e, g in zip(self.parts, local_partitions(self.engine), strict=True):
+            e.lerp_(g, 1 - decay)
+
+    @contextlib.contextmanager
+    def _in_engine(self) -> Iterator[list[torch.Tensor]]:
+        """The engine's partitions hold the EMA for a moment (DeepSpeed's own mapping from
+        partitions to parameters then reads or writes it); the student's come back after."""
+        live = local_partitions(self.engine)
+        saved = [t.clone() for t in live]
+        for t, e in zip(live, self.parts, strict=True):
+            t.copy_(e)
+        try:
+            yield live
+        finally:
+            for t, s in zip(live, saved, strict=True):
+                t.copy_(s)
+
+    @torch.no_grad()
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """{parameter name: full fp32 tensor on the CPU}; collective."""
+        with self._in_engine():
+            return {name: full.cpu().clone() for name, full in full_fp32_params(self.engine)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Partition full tensors (a checkpoint's) into this rank's EMA; collective."""
+        with self._in_engine() as live:
+            for name, p in self.engine.module.named_parameters():
+                value = state[name].to(live[0].device, torch.float32)
+                if is_zero3(p):  # this rank's slice (DeepSpeed's setter fails on the last rank)
+                    local = safe_get_local_fp32_param(p)
+                    flat = value.flatten()[rank() * local.numel() :][: local.numel()]
+                    local[: flat.numel()].copy_(flat)
+                else:
+                    safe_set_full_fp32_param(p, value)
+            self.parts = [t.clone() for t in live]
+
+    @torch.no_grad()
+    def module(self, template: torch.nn.Module) -> torch.nn.Module:
+        """A full fp32 copy of `template` holding the EMA weights (preview, export); collective."""
+        state = self.state_dict()
+        out = copy.deepcopy(template).float().requires_grad_(False).eval()
+        for name, p in out.named_parameters():
+            p.copy_(state[name])
+        return out
 
 
 def all_reduce_max(value: int, device: torch.device) -> int:

@@ -1,0 +1,227 @@
+"""Benchmark: images/s of the 4-step student (guidance 1, one transformer call per step) against
+the teacher at 28 steps with CFG (cond + uncond in one batched call per step), both including
+the VAE decode, side by side in one run on the synthetic SD3 (or LongCat) size. Writes JSON.
+
+    python bench/sampling.py --model sd3 --layers 2 --width 64 --heads 2 --resolution 64 \\
+        --vae-div 8 --images 2 --repeats 2 --out bench/results/sampling-sd3-cpu-tiny.json
+
+The transformer comes from the published config stored in `cdm.plan.PUBLISHED` with random
+weights (`--layers/--width/--heads` cut it; bench/scale.py builds it), the student is a copy of
+the same architecture (an exported student is the teacher's transformer retrained), the VAE is
+SD3's published AutoencoderKL config (16 latent channels, 8x; `--vae-div` divides its channels)
+with random weights. Sampling is the project's code: `cdm.sampler.Sampler` (its sigmas and NFE),
+`cdm.sampling.sample_euler` (CFG as one batched call) and `cdm.backends.pipelines.VaeDecoder`.
+Reports per-image seconds split into transformer and decode, transformer calls and
+sample-evaluations per image, images/s and the speed-up of the student (total and transformer
+alone). One untimed warm-up run of each model precedes the timed repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL
+
+from cdm import params as P
+from cdm.backends.pipelines import VaeDecoder
+from cdm.sampler import Sampler
+from cdm.sampling import sample_euler
+
+ROOT = Path(__file__).resolve().parents[1]
+# SD3-Medium's vae/config.json (FLUX's VAE has the same layout): 16 channels, 8x downsampling.
+SD3_VAE = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 16, "layers_per_block": 2,
+    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "norm_num_groups": 32, "sample_size": 1024,
+    "scaling_factor": 1.5305, "shift_factor": 0.0609, "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}  # fmt: skip
+CFG_SCALE = {"sd3": 7.0, "longcat": 4.5}  # configs/sd3-medium.yaml, configs/longcat-image.yaml
+
+
+def _scale_module():
+    """bench/scale.py (not a package): the cut teacher is built there."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_scale", Path(__file__).with_name("scale.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_vae(div: int, seed: int) -> AutoencoderKL:
+    config = dict(SD3_VAE)
+    channels = [max(1, c // div) for c in config["block_out_channels"]]
+    config["block_out_channels"] = channels
+    config["norm_num_groups"] = min(32, min(channels))
+    torch.manual_seed(seed)
+    return AutoencoderKL.from_config(config)
+
+
+class Counter(torch.nn.Module):
+    """velocity(x, sigma, cond) passing through, counting calls and samples."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+        self.samples = 0
+
+    def forward(self, x, sigma, cond):
+        self.calls += 1
+        self.samples += x.shape[0]
+        return self.inner(x, sigma, cond)
+
+
+def _now(cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+@torch.no_grad()
+def measure(
+    sampler: Sampler, steps: int, decode: VaeDecoder, cond, null, images: int, repeats: int,
+    seed: int, device: torch.device,
+) -> dict[str, Any]:  # fmt: skip
+    """Per-image seconds of sampling (transformer) and decoding, over `repeats` timed runs."""
+    cuda = device.type == "cuda"
+    counter = Counter(sampler.velocity)
+    sigmas = sampler.sigmas(steps).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(images, *sampler.latent_shape, generator=gen).to(device)
+    c, n = cond.take(slice(0, images)).to(device), null.to(device)
+
+    def once() -> tuple[float, float]:
+        t0 = _now(cuda)
+        x = sample_euler(counter, noise, sigmas, c, n, sampler.guidance)
+        t1 = _now(cuda)
+        out = decode(x)
+        t2 = _now(cuda)
+        assert out.dtype == torch.uint8 and out.shape[0] == images
+        return t1 - t0, t2 - t1
+
+    once()  # warm-up
+    counter.calls = counter.samples = 0
+    runs = [once() for _ in range(repeats)]
+    transformer = sum(r[0] for r in runs) / (repeats * images)
+    decoding = sum(r[1] for r in runs) / (repeats * images)
+    return {
+        "steps": steps,
+        "guidance": sampler.guidance,
+        "nfe": sampler.nfe(steps),
+        "transformer_calls_per_batch": counter.calls / repeats,
+        "sample_evaluations_per_image": counter.samples / (repeats * images),
+        "seconds_per_image": {
+            "transformer": round(transformer, 5),
+            "decode": round(decoding, 5),
+            "total": round(transformer + decoding, 5),
+        },
+        "images_per_s": round(1 / (transformer + decoding), 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("sd3", "longcat"), default="sd3")
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--single-layers", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--vae-div", type=int, default=1, help="divide the VAE's channels")
+    parser.add_argument("--images", type=int, default=4, help="images per batch")
+    parser.add_argument("--repeats", type=int, default=2, help="timed batches per model")
+    parser.add_argument("--student-steps", type=int, default=4)
+    parser.add_argument("--teacher-steps", type=int, default=28)
+    parser.add_argument("--cfg", type=float, help="teacher CFG (sd3 7.0, longcat 4.5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--params", default=str(ROOT / "params.yaml"))
+    parser.add_argument("--out", help="JSON (default: bench/results/sampling-<model>.json)")
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    scale = _scale_module()
+    config = scale.teacher_config(
+        args.model, args.layers, args.width, args.heads, args.single_layers
+    )
+    velocity, shift, shape, cond, null, tokens = scale.build_teacher(
+        args.model, config, args.resolution, args.seed
+    )
+    if args.images > len(cond):
+        cond = _cycle(cond, args.images)
+    teacher_v = velocity.to(device, dtype).eval().requires_grad_(False)
+    student_v = copy.deepcopy(teacher_v)
+    vae = build_vae(args.vae_div, args.seed).to(device)
+    decode = VaeDecoder(vae.to(dtype) if dtype != torch.float32 else vae)
+    raw = list(P.load(args.params).distill.inference_sigmas)
+    cfg_scale = CFG_SCALE[args.model] if args.cfg is None else args.cfg
+    student = Sampler(student_v, shift, shape, 1.0, raw if len(raw) == args.student_steps else None)
+    teacher = Sampler(teacher_v, shift, shape, cfg_scale)
+
+    common = (decode, cond, null, args.images, args.repeats, args.seed, device)
+    s = measure(student, args.student_steps, *common)
+    t = measure(teacher, args.teacher_steps, *common)
+    result = {
+        "what": "images/s of the few-step student (guidance 1) vs the teacher with CFG, "
+        "VAE decode included; per-image seconds split into transformer and decode",
+        "command": "python bench/sampling.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": {
+            "model": args.model,
+            "hub_config": scale.HUB[args.model],
+            "transformer": config,
+            "resolution": args.resolution,
+            "latent_shape": list(shape),
+            "image_tokens": tokens,
+            "text_tokens": int(cond.embeds.shape[1]),
+            "vae_block_out_channels": [
+                max(1, c // args.vae_div) for c in SD3_VAE["block_out_channels"]
+            ],
+            "images_per_batch": args.images,
+            "repeats": args.repeats,
+            "shift": shift,
+            "dtype": str(dtype).removeprefix("torch."),
+        },  # fmt: skip
+        "device": scale._device(cuda),
+        "student": s,
+        "teacher": t,
+        "speedup": round(t["seconds_per_image"]["total"] / s["seconds_per_image"]["total"], 3),
+        "speedup_transformer_only": round(
+            t["seconds_per_image"]["transformer"] / s["seconds_per_image"]["transformer"], 3
+        ),
+        "evaluation_ratio": round(
+            t["sample_evaluations_per_image"] / s["sample_evaluations_per_image"], 3
+        ),
+    }
+    out = Path(args.out or ROOT / "bench" / "results" / f"sampling-{args.model}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    for name, r in (("student", s), ("teacher", t)):
+        sp = r["seconds_per_image"]
+        print(
+            f"{name:<8} {r['steps']:>2} steps x {r['sample_evaluations_per_image'] / r['steps']:.0f}"
+            f" evals: transformer {sp['transformer']:.4f} s + decode {sp['decode']:.4f} s "
+            f"per image = {r['images_per_s']} images/s"
+        )
+    print(f"speed-up {result['speedup']} (transformer alone {result['speedup_transformer_only']})")
+    return result
+
+
+def _cycle(cond, n: int):
+    """`cond` rows cycled to at least n rows."""
+    index = torch.arange(n) % len(cond)
+    return cond.take(index)
+
+
+if __name__ == "__main__":
+    main()
