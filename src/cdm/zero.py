@@ -124,8 +124,13 @@ def blend_engines_(
     for pt, ps in zip(target.module.parameters(), source.module.parameters(), strict=True):
         if is_zero3(pt):
             pt.ds_tensor.data.copy_(safe_get_local_fp32_param(pt).to(pt.ds_tensor.dtype))
-            if not getattr(pt, "ds_persist", False):
-                continue  # a persistent (small) parameter stays whole on every rank: below
+            if pt.data.numel() == 0:
+                continue  # partitioned: the next gather reads the blended shard
+            if ps.data.shape != pt.data.shape:
+                # Whole here (persistent, or still gathered) but not in the source: the
+                # blended master, gathered (every rank holds the same parameters whole).
+                pt.data.copy_(safe_get_full_fp32_param(pt).to(pt.dtype))
+                continue
         pt.data.lerp_(ps.data.to(pt.dtype), 1 - keep)
 
 
