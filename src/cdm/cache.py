@@ -9,6 +9,7 @@ SD3's embeddings are hundreds of GB, so the engine reads only each batch's rows 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -164,7 +165,7 @@ class StreamedCondition:
             raise ValueError(f"{index_file}: shard counts do not add up to {index['count']}")
         self._starts = torch.tensor(starts)
         self._row_bytes = {
-            k: torch.empty((), dtype=self.dtypes[k]).element_size() * _numel(self.shapes[k])
+            k: torch.empty((), dtype=self.dtypes[k]).element_size() * math.prod(self.shapes[k])
             for k in KEYS
         }
 
@@ -239,13 +240,6 @@ class StreamedCondition:
             if got == 0:
                 raise OSError(f"{self._files[shard]} ended early; rerun the cache_teacher stage")
             done += got
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def load_condition(path: str | Path) -> tuple[Condition | StreamedCondition, list[str]]:

@@ -107,8 +107,7 @@ def fault_line(exc: BaseException) -> str:
                 f"{name or 'a weights file'} is truncated or not a safetensors file ({cause}); "
                 "rerun the stage that wrote it"
             )
-    fullest = min(output_folders(), key=lambda p: shutil.disk_usage(p).free)
-    free = shutil.disk_usage(fullest).free
+    free, fullest = min((shutil.disk_usage(p).free, p) for p in output_folders())
     if free < LOW_SPACE:
         return (
             f"no space left on the device holding {fullest} ({free // 2**10} KiB free): "

@@ -19,19 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 
 def _prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}."
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def clear_stale(path: str | Path) -> list[Path]:
@@ -42,7 +34,7 @@ def clear_stale(path: str | Path) -> list[Path]:
         return removed
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*"):
         pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             if tmp.is_dir() and not tmp.is_symlink():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:

@@ -5,10 +5,11 @@ and a `dvc repro` started together in one project would write the same outputs. 
 project lock (.cdm-run.lock) names the orchestrator that runs the project now (its pid,
 start time and host). Snakemake claims it when it starts (onstart); every stage script
 claims it for the orchestrator that started it (its outermost `snakemake` or `dvc`
-ancestor), so a `dvc repro` holds it from its first stage; a script run by hand only checks. A claim fails, in one line, while
-another live orchestrator on this host holds it; a holder that is gone (or a pid reused
-by another process, told apart by its start time) is replaced. Jobs on other hosts (SLURM
-compute nodes) leave the login node's lock to their orchestrator.
+ancestor), so a `dvc repro` holds it from its first stage; a script run by hand only
+checks. A claim fails, in one line, while another live orchestrator on this host holds it;
+a holder that is gone (or a pid reused by another process, told apart by its start time) is
+replaced. Jobs on other hosts (SLURM compute nodes) leave the login node's lock to their
+orchestrator.
 """
 
 from __future__ import annotations
@@ -56,8 +57,7 @@ def _holder(text: str) -> dict | None:
 
 
 def _alive(holder: dict) -> bool:
-    if holder.get("host") != socket.gethostname():
-        return False  # not ours to judge: treated as gone on this host
+    """The holder (on this host: claim leaves other hosts' holders alone) still runs."""
     try:
         return psutil.Process(holder["pid"]).create_time() == holder["started"]
     except (psutil.Error, KeyError, TypeError):
