@@ -2,8 +2,12 @@
 
 Reads results/metrics.json (score), results/teacher.json (prepare_teacher),
 results/ablation.json (the ablation target, when present), logs/*/train.csv
-(distill) and samples/<model>/<steps>/ (sample); writes results/report.md,
-results/report.html (self-contained) and results/plots/*.png.
+(distill), logs/timings/*.json (prepare_teacher, score) and samples/<model>/<steps>/
+(sample); writes results/report.md, results/report.html (self-contained),
+results/provenance.json (with the timings) and results/plots/*.png.
+
+Each finding gets one verdict per step count: from results/ablation.json when it ran on this
+run's teacher and params (cdm.report.ablation.mismatch), else from the single run.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import pandas as pd
 from cdm import params as P
 from cdm.cli import run_stage, stage_parser
 from cdm.io import atomic_write_json
+from cdm.metrics import timings as T
+from cdm.report.ablation import measured_on, mismatch
 from cdm.report.findings import findings
 from cdm.report.grid import grid_rows
 from cdm.report.html import real_report, write_report
@@ -62,10 +68,12 @@ def main() -> None:
         log.warning("no %s; the report has no teacher section", teacher_path)
     rows, captions, pairs = grid_rows(Path(args.samples), params.report.grid_prompts)
     world = params.teacher.backend == "shapes"
+    timings = T.read(args.logs)
+    shown = T.merge(metrics, timings.get("score", {}))  # the tables' speed column
 
     plots = results / "plots"
     panels = WORLD_PANELS if world else real_panels(metrics)
-    images = {"Quality vs NFE": quality_vs_nfe(metrics, plots / "quality_vs_nfe.png", panels)}
+    images = {"Quality vs NFE": quality_vs_nfe(shown, plots / "quality_vs_nfe.png", panels)}
     logs = {p.parent.name: p for p in sorted(Path(args.logs).glob("*/train.csv"))}
     images["Training losses"] = training_curves(logs, plots / "training_curves.png")
     if rows:
@@ -77,7 +85,7 @@ def main() -> None:
         images[label] = image_grid(rows, plots / "samples.png", scale=scale, captions=captions)
     else:
         log.warning("no sample sets under %s; the report has no image grid", args.samples)
-    prov = provenance(args.params, params, Path(args.benchmarks))
+    prov = provenance(args.params, params, Path(args.benchmarks), timings)
     atomic_write_json(results / "provenance.json", prov)
     keys = WORLD_KEYS if world else [k for k, _ in real_panels(metrics)]
     moved = since_committed(
@@ -87,20 +95,39 @@ def main() -> None:
     if not world:
         per_image = pd.read_parquet(read_path(results / "scores.parquet", "score"))
         found = real_findings(per_image, metrics, params.report.steps, params.score.n_boot)
-        md, page = real_report(results, metrics, found, images, teacher, context)
+        md, page = real_report(results, shown, found, images, teacher, context)
         log.info("wrote %s and %s", md, page)
         return
     found = findings(metrics, steps=params.report.steps)
-    ablation_path = results / "ablation.json"  # `make ablation`: findings over seeds
-    ablation = json.loads(ablation_path.read_text()) if ablation_path.is_file() else None
-    md, page = write_report(results, metrics, found, images, teacher, ablation, context)
-    for f in found:
+    ablation = seeded(results / "ablation.json", params, teacher, context)
+    md, page = write_report(results, shown, found, images, teacher, ablation, context)
+    for f in ablation["findings"] if ablation else []:
+        verdicts = ", ".join(f"{s} steps: {v['verdict']}" for s, v in f["by_steps"].items())
+        log.info("finding %d over seeds: %s", f["id"], verdicts)
+    for f in [] if ablation else found:
         log.info(
             "finding %d: %s",
             f["id"],
             {True: "held", False: "did not hold"}.get(f["held"], "not measured"),
         )
     log.info("wrote %s and %s", md, page)
+
+
+def seeded(path: Path, params: P.Params, teacher: dict | None, context: dict) -> dict | None:
+    """results/ablation.json (`make ablation`) when it ran on this run's teacher and params;
+    otherwise None, and context["ablation_skipped"] says why (the report says it once)."""
+    if not path.is_file():
+        return None
+    ablation = json.loads(path.read_text())
+    if teacher is None:
+        reason = "there is no results/teacher.json to compare its teacher with"
+    else:
+        reason = mismatch(ablation, measured_on(params, teacher))
+    if reason:
+        log.warning("%s is not shown: %s", path, reason)
+        context["ablation_skipped"] = reason
+        return None
+    return ablation
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ preference metrics (CLIP score, PickScore, aesthetic, HPSv3 when available) with
 bootstrap intervals over prompts, and the Fréchet distance of CLIP image features to the
 teacher's sets (cdm.metrics.preference), each number beside the conventions that made it.
 Scorer weights load offline (HF_HUB_OFFLINE=1): `python -m cdm.fetch weights` first.
-Writes results/scores.parquet (one row per image) and results/metrics.json.
+Writes results/scores.parquet (one row per image), results/metrics.json and the images per
+second of every set to logs/timings/score.json (timings are no metrics: cdm.metrics.timings).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from cdm import params as P
 from cdm.cli import run_stage, stage_parser
 from cdm.io import atomic_file, atomic_write_json
+from cdm.metrics import timings as T
 from cdm.report.tables import model_key
 
 log = logging.getLogger("score")
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument(
         "--teachers", help="also score the teacher sets of this samples folder (the ablation's)"
     )
+    parser.add_argument("--timings", default=f"logs/{T.FOLDER}/score.json")
     args = parser.parse_args()
     params = P.load(args.params)
     cfg = params.score
@@ -69,10 +72,12 @@ def main() -> None:
             for entry in by_steps.values():
                 entry["conventions"] = result.conventions
                 entry["skipped"] = result.skipped
+    metrics, timings = T.split(metrics)
     out = Path(args.out)
     with atomic_file(out / "scores.parquet") as tmp:
         scores.to_parquet(tmp, index=False)
     atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(Path(args.timings), timings)
 
 
 if __name__ == "__main__":

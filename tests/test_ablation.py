@@ -16,7 +16,7 @@ from cdm.report.html import write_report
 def _set(alignment: float, fd: float, to_nocfg: float) -> dict:
     return {
         "alignment": alignment, "fd": fd, "fd_to_teacher_nocfg": to_nocfg, "precision": 0.7,
-        "recall": 0.6, "images_per_s": 100.0, "nfe": 4,
+        "recall": 0.6, "nfe": 4,
     }  # fmt: skip
 
 
@@ -66,20 +66,20 @@ def test_dm_only_near_the_cfg_free_teacher_needs_every_student_beyond_the_margin
         "dynamic": [(0.8, 100, 350), (0.8, 100, 340), (0.8, 100, 360)],
     }
     near = base | {"dm_only": [(0.6, 200, 100), (0.6, 200, 120), (0.6, 200, 110)]}
-    summary = A.ablation_summary(_runs(near), {}, ["4"])
+    summary = A.ablation_summary(_runs(near), {}, ["4"], {})
     by_id = {f["id"]: f["by_steps"]["4"] for f in summary["findings"]}
     assert by_id[2]["verdict"] == "held" and set(by_id[2]["better"]) == {"dmd2", "cdm", "dynamic"}
     # One student within the noise of dm_only: not held; one closer beyond it: did not hold.
     far = base | {"dm_only": [(0.6, 200, 500), (0.6, 200, 510), (0.6, 200, 505)]}
-    by_id = {f["id"]: f for f in A.ablation_summary(_runs(far), {}, ["4"])["findings"]}
+    by_id = {f["id"]: f for f in A.ablation_summary(_runs(far), {}, ["4"], {})["findings"]}
     assert by_id[2]["by_steps"]["4"]["verdict"] == "did not hold"
     wide = base | {"dm_only": [(0.6, 200, 100), (0.6, 200, 500), (0.6, 200, 150)]}
-    by_id = {f["id"]: f for f in A.ablation_summary(_runs(wide), {}, ["4"])["findings"]}
+    by_id = {f["id"]: f for f in A.ablation_summary(_runs(wide), {}, ["4"], {})["findings"]}
     assert by_id[2]["by_steps"]["4"]["verdict"] == "within noise"
 
 
 def test_missing_presets_are_not_measured() -> None:
-    summary = A.ablation_summary(_runs({"cdm": [(0.8, 1, 1), (0.8, 1, 1)]}), {}, ["4"])
+    summary = A.ablation_summary(_runs({"cdm": [(0.8, 1, 1), (0.8, 1, 1)]}), {}, ["4"], {})
     assert {f["by_steps"]["4"]["verdict"] for f in summary["findings"]} == {"not measured"}
 
 
@@ -91,7 +91,7 @@ def test_report_states_findings_over_seeds_and_students_against_the_teacher(tmp_
         }
     )
     teacher = {"teacher_cfg": {"4": _set(0.87, 4000, 900), "28": _set(0.86, 2000, 800)}}
-    summary = A.ablation_summary(runs, teacher, ["4"])
+    summary = A.ablation_summary(runs, teacher, ["4"], {})
     json.dumps(summary)  # what the stage writes
     metrics = {"dmd2": {"4": _set(0.8, 100, 50)}, **teacher}
     md_path, html_path = write_report(tmp_path, metrics, findings(metrics), {}, None, summary)

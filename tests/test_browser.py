@@ -52,7 +52,7 @@ def test_report_renders_with_every_figure(plots):  # noqa: F811
     params = P.load(ROOT / "params.yaml")
     m = _metrics()
     since = since_committed(m, m, ["alignment", "fd"], 512)
-    context = {"provenance": provenance(ROOT / "params.yaml", params, out_dir), "since": since}
+    context = {"provenance": provenance(ROOT / "params.yaml", params, out_dir, {}), "since": since}
     _, page = write_report(out_dir, m, findings(m), plots, context=context)
     check_page(dump_dom(page), figures=len(plots))
 

@@ -31,8 +31,7 @@ N_PAIRS = 16
 SETS = [("teacher_cfg", 2), ("teacher_nocfg", 1), ("teacher_nocfg", 2), ("cdm", 1), ("cdm", 2)]
 INDEX_COLUMNS = ["prompt", "pair", "seed", "model", "steps", "nfe", "seconds", "file"]
 METRIC_KEYS = {
-    "alignment", "fd", "precision", "recall", "fd_to_teacher_nocfg", "nfe", "images_per_s",
-    *ATTRIBUTES,
+    "alignment", "fd", "precision", "recall", "fd_to_teacher_nocfg", "nfe", *ATTRIBUTES,
 }  # fmt: skip
 
 
@@ -200,15 +199,17 @@ def test_score_writes_metrics_of_every_set(scored):
         assert set(m) == METRIC_KEYS
         for key in ("alignment", "precision", "recall", *ATTRIBUTES):
             assert 0 <= m[key] <= 1, (model, steps, key)
-        assert m["fd"] > 0 and m["fd_to_teacher_nocfg"] >= 0 and m["images_per_s"] > 0
+        assert m["fd"] > 0 and m["fd_to_teacher_nocfg"] >= 0
         assert m["nfe"] == (2 * steps if model == "teacher_cfg" else steps)
         assert all(v == round(v, 4) for v in m.values())
     # The reference is teacher_nocfg at its largest step count; the student copies it.
     assert metrics["teacher_nocfg"]["2"]["fd_to_teacher_nocfg"] == 0
     assert metrics["cdm"]["2"]["fd_to_teacher_nocfg"] == 0
-    assert metrics["cdm"]["1"] == metrics["teacher_nocfg"]["1"] | {
-        "images_per_s": metrics["cdm"]["1"]["images_per_s"]
-    }
+    assert metrics["cdm"]["1"] == metrics["teacher_nocfg"]["1"]
+    # The speed of every set is a timing: beside the metrics, not in them.
+    timings = json.loads((scored / "logs/timings/score.json").read_text())
+    assert {(m, int(s)) for m in timings for s in timings[m]} == set(SETS)
+    assert all(t["images_per_s"] > 0 for by in timings.values() for t in by.values())
     scores = pd.read_parquet(scored / "results/scores.parquet")
     assert list(scores.columns) == ["model", "steps", "pair", "prompt", "correct", *ATTRIBUTES]
     assert len(scores) == len(SETS) * N_PAIRS
@@ -239,6 +240,10 @@ def test_report_is_written_with_embedded_figures(scored):
     assert "## Findings" in md and "| cdm | 2 | 2 |" in md and "| teacher_cfg | 2 | 4 |" in md
     assert "## Teacher" in md and "without CFG" in md  # results/teacher.json
     assert "](plots/samples.png)" in md
+    # The speed column reads the timings, which the provenance record keeps.
+    provenance = json.loads((results / "provenance.json").read_text())
+    speed = provenance["timings"]["score"]["cdm"]["2"]["images_per_s"]
+    assert "| cdm | 2 | 2 |" in md and f"| {speed:.4g} |" in md
     page = (results / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 3
     assert "plots/" not in page and "<h2>Teacher</h2>" in page
@@ -330,3 +335,157 @@ def test_student_is_sampled_with_its_recipe_sigmas():
     torch.testing.assert_close(student.sigmas(2), inference_sigmas(2, 2.0))  # other counts
     teacher = stage.Sampler(torch.nn.Identity(), 2.0, (3, 4, 4), 3.0)
     torch.testing.assert_close(teacher.sigmas(3), inference_sigmas(3, 2.0))
+
+
+def _dvc(repo: Path, *args: str) -> str:
+    dvc = str(Path(PYTHON).parent / "dvc")
+    proc = subprocess.run([dvc, *args], cwd=repo, capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
+def test_a_second_scoring_leaves_the_metrics_files_and_dvc_metrics_unchanged(scored, tmp_path):
+    """Timings vary with the load; metrics.json and teacher.json hold none, so a rerun of
+    prepare_teacher and score on the same samples writes them byte for byte again."""
+    again = tmp_path / "again"
+    _ok(scored, "prepare_teacher.py", "--models", str(again / "models"),
+        "--out", str(again / "teacher.json"), "--timings", str(again / "teacher_timings.json"))  # fmt: skip
+    _ok(scored, "score.py", "--out", str(again), "--timings", str(again / "timings.json"))
+    for first, second in (("metrics.json", "metrics.json"), ("teacher.json", "teacher.json")):
+        assert (scored / "results" / first).read_bytes() == (again / second).read_bytes()
+    assert json.loads((again / "timings.json").read_text())["cdm"]["1"]["images_per_s"] > 0
+
+    # DVC sees no move between the two runs; it would see one in a metric.
+    repo = tmp_path / "repo"
+    (repo / "results").mkdir(parents=True)
+    (repo / "dvc.yaml").write_text("metrics:\n  - results/metrics.json\n  - results/teacher.json\n")
+    for name in ("metrics.json", "teacher.json"):
+        shutil.copy(scored / "results" / name, repo / "results" / name)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    _dvc(repo, "init", "-q")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "first run"], cwd=repo, check=True)
+    for name in ("metrics.json", "teacher.json"):
+        shutil.copy(again / name, repo / "results" / name)
+    assert _dvc(repo, "metrics", "diff", "--json") in ("", "{}")
+    moved = json.loads((again / "metrics.json").read_text())
+    moved["cdm"]["1"]["alignment"] += 0.25
+    (repo / "results/metrics.json").write_text(json.dumps(moved))
+    assert "cdm.1.alignment" in _dvc(repo, "metrics", "diff", "--json")
+
+
+# --- one verdict per finding and step count ---------------------------------------------
+
+VERDICT = r"(held|did not hold|within noise|mixed|not measured)"
+
+
+def _verdicts(md: str, single_steps: str) -> dict[tuple[int, str], list[str]]:
+    """Every verdict the report states, by (finding, steps): the seeded table and its
+    details, and the single run's list (at `single_steps`)."""
+    import re
+
+    found: dict[tuple[int, str], list[str]] = {}
+    columns: list[str] = []
+    fid = 0
+    for line in md.splitlines():
+        if line.startswith("| finding |"):
+            columns = [c.strip().removesuffix(" steps") for c in line.strip("|").split("|")[1:]]
+        elif columns and (row := re.match(r"\| \((\d)\) [^|]*\|(.*)\|$", line)):
+            cells = [c.strip() for c in row.group(2).split("|")]
+            for steps, v in zip(columns, cells, strict=True):
+                found.setdefault((int(row.group(1)), steps), []).append(v)
+        elif single := re.match(rf"- \*\*\((\d)\) {VERDICT}\*\*", line):
+            found.setdefault((int(single.group(1)), single_steps), []).append(single.group(2))
+        elif head := re.match(r"- \*\*\((\d)\)\*\*", line):
+            fid = int(head.group(1))
+        elif detail := re.match(rf"  - (\d+) steps, {VERDICT}: ", line):
+            found.setdefault((fid, detail.group(1)), []).append(detail.group(2))
+        if line.startswith("## ") and not line.startswith("## Findings over"):
+            columns = []
+    return found
+
+
+def _seeded(path: Path, ran_on: dict) -> dict:
+    """A seeded measurement at 1 and 2 steps where finding 1 held at 1 step and did not at 2
+    (the single run, below, says it held at 2)."""
+    from cdm.report.ablation import ablation_summary
+
+    def run(shift: float) -> dict:
+        def s(alignment: float, fd: float) -> dict:
+            return {"alignment": alignment + shift, "fd": fd, "fd_to_teacher_nocfg": fd,
+                    "precision": 0.7, "recall": 0.6, "nfe": 1}  # fmt: skip
+
+        return {
+            "dmd2": {"1": s(0.70, 300), "2": s(0.90, 100)},
+            "dynamic": {"1": s(0.80, 200), "2": s(0.70, 300)},
+            "cdm": {"1": s(0.80, 200), "2": s(0.90, 100)},
+            "dm_only": {"1": s(0.60, 50), "2": s(0.60, 50)},
+        }
+
+    summary = ablation_summary({0: run(0.0), 1: run(0.01), 2: run(-0.01)}, {}, ["1", "2"], ran_on)
+    path.write_text(json.dumps(summary))
+    return summary
+
+
+@pytest.fixture()
+def single_run(scored, tmp_path) -> Path:
+    """results/ of the scored project, plus presets whose single run holds finding 1 at 2 steps."""
+    results = tmp_path / "results"
+    shutil.copytree(scored / "results", results, ignore=shutil.ignore_patterns("plots", "report*"))
+    metrics = json.loads((results / "metrics.json").read_text())
+    base = metrics["cdm"]["2"]
+    metrics["dmd2"] = {"2": base | {"fd": base["fd"] + 50}}
+    metrics["dynamic"] = {"2": base | {"fd": base["fd"] + 10}}
+    (results / "metrics.json").write_text(json.dumps(metrics))
+    return results
+
+
+def _report(scored: Path, results: Path) -> tuple[str, str]:
+    _ok(scored, "report.py", "--results", str(results))
+    return (results / "report.md").read_text(), (results / "report.html").read_text()
+
+
+def test_a_matching_ablation_gives_every_verdict(scored, single_run):
+    from cdm import params as P
+    from cdm.report.ablation import measured_on
+    from cdm.report.findings import findings
+
+    params = P.load(scored / "params.yaml")
+    teacher = json.loads((single_run / "teacher.json").read_text())
+    summary = _seeded(single_run / "ablation.json", measured_on(params, teacher))
+    assert findings(json.loads((single_run / "metrics.json").read_text()), "2")[0]["held"]
+    md, page = _report(scored, single_run)
+
+    stated = _verdicts(md, "2")
+    seeded = {
+        (f["id"], s): v["verdict"] for f in summary["findings"] for s, v in f["by_steps"].items()
+    }
+    assert set(stated) == set(seeded) and seeded[(1, "2")] == "did not hold"
+    assert {k: set(v) for k, v in stated.items()} == {k: {v} for k, v in seeded.items()}
+    assert "## The single-seed run's numbers" in md and "measured at 2 steps" in md
+    assert page.count('class="finding numbers"') == 3
+    assert "is not shown" not in md
+
+
+@pytest.mark.parametrize("record", ["other params", "none"])
+def test_without_a_matching_ablation_the_single_run_gives_the_verdicts(scored, single_run, record):
+    from cdm import params as P
+    from cdm.report.ablation import measured_on
+    from cdm.report.findings import findings
+
+    params = P.load(scored / "params.yaml")
+    teacher = json.loads((single_run / "teacher.json").read_text())
+    ran_on = measured_on(params, teacher) if record != "none" else {}
+    if ran_on:
+        ran_on["params"]["students"]["cdm"]["distill"]["iterations"] += 1
+    _seeded(single_run / "ablation.json", ran_on)
+    md, page = _report(scored, single_run)
+
+    single = findings(json.loads((single_run / "metrics.json").read_text()), "2")
+    status = {True: "held", False: "did not hold", None: "not measured"}
+    assert _verdicts(md, "2") == {(f["id"], "2"): [status[f["held"]]] for f in single}
+    assert md.count("`results/ablation.json` is not shown") == 1
+    reason = "students.cdm.distill.iterations" if ran_on else "records no teacher or params"
+    assert reason in md and "Findings over distillation seeds" not in md
+    assert 'class="finding numbers"' not in page and "is not shown" in page

@@ -51,7 +51,7 @@ def test_findings_hold() -> None:
     out = findings(_metrics())
     assert [f["id"] for f in out] == [1, 2, 3]
     assert all(f["held"] is True for f in out)
-    assert all(set(f) == {"id", "claim", "held", "text"} for f in out)
+    assert all(set(f) == {"id", "claim", "held", "text", "numbers"} for f in out)
     assert "8" in out[0]["text"] and "12" in out[0]["text"]  # measured FDs are stated
     assert "0.01" in out[0]["text"]  # the rule is stated
 

@@ -166,7 +166,7 @@ def submissions(tmp_path_factory) -> dict[str, list[set[str]]]:
     _make(sd3, "models/weights.json", params["prompts"]["eval_file"])
     (sd3 / params["prompts"]["train_file"]).write_text("a cat\n")
     calls += cluster.submit(sd3, "results/teacher.json")
-    _make(sd3, "models/teacher", "results/teacher.json")
+    _make(sd3, "models/teacher", "results/teacher.json", "logs/timings/prepare_teacher.json")
     calls += cluster.submit(sd3, "cache/prompts")
     _make(sd3, "cache/prompts")
     _make(sd3, *(f"{nocfg}/part-{i}-of-{shards}/index.parquet" for i in range(shards)))
@@ -182,11 +182,12 @@ def submissions(tmp_path_factory) -> dict[str, list[set[str]]]:
     sets = [(m, s) for m in ("teacher_cfg", "teacher_nocfg") for s in sample["teacher_steps"]]
     sets += [(m, s) for m in methods for s in sample["student_steps"]]
     _make(world, "models/teacher", "results/teacher.json", "cache/prompts")
+    _make(world, "logs/timings/prepare_teacher.json")
     _make(world, *(f"models/students/{m}" for m in methods))
     _make(world, *(f"logs/{m}/train.csv" for m in methods))
     _make(world, *(f"samples/{m}/{s}/index.parquet" for m, s in sets))
     calls += cluster.submit(world, "results/metrics.json")
-    _make(world, "results/metrics.json", "results/scores.parquet")
+    _make(world, "results/metrics.json", "results/scores.parquet", "logs/timings/score.json")
     calls += cluster.submit(world, "results/report.html")
 
     by_rule: dict[str, list[set[str]]] = {}

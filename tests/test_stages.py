@@ -47,6 +47,10 @@ def test_prepare_teacher_writes_the_report(tmp_path, tiny_teacher_dir):
         assert key in report
     assert 0 <= report["alignment_cfg"] <= 1 and report["fd_nocfg"] > 0
     assert (report["n_pairs"], report["cfg_scale"], report["steps"]) == (24, 3.0, 2)
+    # Its wall time is a timing, not a metric of the teacher: kept out of teacher.json.
+    assert "eval_seconds" not in report
+    timings = json.loads((tmp_path / "logs/timings/prepare_teacher.json").read_text())
+    assert set(timings) == {"eval_seconds"} and timings["eval_seconds"] > 0
     # The resolved teacher is written where the later stages read it, and loads.
     WorldTeacher.from_pretrained(tmp_path / "models/teacher")
 

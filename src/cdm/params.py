@@ -309,6 +309,26 @@ def student_inputs(params: Params, method: str, seed: int | None = None) -> dict
     return {"method": preset.model_dump(), "distill": distill, "seed": seed}
 
 
+def ablation_inputs(params: Params) -> dict[str, Any]:
+    """The params the seeded findings (results/ablation.json) depend on: the teacher, every
+    ablation preset's student inputs but the seed (the ablation sets its own), and how the
+    students are evaluated. A run compares with the ablation only when these agree."""
+    students = {}
+    for method in params.ablation.methods:
+        inputs = student_inputs(params, method)
+        students[method] = {k: v for k, v in inputs.items() if k != "seed"}
+    prompts = params.prompts
+    return {
+        "teacher": params.teacher.model_dump(),
+        "students": students,
+        "evaluation": {
+            "train_file": prompts.train_file, "eval_file": prompts.eval_file,
+            "eval_pairs": prompts.eval_pairs, "teacher_steps": params.sample.teacher_steps,
+            "judge": params.judge.path, "k": params.score.k,
+        },
+    }  # fmt: skip
+
+
 def _describe(err: dict[str, Any], source: str) -> str:
     key = ".".join(str(p) for p in err["loc"])
     kind = err["type"]

@@ -60,7 +60,8 @@ rule ablation_score:
         teachers=[s for s in sample_sets() if s.startswith("samples/teacher")],
         script="src/score.py",
     output:
-        "ablation/scores/seed{seed}/metrics.json",
+        metrics="ablation/scores/seed{seed}/metrics.json",
+        timings="ablation/scores/seed{seed}/timings.json",
     params:
         judge=config["judge"],
         score=config["score"],
@@ -69,17 +70,20 @@ rule ablation_score:
         "logs/ablation/score_seed{seed}.log",
     shell:
         "OMP_NUM_THREADS={threads} {PYTHON} src/score.py --samples ablation/samples/seed{wildcards.seed}"
-        " --teachers samples --out ablation/scores/seed{wildcards.seed} --params {PARAMS_FILE} 2>&1 | tee {log}"
+        " --teachers samples --out ablation/scores/seed{wildcards.seed} --timings {output.timings}"
+        " --params {PARAMS_FILE} 2>&1 | tee {log}"
 
 
 rule ablation:
     input:
         expand("ablation/scores/seed{seed}/metrics.json", seed=ABLATION["seeds"]),
+        teacher="results/teacher.json",  # with the params: what the ablation ran on
         script="src/ablation.py",
     output:
         "results/ablation.json",
     params:
         ablation=ABLATION,
+        inputs=lambda wc: P.ablation_inputs(PARAMS),
     log:
         "logs/ablation/summary.log",
     shell:

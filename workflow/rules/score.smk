@@ -1,6 +1,7 @@
 # Stages score and report: metrics of every sample set, then the report. The report also
 # reads results/ablation.json when it exists, without a DAG edge: an edge would make every
-# run redo the ablation whose working files (ablation/) are not committed.
+# run redo the ablation whose working files (ablation/) are not committed. Its verdicts are
+# shown only when it ran on this run's teacher and params (cdm.params.ablation_inputs).
 
 
 rule score:
@@ -11,6 +12,7 @@ rule score:
     output:
         scores="results/scores.parquet",
         metrics="results/metrics.json",
+        timings="logs/timings/score.json",  # not in metrics.json: cdm.metrics.timings
     params:
         judge=config["judge"],
         score=config["score"],
@@ -27,6 +29,7 @@ rule report:
     input:
         metrics="results/metrics.json",
         teacher="results/teacher.json",
+        timings=["logs/timings/prepare_teacher.json", "logs/timings/score.json"],
         curves=expand("logs/{method}/train.csv", method=METHODS),
         sets=sample_sets(),
         script="src/report.py",
@@ -37,6 +40,8 @@ rule report:
         plots=directory("results/plots"),
     params:
         report=config["report"],
+        # What results/ablation.json must have run on for its verdicts to be shown.
+        ablation_inputs=lambda wc: P.ablation_inputs(PARAMS),
     log:
         "logs/report.log",
     shell:

@@ -10,6 +10,7 @@ rule prepare_teacher:
     output:
         teacher=directory("models/teacher"),
         report="results/teacher.json",
+        timings="logs/timings/prepare_teacher.json",  # not in teacher.json: cdm.metrics.timings
     params:
         seed=config["seed"],
         teacher=config["teacher"],

@@ -11,23 +11,28 @@ beyond the margin) or "mixed" (better on one metric, worse on another).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from cdm import params as P
 from cdm.report.findings import CLAIMS, verdict
+from cdm.report.provenance import flatten
 from cdm.report.tables import model_key
 
 RULE = (
     "a difference counts when |mean_a - mean_b| > 2 se, se = sqrt(sd_a^2/n_a + sd_b^2/n_b) "
     "over distillation seeds (sd with ddof 1)"
 )
-# Metrics summarised over seeds, and which direction is better.
+# Metrics summarised over seeds, and which direction is better (timings are no metrics:
+# score keeps them out of metrics.json).
 HIGHER = ("alignment", "precision", "recall", "shape", "colour", "position", "background")
 LOWER = ("fd", "fd_to_teacher_nocfg")
-METRICS = HIGHER + LOWER + ("images_per_s",)
+METRICS = HIGHER + LOWER
 
 
 def summarise(values: list[float]) -> dict[str, Any]:
@@ -134,9 +139,35 @@ def judge_findings(table: dict, steps_list: list[str]) -> list[dict]:
     return out
 
 
-def ablation_summary(runs: dict[int, dict], teacher: dict, steps_list: list[str]) -> dict:
+def measured_on(params: P.Params, teacher_check: dict) -> dict[str, Any]:
+    """What a seeded measurement ran on: the params it depends on (cdm.params.ablation_inputs)
+    and the sha256 of the teacher check (results/teacher.json, the teacher's own numbers on
+    fixed pairs and seeds, so a different teacher gives a different one)."""
+    canonical = json.dumps(teacher_check, sort_keys=True).encode()
+    return {
+        "params": P.ablation_inputs(params),
+        "teacher_check_sha256": hashlib.sha256(canonical).hexdigest(),
+    }
+
+
+def mismatch(ablation: dict, now: dict[str, Any]) -> str | None:
+    """None when the ablation ran on `now` (measured_on of this run), else why not, in words."""
+    then = ablation.get("measured_on")
+    if not then:
+        return "it records no teacher or params (rerun `make ablation`)"
+    a, b = flatten(then), flatten(now)
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if not differ:
+        return None
+    shown = ", ".join(f"`{k}`" for k in differ[:4]) + (" ..." if len(differ) > 4 else "")
+    return f"it ran on another teacher or params ({shown} differ; rerun `make ablation`)"
+
+
+def ablation_summary(
+    runs: dict[int, dict], teacher: dict, steps_list: list[str], ran_on: dict[str, Any]
+) -> dict:
     """results/ablation.json: seeds, per-preset summaries, the teacher's reference sets (one
-    sampling run each, from the main pipeline) and the findings."""
+    sampling run each, from the main pipeline), the findings and what it ran on."""
     table = per_seed_table(runs)
     return {
         "seeds": sorted(runs),
@@ -145,6 +176,7 @@ def ablation_summary(runs: dict[int, dict], teacher: dict, steps_list: list[str]
         "students": table,
         "teacher": teacher,
         "findings": judge_findings(table, steps_list),
+        "measured_on": ran_on,
     }
 
 

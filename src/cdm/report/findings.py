@@ -1,7 +1,7 @@
 """The paper's three findings, stated as claims and checked on a metrics dict.
 
 `metrics` is shaped {model: {steps (str): {"alignment", "fd", "precision", "recall",
-"fd_to_teacher_nocfg", "nfe", "images_per_s"}}}. Students are compared at one `steps` key;
+"fd_to_teacher_nocfg", "nfe"}}}. Students are compared at one `steps` key;
 teachers at `teacher_steps` (default: each teacher's largest step count, its reference).
 """
 
@@ -68,8 +68,13 @@ def _values(rows: dict[str, Row], keys: tuple[str, ...]) -> tuple[dict[str, floa
     return out, None
 
 
-def _finding(fid: int, held: bool | None, text: str) -> dict:
-    return {"id": fid, "claim": CLAIMS[fid], "held": held, "text": text}
+def _finding(fid: int, held: bool | None, text: str, numbers: str | None = None) -> dict:
+    """`text`: what was measured and the rule that judged it; `numbers`: the measurement
+    alone (shown when the seeded measurement gives the verdict instead)."""
+    return {
+        "id": fid, "claim": CLAIMS[fid], "held": held, "text": text,
+        "numbers": text if numbers is None else numbers,
+    }  # fmt: skip
 
 
 def _beats(fid: int, a: str, b: str, rows: dict[str, Row], steps: str, note: str) -> dict:
@@ -79,11 +84,11 @@ def _beats(fid: int, a: str, b: str, rows: dict[str, Row], steps: str, note: str
     fd_a, fd_b = v[f"{a}.fd"], v[f"{b}.fd"]
     al_a, al_b = v[f"{a}.alignment"], v[f"{b}.alignment"]
     held = fd_a < fd_b and al_a >= al_b - ALIGN_TOL
-    text = (
+    measured = (
         f"{note}measured at {steps} steps: FD `{a}` {fd_a:.4g} vs `{b}` {fd_b:.4g}; "
-        f"alignment `{a}` {al_a:.3f} vs `{b}` {al_b:.3f} ({BEATS_RULE})."
+        f"alignment `{a}` {al_a:.3f} vs `{b}` {al_b:.3f}"
     )
-    return _finding(fid, bool(held), text)
+    return _finding(fid, bool(held), f"{measured} ({BEATS_RULE}).", f"{measured}.")
 
 
 def _schedule(metrics: dict, steps: str) -> dict:
@@ -129,13 +134,16 @@ def _dm_only(metrics: dict, steps: str, teacher_steps: str | None) -> dict:
         if ref == "dmd2"
         else f"fallback: `dmd2` is absent ({_needs('dmd2')}), reference is `cdm`. "
     )
-    text = (
+    measured = (
         f"{note}measured at {steps} steps: FD to the CFG-free teacher `dm_only` {fd_dm:.4g} vs "
         f"`{ref}` {fd_ref:.4g}; alignment `dm_only` {al_dm:.3f}, teacher without CFG "
-        f"{al_nocfg:.3f}, with CFG {al_cfg:.3f} (rule: `dm_only` has the smaller FD to the "
-        "CFG-free teacher and its alignment is closer to the CFG-free teacher's than to the CFG one's)."
+        f"{al_nocfg:.3f}, with CFG {al_cfg:.3f}"
     )
-    return _finding(2, bool(held), text)
+    rule = (
+        "rule: `dm_only` has the smaller FD to the CFG-free teacher and its alignment is "
+        "closer to the CFG-free teacher's than to the CFG one's"
+    )
+    return _finding(2, bool(held), f"{measured} ({rule}).", f"{measured}.")
 
 
 def _cdm_loss(metrics: dict, steps: str) -> dict:
@@ -154,7 +162,8 @@ def _cdm_loss(metrics: dict, steps: str) -> dict:
 
 
 def findings(metrics: dict, steps: str = "4", teacher_steps: str | None = None) -> list[dict]:
-    """[{"id", "claim", "held" (True/False/None when a run is missing), "text"}] for findings 1-3."""
+    """[{"id", "claim", "held" (True/False/None when a run is missing), "text", "numbers"}]
+    for findings 1-3."""
     return [
         _schedule(metrics, steps),
         _dm_only(metrics, steps, teacher_steps),

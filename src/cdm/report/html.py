@@ -85,9 +85,13 @@ def report_markdown(
                 f"  - {s} steps, {v['verdict']}: {v['text']}" for s, v in f["by_steps"].items()
             ]
         lines += ["", "### Mean +- std over seeds", "", to_markdown(A.summary_frame(ablation))]
-    lines += ["## " + _single_title(ablation), ""]
-    for f in findings:
-        lines += [f"- **({f['id']}) {_status(f)}**: {f['claim']}  ", f"  {f['text']}"]
+        lines += ["## " + SINGLE_NUMBERS, ""]
+        for f in findings:
+            lines += [f"- **({f['id']})** {f['claim']}  ", f"  {f['numbers']}"]
+    else:
+        lines += ["## " + SINGLE_TITLE, "", *_skipped(context)]
+        for f in findings:
+            lines += [f"- **({f['id']}) {_status(f)}**: {f['claim']}  ", f"  {f['text']}"]
     lines += ["", "## Metrics", "", to_markdown(metrics_table(metrics))]
     lines += [
         "## Students against the teacher",
@@ -112,7 +116,9 @@ AGAINST = (
 def _ablation_intro(ablation: dict) -> str:
     return (
         f"Every preset distilled with seeds {ablation['seeds']} (`make ablation`, "
-        f"`results/ablation.json`), each sampled on the evaluation pairs. Rule: {ablation['rule']}. "
+        f"`results/ablation.json`) on this run's teacher and params, each sampled on the "
+        "evaluation pairs: these are the findings' verdicts, one per step count. "
+        f"Rule: {ablation['rule']}. "
         "A finding *held* when the claimed side is better beyond that margin on at least one "
         "metric (alignment, FD; finding 2: FD to the CFG-free teacher set against every other "
         "student) and worse beyond it on none; *did not hold* when worse beyond it and better on "
@@ -120,10 +126,17 @@ def _ablation_intro(ablation: dict) -> str:
     )
 
 
-def _single_title(ablation: dict | None) -> str:
-    if ablation:
-        return "Findings of the single-seed run (no spread: see the seeds above)"
-    return "Findings (one distillation seed; `make ablation` measures them over seeds)"
+# The seeded measurement, when it ran on this run's teacher and params, gives every verdict;
+# the single run then shows its numbers only. Otherwise the single run's verdicts stand, and
+# its caveat (one seed) is said once, in the title.
+SINGLE_NUMBERS = "The single-seed run's numbers (the verdicts above are over seeds)"
+SINGLE_TITLE = "Findings (one distillation seed; `make ablation` measures them over seeds)"
+
+
+def _skipped(context: dict | None) -> list[str]:
+    """Why results/ablation.json, present, gives no verdicts here (a paragraph), if it does not."""
+    reason = (context or {}).get("ablation_skipped")
+    return [f"`results/ablation.json` is not shown: {reason}.", ""] if reason else []
 
 
 def provenance_lines(context: dict | None) -> list[str]:
@@ -143,7 +156,17 @@ def provenance_lines(context: dict | None) -> list[str]:
         f"- params that differ from the committed params.yaml: {listed}",
         f"- {p['device']}; Python {p['python']}, CUDA {p['cuda']}; {packages}",
         f"- stage wall time / peak RSS (Snakemake benchmarks): {stages or 'not recorded'}",
+        f"- {_timings(p.get('timings') or {})}",
     ]
+
+
+def _timings(timings: dict) -> str:
+    """The stages' own timings (kept out of the metrics files: they vary with the load)."""
+    parts = [f"teacher check {v} s" for v in timings.get("prepare_teacher", {}).values()]
+    if timings.get("score"):
+        parts.append("images per second of every set in the metrics table")
+    shown = "; ".join(parts) or "not recorded"
+    return f"timings (`logs/timings/`, not metrics: they vary with the machine's load): {shown}"
 
 
 def since_markdown(context: dict | None) -> list[str]:
@@ -251,13 +274,21 @@ def report_html(
                     f"{steps} steps, {v['verdict']}</b>: {_inline(v['text'])}</div>"
                 )
         parts += ["<h3>Mean +- std over seeds</h3>", to_html(A.summary_frame(ablation))]
-    parts.append(f"<h2>{_inline(_single_title(ablation))}</h2>")
-    for f in findings:
-        status = _status(f)
-        parts.append(
-            f'<div class="finding {status.replace(" ", "-")}"><b>({f["id"]}) {status}</b>: '
-            f"{_inline(f['claim'])}<br>{_inline(f['text'])}</div>"
-        )
+        parts.append(f"<h2>{_inline(SINGLE_NUMBERS)}</h2>")
+        for f in findings:
+            parts.append(
+                f'<div class="finding numbers"><b>({f["id"]})</b> {_inline(f["claim"])}<br>'
+                f"{_inline(f['numbers'])}</div>"
+            )
+    else:
+        parts.append(f"<h2>{_inline(SINGLE_TITLE)}</h2>")
+        parts += [f"<p>{_inline(line)}</p>" for line in _skipped(context) if line]
+        for f in findings:
+            status = _status(f)
+            parts.append(
+                f'<div class="finding {status.replace(" ", "-")}"><b>({f["id"]}) {status}</b>: '
+                f"{_inline(f['claim'])}<br>{_inline(f['text'])}</div>"
+            )
     parts += ["<h2>Metrics</h2>", to_html(metrics_table(metrics))]
     parts += [
         "<h2>Students against the teacher</h2>",
@@ -287,7 +318,8 @@ def write_report(
     """Write out_dir/report.md and out_dir/report.html atomically; return both paths.
 
     `teacher` (results/teacher.json, optional) adds a section on the teacher check;
-    `ablation` (results/ablation.json, optional) the findings over distillation seeds."""
+    `ablation` (results/ablation.json, optional: only one measured on this run's teacher and
+    params) the findings over distillation seeds, which then give every verdict."""
     out_dir = Path(out_dir)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
     md = report_markdown(out_dir, metrics, findings, images, teacher, ablation, context)

@@ -1,8 +1,9 @@
 """Where a report's numbers come from, and how they moved since the last committed run.
 
 `provenance()` gathers the commit (and whether the tree was dirty), the date, the backend and
-teacher, the params that differ from the committed params.yaml, package versions, the device
-and the stages' wall time and peak memory (Snakemake `benchmark:` files). `since_committed()`
+teacher, the params that differ from the committed params.yaml, package versions, the device,
+the stages' wall time and peak memory (Snakemake `benchmark:` files) and the stages' own
+timings (logs/timings/: images per second, the teacher check's seconds). `since_committed()`
 sets every metric beside its value in the committed results/metrics.json.
 """
 
@@ -34,19 +35,20 @@ def _git(*args: str) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b.c": leaf} of a nested mapping."""
     if isinstance(data, dict):
         out: dict[str, Any] = {}
         for key, value in data.items():
-            out |= _flatten(value, f"{prefix}{key}.")
+            out |= flatten(value, f"{prefix}{key}.")
         return out
     return {prefix[:-1]: data}
 
 
 def changed_params(params_file: str | Path, committed_text: str | None) -> dict[str, list]:
     """{key: [committed value, this run's value]} of every leaf that differs."""
-    now = _flatten(P.read_yaml(params_file))
-    then = _flatten(P.parse_yaml(committed_text)) if committed_text else {}
+    now = flatten(P.read_yaml(params_file))
+    then = flatten(P.parse_yaml(committed_text)) if committed_text else {}
     keys = sorted(set(now) | set(then))
     return {k: [then.get(k), now.get(k)] for k in keys if now.get(k) != then.get(k)}
 
@@ -74,7 +76,10 @@ def stage_costs(benchmarks: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def provenance(params_file: str | Path, params: P.Params, benchmarks: Path) -> dict[str, Any]:
+def provenance(
+    params_file: str | Path, params: P.Params, benchmarks: Path, timings: dict[str, Any]
+) -> dict[str, Any]:
+    """The record of this run; `timings` are the stages' own (cdm.metrics.timings.read)."""
     status = _git("status", "--porcelain")
     return {
         "commit": (_git("rev-parse", "HEAD") or "unknown").strip(),
@@ -90,6 +95,7 @@ def provenance(params_file: str | Path, params: P.Params, benchmarks: Path) -> d
         "cuda": torch.version.cuda,
         "device": device_name(),
         "stages": stage_costs(benchmarks),
+        "timings": timings,
     }
 
 
