@@ -44,7 +44,8 @@ SD3_VAE = {
     "scaling_factor": 1.5305, "shift_factor": 0.0609, "use_quant_conv": False,
     "use_post_quant_conv": False,
 }  # fmt: skip
-CFG_SCALE = {"sd3": 7.0, "longcat": 4.5}  # configs/sd3-medium.yaml, configs/longcat-image.yaml
+# The real-run overlay of each model: the teacher's CFG comes from its teacher.cfg_scale.
+OVERLAYS = {"sd3": ROOT / "configs/sd3-medium.yaml", "longcat": ROOT / "configs/longcat-image.yaml"}
 
 
 def _scale_module():
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=2, help="timed batches per model")
     parser.add_argument("--student-steps", type=int, default=4)
     parser.add_argument("--teacher-steps", type=int, default=28)
-    parser.add_argument("--cfg", type=float, help="teacher CFG (sd3 7.0, longcat 4.5)")
+    parser.add_argument("--cfg", type=float, help="teacher CFG (default: the overlay's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--out", help="JSON (default: bench/results/sampling-<model>.json)")
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     vae = build_vae(args.vae_div, args.seed).to(device)
     decode = VaeDecoder(vae.to(dtype) if dtype != torch.float32 else vae)
     raw = list(P.load(args.params).distill.inference_sigmas)
-    cfg_scale = CFG_SCALE[args.model] if args.cfg is None else args.cfg
+    overlay = P.parse_yaml(OVERLAYS[args.model].read_text())
+    cfg_scale = overlay["teacher"]["cfg_scale"] if args.cfg is None else args.cfg
     student = Sampler(student_v, shift, shape, 1.0, raw if len(raw) == args.student_steps else None)
     teacher = Sampler(teacher_v, shift, shape, cfg_scale)
 

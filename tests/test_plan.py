@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
+import yaml
 
 from cdm import plan
 from tests.conftest import PYTHON, ROOT
@@ -104,6 +106,28 @@ def test_cli_prints_the_plan_of_the_sd3_overlay(zero):
     for row in ("teacher", "student weights", "fake score weights", "optimizer states"):
         assert row in out
     assert "gradients" in out and "activations" in out and "total" in out
+
+
+def _total_gib(out: str) -> float:
+    return float(re.search(r"^  total\s+([0-9.]+)$", out, re.MULTILINE).group(1))
+
+
+def test_cli_plans_the_longcat_overlay_at_the_authors_batch():
+    """configs/longcat-image.yaml: batch 8 per GPU (their LongCat preset) under its own ZeRO
+    stage, with room left on an 80 GiB GPU; ZeRO-2 would leave under 8 GiB (its comment)."""
+    overlay = ROOT / "configs/longcat-image.yaml"
+    distill = yaml.safe_load(overlay.read_text())["distill"]
+    outs = {}
+    for zero in (None, 2):
+        cmd = [PYTHON, "-m", "cdm.plan", str(overlay), "--gpus", "8"]
+        cmd += [] if zero is None else ["--zero", str(zero)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs[zero] = proc.stdout
+    own = outs[None]
+    assert f"ZeRO-{distill['zero_stage']}, bf16; batch {distill['batch_size']} per GPU" in own
+    assert "6,270,668,864 parameters" in own and "fits in 80 GiB" in own
+    assert 80 - _total_gib(own) >= 8 > 80 - _total_gib(outs[2])
 
 
 def test_cli_error_is_one_line():

@@ -1,6 +1,6 @@
 """The real-run overlays (configs/sd3-medium.yaml, configs/longcat-image.yaml): the authors'
-recipe, a valid params file once applied, and a Snakemake DAG that dry-runs on the cluster
-profile with the world-only stages left out."""
+presets value by value (docs/method.md's table), a valid params file once applied, and a
+Snakemake DAG that dry-runs on the cluster profile with the world-only stages left out."""
 
 from __future__ import annotations
 
@@ -8,36 +8,123 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from cdm import params as P
-from cdm.overlay import apply
+from cdm.overlay import apply, leaves
 from tests.conftest import PYTHON, ROOT, copy_project
 
 BIN = str(Path(PYTHON).parent)
 ENV = os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
 OVERLAYS = ["configs/sd3-medium.yaml", "configs/longcat-image.yaml"]
+# docs/method.md's table of the authors' presets: a column per overlay, a row per params key.
+PRESETS = ROOT / "docs" / "method.md"
+PRESETS_HEADING = "## The authors' presets, value by value"
+COLUMNS = {"configs/sd3-medium.yaml": "SD3-Medium", "configs/longcat-image.yaml": "LongCat-Image"}
+CELL = re.compile(r"^`(.*)`$")
+
+
+def preset_table() -> dict[str, dict[str, Any]]:
+    """docs/method.md's table of the authors' presets: column -> {params key path: value}."""
+    text = PRESETS.read_text()
+    assert PRESETS_HEADING in text, f"{PRESETS} lost its section '{PRESETS_HEADING}'"
+    lines = text.split(PRESETS_HEADING, 1)[1].splitlines()
+    rows = [line for line in lines[: _table_end(lines)] if line.startswith("|")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    table: dict[str, dict[str, Any]] = {name: {} for name in header[1:-1]}
+    for row in rows[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        key = CELL.match(cells[0]).group(1)
+        for name, cell in zip(header[1:-1], cells[1:-1], strict=True):
+            assert key not in table[name], f"row {key} twice"
+            table[name][key] = yaml.safe_load(CELL.match(cell).group(1))
+    return table
+
+
+def _table_end(lines: list[str]) -> int:
+    """Index of the first line after the first table in `lines`."""
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    return next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+
+
+def differences(overlay: Path, column: str) -> list[str]:
+    """Every key whose value in the overlay file is not the table's, or that only one has."""
+    got, want = leaves(yaml.safe_load(overlay.read_text())), preset_table()[column]
+    return [
+        f"{key}: overlay {got.get(key, '(absent)')!r}, table {want.get(key, '(absent)')!r}"
+        for key in sorted(got.keys() | want.keys())
+        if key not in got or key not in want or not _same(got[key], want[key])
+    ]
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of the same type (1 is not 1.0, "4" is not 4), lists item by item."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return type(a) is type(b) and a == b
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_overlay_carries_the_authors_recipe(overlay):
+def test_overlay_equals_the_authors_preset_value_by_value(overlay):
+    assert differences(ROOT / overlay, COLUMNS[overlay]) == []
+    # Applied to params.yaml, every value survives validation as it stands in the table.
     params = P.parse(yaml.safe_load(apply(ROOT / overlay, ROOT / "params.yaml", write=False)))
-    d = params.distill
-    assert (d.lr_student, d.lr_fake, d.warmup, d.batch_size) == (1e-5, 5e-6, 100, 16)
-    assert (d.iterations, d.update_ratio, d.guidance, d.ema_max) == (4000, 2, 7.0, 0.999)
-    assert (d.k_min, d.k_max, d.u_min, d.u_max) == (1, 28, 0.25, 0.95)
-    assert d.inference_sigmas == [1.0, 0.75, 0.5, 0.25]
-    assert d.zero_stage == 2 and d.gradient_checkpointing
-    assert params.teacher.resolution == 1024 and params.teacher.backend != "shapes"
+    for key, value in preset_table()[COLUMNS[overlay]].items():
+        node: Any = params
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert _same(node, value), (key, node, value)
+
+
+def _mutated(value: Any) -> Any:
+    """A different value of the same kind."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value * 2 + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, list):
+        return value[:-1] if len(value) > 1 else value * 2
+    return "changed"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_changing_any_one_overlay_value_is_caught(overlay, tmp_path):
+    data = yaml.safe_load((ROOT / overlay).read_text())
+    missed = []
+    for key in leaves(data):
+        *parents, last = key.split(".")
+        copy = yaml.safe_load((ROOT / overlay).read_text())
+        node = copy
+        for part in parents:
+            node = node[part]
+        node[last] = _mutated(node[last])
+        changed = tmp_path / f"{key}.yaml"
+        changed.write_text(yaml.safe_dump(copy))
+        if [d.split(":")[0] for d in differences(changed, COLUMNS[overlay])] != [key]:
+            missed.append(key)
+    assert missed == []
+    # A key the table lacks is caught too.
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(yaml.safe_dump(data | {"distill": data["distill"] | {"max_nonfinite": 5}}))
+    assert [d.split(":")[0] for d in differences(extra, COLUMNS[overlay])] == [
+        "distill.max_nonfinite"
+    ]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_real_run_prompts_are_fetched_never_committed(overlay):
+    params = P.parse(yaml.safe_load(apply(ROOT / overlay, ROOT / "params.yaml", write=False)))
     # Fetched (sha256-checked) by the fetch_prompts rule; never part of the repository.
     assert params.prompts.eval_file == "data/pickscore_test_prompts.txt"
     tracked = subprocess.run(
         ["git", "ls-files", "data"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
     assert "pickscore" not in tracked
-    assert params.distill.num_processes == 8
 
 
 def test_sd3_overlay_names_the_hub_model():
@@ -71,7 +158,7 @@ def test_sd3_overlay_dry_runs_on_the_slurm_profile(tmp_path):
     for rule in ("fetch_weights", "fetch_prompts", "prepare_teacher", "cache_teacher",
                  "distill", "score", "report"):  # fmt: skip
         assert f"rule {rule}:" in out, rule
-    assert "samples/cdm/4/index.parquet" in out and "samples/teacher_cfg/28" in out
+    assert "samples/cdm/4/index.parquet" in out and "samples/teacher_cfg/50" in out
     assert "models/judge" not in out
     # DVC plans the same stages (a dry run must --force: DVC hashes the missing upstream
     # outputs of a fresh clone otherwise).
@@ -83,7 +170,7 @@ def test_sd3_overlay_dry_runs_on_the_slurm_profile(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     planned = set(re.findall(r"Running stage '([^']+)'", proc.stdout))
     assert {"fetch_weights", "prepare_teacher", "cache_teacher", "distill@dmd2", "distill@cdm",
-            "sample_student@cdm-4", "sample_teacher@teacher_cfg-28", "score", "report"} <= planned  # fmt: skip
+            "sample_student@cdm-4", "sample_teacher@teacher_cfg-50", "score", "report"} <= planned  # fmt: skip
     # The shapes DAG keeps its world metrics.
     shapes = _snakemake(copy_project(tmp_path / "shapes"))
     assert "rule score" in shapes and "rule report" in shapes

@@ -19,6 +19,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from cdm.backends import few_step
 from cdm.conditioning import Condition
+from cdm.overlay import leaves
 from cdm.sampling import inference_sigmas
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -470,7 +471,7 @@ def add_results_to_card(
     lines = [RESULTS[0], "## Results", ""]
     if metrics:
         lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {key} | {_cell(value)} |" for key, value in _flat(metrics).items()]
+        lines += [f"| {key} | {_cell(value)} |" for key, value in leaves(metrics).items()]
     if grid_png is not None:
         target = folder / GRID
         if not (target.exists() and target.samefile(grid_png)):
@@ -483,14 +484,6 @@ def add_results_to_card(
         text = head + rest.split(RESULTS[1], 1)[1].lstrip("\n")
     card.text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
     card.save(folder / "README.md")
-
-
-def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        out |= _flat(value, f"{name}.") if isinstance(value, dict) else {name: value}
-    return out
 
 
 def _cell(value: Any) -> str:
