@@ -1,6 +1,6 @@
 """Stage score: metrics of every sample set under samples/<model>/<steps>/.
 
-The shapes world: judge-based world metrics (cdm.metrics.world). sd3 / longcat: the paper's
+The shapes world: judge-based world metrics (cdm.world.metrics). sd3 / longcat: the paper's
 preference metrics (CLIP score, PickScore, aesthetic, HPSv3 when available) with 95%
 bootstrap intervals over prompts, and the Fréchet distance of CLIP image features to the
 teacher's sets (cdm.metrics.preference), each number beside the conventions that made it.
@@ -57,7 +57,7 @@ def main() -> None:
             f"no sample sets under {args.samples}/<model>/<steps>/{INDEX}; run the sample stage first"
         )
     if params.teacher.backend == "shapes":
-        from cdm.metrics.world import world_metrics
+        from cdm.world.metrics import world_metrics
 
         scores, metrics = world_metrics(sets, params.judge.path, cfg.batch_size, cfg.k)
     else:

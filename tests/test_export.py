@@ -16,11 +16,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors import safe_open
 
-from cdm.backends import few_step, longcat, pipelines, sd3
+from cdm.backends import export, few_step, longcat, sd3
 from cdm.sampling import inference_sigmas
 from tests import tiny_pipelines
 
@@ -143,7 +144,7 @@ def test_model_card_parses_with_license_and_base_model(exported):
         assert data["license_link"].endswith("LICENSE.md")
     else:
         assert data["license"] == "apache-2.0"
-    assert set(pipelines.CARD_TAGS) <= set(data["tags"])
+    assert set(export.CARD_TAGS) <= set(data["tags"])
     assert data["library_name"] == "diffusers" and data["pipeline_tag"] == "text-to-image"
     # A local teacher: no hub id to name, its path in a field of its own.
     assert "base_model" not in data and data["teacher_local_path"] == str(teacher)
@@ -157,23 +158,23 @@ def test_base_model_is_a_hub_id(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     local = tmp_path / "sd3_local"
     local.mkdir()
-    fields = pipelines.teacher_fields(local, {"teacher": {"path": SD3_HUB}}, None)
+    fields = export.teacher_fields(local, {"teacher": {"path": SD3_HUB}}, None)
     assert fields == {"base_model": SD3_HUB, "base_model_relation": "finetune"}
     params = {"teacher": {"path": "sd3_local"}}
-    assert pipelines.teacher_fields(local, params, None) == {"teacher_local_path": "sd3_local"}
-    fields = pipelines.teacher_fields(local, params, SD3_HUB)
+    assert export.teacher_fields(local, params, None) == {"teacher_local_path": "sd3_local"}
+    fields = export.teacher_fields(local, params, SD3_HUB)
     assert fields["base_model"] == SD3_HUB and fields["teacher_local_path"] == "sd3_local"
     cache = tmp_path / "hub/models--stabilityai--stable-diffusion-3-medium-diffusers/snapshots/a1"
-    fields = pipelines.teacher_fields(cache, {"teacher": {"path": str(cache)}}, None)
+    fields = export.teacher_fields(cache, {"teacher": {"path": str(cache)}}, None)
     assert fields["base_model"] == SD3_HUB and fields["teacher_local_path"] == str(cache)
 
 
 def test_the_teachers_own_card_license_wins(tmp_path):
-    assert pipelines.teacher_license(tmp_path, sd3.FAMILY) == sd3.LICENSE
+    assert export.teacher_license(tmp_path, sd3.FAMILY) == sd3.LICENSE
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# a teacher\n")
-    assert pipelines.teacher_license(tmp_path, sd3.FAMILY) == {"license": "mit"}
+    assert export.teacher_license(tmp_path, sd3.FAMILY) == {"license": "mit"}
     (tmp_path / "README.md").write_text("---\n[unparsable\n---\n")
-    assert pipelines.teacher_license(tmp_path, longcat.FAMILY) == {"license": "apache-2.0"}
+    assert export.teacher_license(tmp_path, longcat.FAMILY) == {"license": "apache-2.0"}
 
 
 def test_explicit_base_model_reaches_the_card(exported, tmp_path):
@@ -193,13 +194,13 @@ def test_add_results_to_card_writes_the_table_and_the_grid(exported, tmp_path):
     grid = tmp_path / "grid.png"
     Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(grid)
     metrics = {"clip_score": 0.312345, "fid": {"4": 12.5}, "n": 3}
-    pipelines.add_results_to_card(student, metrics, grid)
+    export.add_results_to_card(student, metrics, grid)
     card = ModelCard.load(student / "README.md")
     assert "| clip_score | 0.3123 |" in card.text and "| fid.4 | 12.5 |" in card.text
-    assert "| n | 3 |" in card.text and f"![sample grid]({pipelines.GRID})" in card.text
-    assert (student / pipelines.GRID).read_bytes() == grid.read_bytes()
+    assert "| n | 3 |" in card.text and f"![sample grid]({export.GRID})" in card.text
+    assert (student / export.GRID).read_bytes() == grid.read_bytes()
     assert card.data.to_dict() == ModelCard.load(folder / "README.md").data.to_dict()
-    pipelines.add_results_to_card(student, {"clip_score": 0.5}, None)  # replaces the section
+    export.add_results_to_card(student, {"clip_score": 0.5}, None)  # replaces the section
     text = (student / "README.md").read_text()
     assert text.count("## Results") == 1 and "| clip_score | 0.5 |" in text
     assert "0.3123" not in text and "![sample grid]" not in text
@@ -209,7 +210,7 @@ def test_add_results_to_card_writes_the_table_and_the_grid(exported, tmp_path):
 def test_no_flow_match_config_is_both_exact_and_finite():
     """Why SD3 exports FlowMapEulerDiscreteScheduler: FlowMatchEuler matches the recipe at one
     step count only through shift_terminal, which divides 0 by 0 at 1 step."""
-    base = pipelines.FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    base = FlowMatchEulerDiscreteScheduler(shift=3.0).config
     stretched = {k: v for k, v in base.items() if not k.startswith("_")} | {"shift_terminal": 0.5}
     with np.errstate(invalid="ignore", divide="ignore"):
         assert math.isnan(few_step.pipeline_sigmas(stretched, 1, 4096)[0])
@@ -238,7 +239,7 @@ def test_publish_links_the_student_and_puts_the_results_in_its_own_card(exported
     assert publish(args) == 0
     text = (out / "README.md").read_text()
     assert "| 4 steps.clip | 31.2 |" in text and "| 2 steps.clip | 29.5 |" in text
-    assert "conventions" not in text and f"![sample grid]({pipelines.GRID})" in text
+    assert "conventions" not in text and f"![sample grid]({export.GRID})" in text
     assert (students / "cdm" / "README.md").read_text() == card_before
     weights = next((out / "transformer").glob("*.safetensors"))
     twin = students / "cdm" / "transformer" / weights.name

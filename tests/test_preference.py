@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from cdm.metrics import conventions as conv
 from cdm.metrics import preference as pref
+from cdm.metrics import scorers as registry
 from cdm.metrics.aesthetic import HEAD_FILE
 from cdm.metrics.bootstrap import bootstrap_ci
 from cdm.metrics.scorers import build_scorer
@@ -79,7 +81,7 @@ def result(
         return build_scorer(name, config)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pref, "build_scorer", counting)
+        mp.setattr(registry, "build_scorer", counting)
         out = pref.score_sets(sets, configs, batch_size=2, n_boot=300, chunk=3)
     return out, len(built)
 
@@ -184,15 +186,15 @@ def test_conventions_name_weights_preprocessing_and_formula(
     assert aes["head_sha256"] == hashlib.sha256(head).hexdigest()
     assert notes["ci"]["n_boot"] == 300 and notes["ci"]["level"] == 0.95
     # From the configs alone (no scorer built) the preprocessing reads the same.
-    static = pref.conventions(configs)
+    static = conv.conventions(configs)
     for name in ("clip", "pickscore", "aesthetic"):
         assert static[name]["preprocess"] == notes[name]["preprocess"]
     assert static["pickscore"]["logit_scale_exp"] is None
 
 
 def test_defaults_describe_the_real_models_without_weights(tmp_path: Path) -> None:
-    notes = pref.conventions(
-        {**pref.DEFAULT_SCORER_CONFIGS, "pickscore": {"cache_dir": str(tmp_path)}}
+    notes = conv.conventions(
+        {**registry.DEFAULT_SCORER_CONFIGS, "pickscore": {"cache_dir": str(tmp_path)}}
     )
     assert notes["clip"]["source"] == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K/"
     assert "Resize(size=224" in notes["clip"]["preprocess"]

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from cdm import params as P
-from cdm.overlay import apply, leaves
+from cdm.overlay import apply
+from cdm.params import leaves
 from tests.conftest import PYTHON, ROOT, copy_project
 
 BIN = str(Path(PYTHON).parent)

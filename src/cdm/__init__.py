@@ -1,3 +1,24 @@
-"""Continuous-Time Distribution Matching (CDM) distillation of text-to-image flow models."""
+"""Continuous-Time Distribution Matching (CDM) distillation of text-to-image flow models.
+
+The package is layered; a module imports only from its own layer or lower ones (checked by
+tests/test_layers.py), so each layer reads without the ones above it:
+
+1. foundations: `params` (the schema), `io` (atomic outputs), `hub` (hub ids and hub-cache
+   paths), `conditioning` (the text-conditioning tensors every network takes).
+2. the method's numerics: `flow`, `velocity`, `losses`, `schedules`, `rollout`, `sampling`,
+   `ema`: tensors in, tensors out.
+3. `metrics`: statistics of features (Fréchet distance, precision/recall, bootstrap) and the
+   preference scorers of images and prompts; they know no model family and no world.
+4. `world`: the embedded shapes domain (prompts, renders, its judge and teacher, and its
+   metrics of sample sets, built on the statistics of `metrics`).
+5. `backends`: the model families behind one interface (shapes wraps the world's teacher;
+   sd3 and longcat load diffusers pipelines and export students).
+6. the run machinery: `engine`, `checkpoints`, `zero`, `deadline`, `cache`, `sampler`,
+   `preview`, `cli`, `lock`, `lifeline`, `launch`, `overlay`, `plan`, `fetch`, `validate`,
+   `publish`.
+7. `report`: findings, tables, plots and pages from the measured metrics.
+
+The stage scripts (`src/*.py`) sit on top and may import any layer.
+"""
 
 __version__ = "0.1.0"

@@ -30,10 +30,10 @@ from typing import Any
 
 from cdm import params as P
 from cdm.cli import StageFailure, run_stage
+from cdm.hub import HUB_ID
 from cdm.io import atomic_file
 from cdm.metrics.aesthetic import HUB_FILE
-from cdm.metrics.base import HUB_ID
-from cdm.metrics.preference import DEFAULT_SCORER_CONFIGS, resolved_config, unavailable_reason
+from cdm.metrics.scorers import DEFAULT_SCORER_CONFIGS, resolved_config, unavailable_reason
 
 log = logging.getLogger("fetch")
 

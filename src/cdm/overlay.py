@@ -30,15 +30,6 @@ def merge(base: Any, overlay: Any) -> Any:
     return overlay
 
 
-def leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Every non-mapping value by its dotted key path: {'distill.batch_size': 16, ...}."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        out |= leaves(value, f"{path}.") if isinstance(value, dict) else {path: value}
-    return out
-
-
 def apply(
     overlay_path: str | Path, params_path: str | Path = "params.yaml", write: bool = True
 ) -> str:

@@ -396,3 +396,12 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Every non-mapping value by its dotted key path: {'distill.batch_size': 16, ...}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out |= leaves(value, f"{path}.") if isinstance(value, dict) else {path: value}
+    return out

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cdm.backends.pipelines import add_results_to_card, link_tree
+from cdm.backends.export import add_results_to_card
+from cdm.backends.pipelines import link_tree
 from cdm.io import atomic_dir
 
 SKIPPED = ("conventions", "skipped")  # long per-metric records: the report holds them

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from cdm import params as P
 from cdm.cache import read_prompts_file
+from cdm.hub import HUB_ID
 from cdm.lock import ProjectBusy, claim
-from cdm.metrics.base import HUB_ID
 from cdm.world.prompts import check_renderable
 
 

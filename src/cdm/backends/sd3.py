@@ -14,6 +14,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 from cdm.backends import few_step, pipelines
+from cdm.backends.export import export_pipeline
 from cdm.conditioning import Condition
 from cdm.velocity import TransformerVelocity
 
@@ -153,6 +154,6 @@ def export(
     teacher_dir = Path(teacher_dir)
     resolution = (params or {}).get("teacher", {}).get("resolution")
     _, _, tokens = geometry(teacher_dir, resolution)
-    pipelines.export_pipeline(
+    export_pipeline(
         student.transformer, FAMILY, teacher_dir, out, inference, tokens, params, dtype, base_model
     )

@@ -3,7 +3,6 @@ image), batching under no_grad, the device choice, and offline loading of pretra
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,8 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cdm.hub import HUB_ID
+
 FETCH_COMMAND = "python -m cdm.fetch weights"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as on the Hugging Face hub
 
 S = TypeVar("S", bound="Scorer")
 L = TypeVar("L")

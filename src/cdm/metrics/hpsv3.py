@@ -34,7 +34,8 @@ from torch import nn
 from transformers import Qwen2VLConfig, Qwen2VLModel, Qwen2VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from cdm.metrics.base import HUB_ID, Scorer, load_pretrained, missing_weights
+from cdm.hub import HUB_ID
+from cdm.metrics.base import Scorer, load_pretrained, missing_weights
 
 CHECKPOINT_FILE = "HPSv3.safetensors"
 REWARD_TOKEN = "<|Reward|>"

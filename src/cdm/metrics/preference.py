@@ -4,14 +4,12 @@ Per sample set `samples/<model>/<steps>/`: every configured scorer (CLIP score, 
 aesthetic score, HPSv3) on each image and its prompt, the means with
 95% bootstrap intervals over prompts, and the Fréchet distance of the set's CLIP image features
 (the clip scorer's own, so no extra model) to the teacher sets with and without CFG at their
-largest step count. `paired_difference` compares two sets of the same pairs; `conventions`
-says which weights, preprocessing and formula stand behind each number.
+largest step count. `paired_difference` compares two sets of the same pairs. Which weights,
+preprocessing and formula stand behind each number is recorded by `cdm.metrics.conventions`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,19 +17,16 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
-import open_clip
 import pandas as pd
 import torch
 from PIL import Image
 
-from cdm.metrics.aesthetic import AestheticScorer, resolve_head
-from cdm.metrics.base import HUB_ID, Scorer
+from cdm.metrics.base import Scorer
 from cdm.metrics.bootstrap import bootstrap_ci
 from cdm.metrics.clip_score import ClipScorer
+from cdm.metrics.conventions import conventions, fd_conventions
 from cdm.metrics.frechet import frechet_distance
-from cdm.metrics.openclip import architecture, resolve_weights
-from cdm.metrics.pickscore import PickScorer
-from cdm.metrics.scorers import SCORERS, build_scorer
+from cdm.metrics.scorers import ScorerConfigs, build_scorers, unavailable_reason
 
 INDEX = "index.parquet"
 CLIP = "clip"  # the scorer whose image features give the FD metrics
@@ -39,16 +34,8 @@ TEACHER_CFG, TEACHER_NOCFG = "teacher_cfg", "teacher_nocfg"
 FD_KEYS = {TEACHER_CFG: "fd_to_teacher_cfg", TEACHER_NOCFG: "fd_to_teacher_nocfg"}
 LEVEL = 0.95
 CHUNK = 256  # images decoded at once: a 2,048-image set of 1024 px PNGs is 6 GB as arrays
-# The paper's metrics.
-DEFAULT_SCORER_CONFIGS: dict[str, dict[str, Any]] = {
-    "clip": {},
-    "pickscore": {},
-    "aesthetic": {},
-    "hpsv3": {},
-}
 
 SetKey = tuple[str, int]
-ScorerConfigs = Mapping[str, Mapping[str, Any] | None]
 Reference = SetKey | None | Literal["auto"]
 
 
@@ -73,42 +60,6 @@ class PairedDifference:
     def holds(self) -> bool:
         """The difference holds only when its interval excludes zero."""
         return self.low > 0 or self.high < 0
-
-
-# ---------------------------------------------------------------- scorers
-
-
-def unavailable_reason(name: str) -> str | None:
-    """Why a configured metric cannot be scored here (None: it can); unknown names raise."""
-    if name in SCORERS:
-        return None
-    known = ", ".join(sorted(SCORERS))
-    raise ValueError(f"unknown metric '{name}' in the scorer configs; known: {known}")
-
-
-def resolved_config(name: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The scorer's constructor defaults overlaid with `config` (what it will actually use)."""
-    params = inspect.signature(SCORERS[name].__init__).parameters.values()
-    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-    return {**defaults, **(config or {})}
-
-
-def build_scorers(
-    configs: ScorerConfigs, batch_size: int | None = None
-) -> tuple[dict[str, Scorer], dict[str, str]]:
-    """(scorers that can run, {metric: reason} of those that cannot); `batch_size` applies
-    where a config names none."""
-    scorers, skipped = {}, {}
-    for name, config in configs.items():
-        reason = unavailable_reason(name)
-        if reason is not None:
-            skipped[name] = reason
-            continue
-        kwargs = dict(config or {})
-        if batch_size is not None:
-            kwargs.setdefault("batch_size", batch_size)
-        scorers[name] = build_scorer(name, kwargs)
-    return scorers, skipped
 
 
 # ---------------------------------------------------------------- sample sets
@@ -271,7 +222,7 @@ def score_sets(
             entry[FD_KEYS[teacher]] = math.nan if own is None or other is None else fd(own, other)
         metrics.setdefault(key[0], {})[str(key[1])] = entry
     notes = conventions(scorer_configs, scorers)
-    notes.update(fd_conventions(refs, CLIP in scorers))
+    notes.update(fd_conventions({FD_KEYS[t]: ref for t, ref in refs.items()}, CLIP in scorers))
     notes["ci"] = {
         "level": LEVEL,
         "method": "percentile bootstrap; prompts resampled with their images",
@@ -316,205 +267,3 @@ def compare(
     if x["pair"].tolist() != y["pair"].tolist():
         raise ValueError(f"{a[0]}@{a[1]} and {b[0]}@{b[1]} do not hold the same pairs")
     return paired_difference(x[metric], y[metric], x["prompt"].tolist(), n_boot, seed)
-
-
-# ---------------------------------------------------------------- conventions
-
-FORMULAS = {
-    "clip": "100 * max(cos, 0) (Hessel et al. 2021); cos of L2-normalised open_clip image "
-    "and prompt embeddings",
-    "pickscore": "logit_scale.exp() * cos (Kirstain et al. 2023); cos of L2-normalised "
-    "image and prompt embeddings of the PickScore CLIP",
-    "aesthetic": "LAION improved aesthetic MLP on L2-normalised CLIP ViT-L/14 image features "
-    "(prompt ignored)",
-}
-
-
-def hub_commit(path: str | Path | None) -> str | None:
-    """The commit of a file in a hub cache snapshot (…/snapshots/<commit>/…), else None."""
-    parts = Path(path).parts if path else ()
-    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
-
-
-def describe_transform(transform: Any) -> str:
-    """torchvision Compose steps in order, as they are applied."""
-    steps = getattr(transform, "transforms", [transform])
-    return " -> ".join(getattr(t, "__name__", None) or repr(t) for t in steps)
-
-
-def open_clip_transform(model: str, pretrained: str) -> Any:
-    """The eval transform OpenClipEncoder builds, from the configs alone (no weights)."""
-    model = architecture(model)
-    cfg = open_clip.get_pretrained_cfg(model, pretrained) or {}
-    size = open_clip.get_model_config(model)["vision_cfg"]["image_size"]
-    return open_clip.image_transform(
-        size,
-        is_train=False,
-        mean=cfg.get("mean"),
-        std=cfg.get("std"),
-        resize_mode=cfg.get("resize_mode"),
-        interpolation=cfg.get("interpolation"),
-    )
-
-
-def open_clip_weights(model: str, pretrained: str, cache_dir: str | None) -> dict[str, Any]:
-    """The open_clip model, its tag, where the tag's weights come from and their revision."""
-    model = architecture(model)
-    cfg = open_clip.get_pretrained_cfg(model, pretrained) or {}
-    try:
-        path, _ = resolve_weights(model, pretrained, cache_dir)
-    except FileNotFoundError:
-        path = None  # not fetched yet: the revision is unknown
-    text = open_clip.get_model_config(model)["text_cfg"].get("context_length", 77)
-    return {
-        "model": model,
-        "pretrained": pretrained,
-        "source": cfg.get("hf_hub") or cfg.get("url") or pretrained,
-        "revision": hub_commit(path),
-        "quick_gelu": bool(cfg.get("quick_gelu", False)),
-        "text": f"open_clip tokenizer, context {text} tokens (longer prompts truncated)",
-    }
-
-
-def describe_processor(processor: Any) -> str:
-    """A transformers CLIP image processor's steps, as it applies them."""
-
-    def nonempty(size: Any) -> dict[str, Any]:
-        items = size.items() if isinstance(size, Mapping) else vars(size).items()
-        return {k: v for k, v in items if v is not None}
-
-    resample = getattr(processor, "resample", None)
-    if isinstance(resample, int):  # saved configs hold PIL's enum as its int
-        resample = Image.Resampling(resample)
-    resample = getattr(resample, "name", resample)
-    steps = ["convert RGB"] if getattr(processor, "do_convert_rgb", True) else []
-    if processor.do_resize:
-        steps.append(f"resize {nonempty(processor.size)} ({resample})")
-    if processor.do_center_crop:
-        steps.append(f"center crop {nonempty(processor.crop_size)}")
-    if processor.do_rescale:
-        steps.append(f"rescale x{processor.rescale_factor:.6g}")
-    if processor.do_normalize:
-        steps.append(f"normalize mean={processor.image_mean} std={processor.image_std}")
-    return " -> ".join(steps)
-
-
-def cached_processor(processor: str, cache_dir: str | None) -> Any | None:
-    """The CLIP image processor from a folder or the hub cache, None when absent offline."""
-    from transformers import CLIPImageProcessor
-
-    if not Path(processor).exists() and not HUB_ID.match(processor):
-        return None
-    try:
-        return CLIPImageProcessor.from_pretrained(
-            processor, cache_dir=cache_dir, local_files_only=True
-        )
-    except OSError:
-        return None
-
-
-def hub_revision(model_id: str, cache_dir: str | None) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    if Path(model_id).exists() or not HUB_ID.match(model_id):
-        return None
-    found = try_to_load_from_cache(model_id, "config.json", cache_dir=cache_dir)
-    return hub_commit(found) if isinstance(found, str) else None
-
-
-def clip_conventions(config: Mapping[str, Any], scorer: Scorer | None) -> dict[str, Any]:
-    cfg = resolved_config("clip", config)
-    live = scorer.encoder.preprocess if isinstance(scorer, ClipScorer) else None
-    transform = live or open_clip_transform(cfg["model"], cfg["pretrained"])
-    return {
-        **open_clip_weights(cfg["model"], cfg["pretrained"], cfg.get("cache_dir")),
-        "preprocess": describe_transform(transform),
-        "formula": FORMULAS["clip"],
-    }
-
-
-def pickscore_conventions(config: Mapping[str, Any], scorer: Scorer | None) -> dict[str, Any]:
-    cfg = resolved_config("pickscore", config)
-    cache = cfg.get("cache_dir")
-    if isinstance(scorer, PickScorer):
-        processor = scorer.processor.image_processor
-        logit_scale = float(scorer.model.logit_scale.detach().exp())
-        max_length = scorer.max_length
-    else:
-        processor, logit_scale, max_length = cached_processor(cfg["processor"], cache), None, None
-    preprocess = (
-        describe_processor(processor)
-        if processor is not None
-        else f"CLIPImageProcessor of '{cfg['processor']}' (not in the local cache)"
-    )
-    return {
-        "model": cfg["model"],
-        "revision": hub_revision(cfg["model"], cache),
-        "processor": cfg["processor"],
-        "processor_revision": hub_revision(cfg["processor"], cache),
-        "preprocess": preprocess,
-        "text": f"CLIP tokenizer, padded, truncated at {max_length or 'the text tower length'}",
-        "logit_scale_exp": logit_scale,
-        "formula": FORMULAS["pickscore"],
-    }
-
-
-def aesthetic_conventions(config: Mapping[str, Any], scorer: Scorer | None) -> dict[str, Any]:
-    cfg = resolved_config("aesthetic", config)
-    cache = cfg.get("cache_dir")
-    try:
-        head = resolve_head(cfg["head"], cache)
-        head_sha = hashlib.sha256(head.read_bytes()).hexdigest()  # a small file: pin its bytes
-    except FileNotFoundError:
-        head, head_sha = None, None
-    live = scorer.encoder.preprocess if isinstance(scorer, AestheticScorer) else None
-    transform = live or open_clip_transform(cfg["clip_model"], cfg["clip_pretrained"])
-    clip = open_clip_weights(cfg["clip_model"], cfg["clip_pretrained"], cache)
-    return {
-        "model": cfg["head"],
-        "revision": hub_commit(head),
-        "head_sha256": head_sha,
-        "clip": {k: clip[k] for k in ("model", "pretrained", "source", "revision")},
-        "preprocess": describe_transform(transform),
-        "formula": FORMULAS["aesthetic"],
-    }
-
-
-CONVENTIONS = {
-    "clip": clip_conventions,
-    "pickscore": pickscore_conventions,
-    "aesthetic": aesthetic_conventions,
-}
-
-
-def conventions(
-    scorer_configs: ScorerConfigs, scorers: Mapping[str, Scorer] | None = None
-) -> dict[str, dict[str, Any]]:
-    """Per metric: model id, weights revision (hub commit where cached), preprocessing and
-    score formula. Built scorers, when given, supply the preprocessing they actually apply;
-    otherwise it is rebuilt from the configs (no weights needed)."""
-    out: dict[str, dict[str, Any]] = {}
-    for name, config in scorer_configs.items():
-        reason = unavailable_reason(name)
-        if reason is not None:
-            out[name] = {"skipped": reason}
-        elif name in CONVENTIONS:
-            out[name] = CONVENTIONS[name](config or {}, (scorers or {}).get(name))
-        else:  # a registered scorer this module does not describe yet
-            out[name] = {"config": resolved_config(name, config)}
-    return out
-
-
-def fd_conventions(refs: Mapping[str, SetKey | None], have_clip: bool) -> dict[str, Any]:
-    out = {}
-    for teacher, key in FD_KEYS.items():
-        ref = refs.get(teacher)
-        out[key] = {
-            "reference": f"{ref[0]}@{ref[1]}" if ref else None,
-            "features": "the clip scorer's L2-normalised image features",
-            "formula": "||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), clipped at 0",
-            "nan_when": "no reference set" if ref is None else None,
-        }
-        if not have_clip:
-            out[key]["nan_when"] = "the clip scorer is not configured"
-    return out

@@ -1,7 +1,9 @@
-"""The registry of preference scorers: config name -> class."""
+"""The registry of preference scorers: config name -> class, the paper's default configs, and
+building scorers from `score.models` (name -> constructor kwargs)."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +16,15 @@ from cdm.metrics.pickscore import PickScorer
 SCORERS: dict[str, type[Scorer]] = {
     cls.name: cls for cls in (ClipScorer, PickScorer, AestheticScorer, HPSv3Scorer)
 }
+# The paper's metrics.
+DEFAULT_SCORER_CONFIGS: dict[str, dict[str, Any]] = {
+    "clip": {},
+    "pickscore": {},
+    "aesthetic": {},
+    "hpsv3": {},
+}
+
+ScorerConfigs = Mapping[str, Mapping[str, Any] | None]
 
 
 def build_scorer(name: str, config: Mapping[str, Any] | None = None) -> Scorer:
@@ -21,3 +32,36 @@ def build_scorer(name: str, config: Mapping[str, Any] | None = None) -> Scorer:
     if name not in SCORERS:
         raise KeyError(f"unknown scorer '{name}'; known: {', '.join(sorted(SCORERS))}")
     return SCORERS[name].from_config(config or {})
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why a configured metric cannot be scored here (None: it can); unknown names raise."""
+    if name in SCORERS:
+        return None
+    known = ", ".join(sorted(SCORERS))
+    raise ValueError(f"unknown metric '{name}' in the scorer configs; known: {known}")
+
+
+def resolved_config(name: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The scorer's constructor defaults overlaid with `config` (what it will actually use)."""
+    params = inspect.signature(SCORERS[name].__init__).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return {**defaults, **(config or {})}
+
+
+def build_scorers(
+    configs: ScorerConfigs, batch_size: int | None = None
+) -> tuple[dict[str, Scorer], dict[str, str]]:
+    """(scorers that can run, {metric: reason} of those that cannot); `batch_size` applies
+    where a config names none."""
+    scorers, skipped = {}, {}
+    for name, config in configs.items():
+        reason = unavailable_reason(name)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        kwargs = dict(config or {})
+        if batch_size is not None:
+            kwargs.setdefault("batch_size", batch_size)
+        scorers[name] = build_scorer(name, kwargs)
+    return scorers, skipped

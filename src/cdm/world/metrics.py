@@ -1,6 +1,7 @@
 """World metrics of sample sets (the shapes backend): judge alignment per attribute, Fréchet
 distance of judge features to fresh real renders and to the CFG-free teacher, precision and
-recall, NFE and images per second."""
+recall, NFE and images per second. The world's counterpart of cdm.metrics.preference: it
+needs the world's judge and renders, so it lives here and uses cdm.metrics' statistics."""
 
 from __future__ import annotations
 
