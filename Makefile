@@ -2,16 +2,19 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The embedded default's exact versions; `make install LOCK=` installs against pyproject.toml's
+# ranges alone (beside a cluster's own torch).
+LOCK   ?= constraints.txt
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install run ablation test browser lint format world-judge world-teacher dry-run clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	$(PY) -m pip install --quiet $(if $(LOCK),-c $(LOCK)) -e '.[dev]'
+	echo "lock: $(LOCK)" > $(STAMP)
 
 run: $(STAMP)
 	$(PY) -m cdm.validate params.yaml

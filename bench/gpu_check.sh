@@ -4,7 +4,9 @@
 #
 #   1. bench/scale.py at SD3-Medium's width (1536, 24 heads), 1024 px, ZeRO-2, gradient
 #      checkpointing, with as many of its 24 blocks as fit (24, else 12);
-#   2. bench/sampling.py at SD3-Medium's full size: 4-step student vs 28 steps with CFG;
+#   2. bench/sampling.py at SD3-Medium's full size: 4-step student vs 28 steps with CFG, at
+#      the sample stage's precision (transformer bf16, VAE decode fp32), and the decode in
+#      bf16 against fp32 (seconds, uint8 levels moved: whether the decode may go bf16);
 #   3. the embedded distill (shapes world, params.yaml's cdm and dmd2) for its it/s.
 #
 # On the device machine (no diffusers/deepspeed/pydantic there; ../shared/gpu/wheels.sh .whl
@@ -29,8 +31,8 @@ for layers in 24 12; do
 done
 timeout 120 python3 bench/scale.py --model sd3 --layers 24 --resolution 1024 --iterations 2 \
   --batch 1 --zero 2 --out "$out/scale-sd3-nockpt.json" > "$out/scale-nockpt.log" 2>&1
-timeout 120 python3 bench/sampling.py --model sd3 --resolution 1024 --images 8 --repeats 2 \
-  --out "$out/sampling-sd3.json" > "$out/sampling.log" 2>&1
+timeout 150 python3 bench/sampling.py --model sd3 --resolution 1024 --images 8 --repeats 2 \
+  --compare-decode --out "$out/sampling-sd3.json" > "$out/sampling.log" 2>&1
 for method in cdm dmd2; do  # distill_seconds over 400 iterations: the engine's it/s
   timeout 90 python3 bench/distill_probe.py --method "$method" --pairs 64 \
     --set distill.iterations=400 --out "$out/probe-$method.json" > "$out/probe-$method.log" 2>&1

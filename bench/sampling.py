@@ -9,11 +9,14 @@ The transformer comes from the published config stored in `cdm.plan.PUBLISHED` w
 weights (`--layers/--width/--heads` cut it; bench/scale.py builds it), the student is a copy of
 the same architecture (an exported student is the teacher's transformer retrained), the VAE is
 SD3's published AutoencoderKL config (16 latent channels, 8x; `--vae-div` divides its channels)
-with random weights. Sampling is the project's code: `cdm.sampler.Sampler` (its sigmas and NFE),
-`cdm.sampling.sample_euler` (CFG as one batched call) and `cdm.backends.pipelines.VaeDecoder`.
-Reports per-image seconds split into transformer and decode, transformer calls and
+with random weights. Sampling is the sample stage's code at the stage's precision:
+`cdm.sampler.sampling_dtype` (the transformer in bf16 on a GPU, fp32 on the CPU),
+`cdm.sampler.Sampler` (its sigmas and NFE), `cdm.sampling.sample_euler` (CFG as one batched
+call), `cdm.backends.pipelines.VaeDecoder` in fp32 and `cdm.sampler.save_png`. Reports
+per-image seconds split into transformer, decode and PNG encoding, transformer calls and
 sample-evaluations per image, images/s and the speed-up of the student (total and transformer
-alone). One untimed warm-up run of each model precedes the timed repeats.
+alone). One untimed warm-up run of each model precedes the timed repeats. `--compare-decode`
+also times the decode in bf16 on the same latents and counts the uint8 levels it moves.
 """
 
 from __future__ import annotations
@@ -21,18 +24,20 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import io
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
 from cdm import params as P
 from cdm.backends.pipelines import VaeDecoder
-from cdm.sampler import Sampler
+from cdm.sampler import Sampler, dtype_name, sampling_device, sampling_dtype, save_png
 from cdm.sampling import sample_euler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,20 +106,22 @@ def measure(
     noise = torch.randn(images, *sampler.latent_shape, generator=gen).to(device)
     c, n = cond.take(slice(0, images)).to(device), null.to(device)
 
-    def once() -> tuple[float, float]:
+    def once() -> tuple[float, float, float]:
         t0 = _now(cuda)
         x = sample_euler(counter, noise, sigmas, c, n, sampler.guidance)
         t1 = _now(cuda)
-        out = decode(x)
+        out = decode(x).cpu().numpy()
         t2 = _now(cuda)
-        assert out.dtype == torch.uint8 and out.shape[0] == images
-        return t1 - t0, t2 - t1
+        for image in out:  # what the stage writes, into memory
+            save_png(image, io.BytesIO())
+        t3 = time.perf_counter()
+        assert out.dtype == np.uint8 and out.shape[0] == images
+        return t1 - t0, t2 - t1, t3 - t2
 
     once()  # warm-up
     counter.calls = counter.samples = 0
     runs = [once() for _ in range(repeats)]
-    transformer = sum(r[0] for r in runs) / (repeats * images)
-    decoding = sum(r[1] for r in runs) / (repeats * images)
+    transformer, decoding, png = (sum(r[i] for r in runs) / (repeats * images) for i in range(3))
     return {
         "steps": steps,
         "guidance": sampler.guidance,
@@ -124,10 +131,38 @@ def measure(
         "seconds_per_image": {
             "transformer": round(transformer, 5),
             "decode": round(decoding, 5),
-            "total": round(transformer + decoding, 5),
+            "png": round(png, 5),
+            "total": round(transformer + decoding + png, 5),
         },
-        "images_per_s": round(1 / (transformer + decoding), 4),
+        "images_per_s": round(1 / (transformer + decoding + png), 4),
     }
+
+
+@torch.no_grad()
+def compare_decode(
+    vae: AutoencoderKL, shape: tuple[int, ...], images: int, repeats: int, seed: int,
+    device: torch.device,
+) -> dict[str, Any]:  # fmt: skip
+    """The VAE decode in fp32 (the stage's) against bf16 on the same latents: seconds per
+    image of each, and how many uint8 levels bf16 moves (fraction of values moved, largest)."""
+    cuda = device.type == "cuda"
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(images, *shape, generator=gen).to(device)
+    result: dict[str, Any] = {}
+    outs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        decode = VaeDecoder(copy.deepcopy(vae).to(device, dtype))
+        decode(x)  # warm-up
+        t0 = _now(cuda)
+        for _ in range(repeats):
+            outs[dtype] = decode(x).cpu().to(torch.int16)
+        result[f"seconds_per_image_{dtype_name(dtype)}"] = round(
+            (_now(cuda) - t0) / (repeats * images), 5
+        )
+    moved = (outs[torch.float32] - outs[torch.bfloat16]).abs()
+    result["bf16_levels_moved_fraction"] = round(float((moved > 0).float().mean()), 5)
+    result["bf16_levels_moved_max"] = int(moved.max())
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -145,13 +180,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--teacher-steps", type=int, default=28)
     parser.add_argument("--cfg", type=float, help="teacher CFG (default: the overlay's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compare-decode", action="store_true", help="also time the decode in bf16, count moves"
+    )
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--out", help="JSON (default: bench/results/sampling-<model>.json)")
     args = parser.parse_args(argv)
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    device = sampling_device()
+    cuda = device.type == "cuda"
+    dtype = sampling_dtype(device)
     scale = _scale_module()
     config = scale.teacher_config(
         args.model, args.layers, args.width, args.heads, args.single_layers
@@ -163,8 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cond = _cycle(cond, args.images)
     teacher_v = velocity.to(device, dtype).eval().requires_grad_(False)
     student_v = copy.deepcopy(teacher_v)
-    vae = build_vae(args.vae_div, args.seed).to(device)
-    decode = VaeDecoder(vae.to(dtype) if dtype != torch.float32 else vae)
+    vae = build_vae(args.vae_div, args.seed)
+    decode = VaeDecoder(copy.deepcopy(vae).to(device))  # fp32, as the stage decodes
     raw = list(P.load(args.params).distill.inference_sigmas)
     overlay = P.parse_yaml(OVERLAYS[args.model].read_text())
     cfg_scale = overlay["teacher"]["cfg_scale"] if args.cfg is None else args.cfg
@@ -192,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "images_per_batch": args.images,
             "repeats": args.repeats,
             "shift": shift,
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": dtype_name(dtype),
+            "decode_dtype": "float32",
         },  # fmt: skip
         "device": scale._device(cuda),
         "student": s,
@@ -205,6 +244,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             t["sample_evaluations_per_image"] / s["sample_evaluations_per_image"], 3
         ),
     }
+    if args.compare_decode:
+        result["decode_fp32_vs_bf16"] = compare_decode(
+            vae, shape, args.images, args.repeats, args.seed, device
+        )
     out = Path(args.out or ROOT / "bench" / "results" / f"sampling-{args.model}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
@@ -213,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             f"{name:<8} {r['steps']:>2} steps x {r['sample_evaluations_per_image'] / r['steps']:.0f}"
             f" evals: transformer {sp['transformer']:.4f} s + decode {sp['decode']:.4f} s "
-            f"per image = {r['images_per_s']} images/s"
+            f"+ png {sp['png']:.4f} s per image = {r['images_per_s']} images/s"
         )
     print(f"speed-up {result['speedup']} (transformer alone {result['speedup_transformer_only']})")
     return result

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from cdm import params as P
-from cdm.cli import run_stage, stage_parser
+from cdm.cli import parse_shard, run_stage, stage_parser
 from cdm.io import atomic_dir
 from cdm.sampler import INDEX, join_parts, part_name, prepare_set, read_parts
 
@@ -28,20 +28,6 @@ def positive_int(text: str, name: str) -> int:
     if value < 1 or str(value) != text.strip():
         raise ValueError(f"{name} must be a positive integer, got {text!r}")
     return value
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """'i/n' with 0 <= i < n -> (i, n); None -> None."""
-    if text is None:
-        return None
-    parts = text.split("/")
-    try:
-        i, n = (int(p) for p in parts) if len(parts) == 2 else (-1, 0)
-    except ValueError:
-        i, n = -1, 0
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"--shard must be i/n with 0 <= i < n (e.g. 0/2), got {text!r}")
-    return i, n
 
 
 def sample(argv: list[str]) -> None:

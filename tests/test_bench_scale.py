@@ -60,13 +60,20 @@ def test_sampling_student_is_faster_than_the_teacher(tmp_path):
     out = tmp_path / "sampling-sd3.json"
     _run(
         "sampling.py", "--model", "sd3", *TINY, "--vae-div", "16", "--images", "1",
-        "--repeats", "1", "--teacher-steps", "8", "--out", str(out),
+        "--repeats", "1", "--teacher-steps", "8", "--compare-decode", "--out", str(out),
     )  # fmt: skip
     r = json.loads(out.read_text())
     s, t = r["student"], r["teacher"]
+    # The stage's precision on this device (the CPU: fp32), the decode always fp32.
+    assert (r["settings"]["dtype"], r["settings"]["decode_dtype"]) == ("float32", "float32")
     assert s["sample_evaluations_per_image"] == 4 and t["sample_evaluations_per_image"] == 16
     assert s["transformer_calls_per_batch"] == 4 and t["transformer_calls_per_batch"] == 8
     for side in (s, t):
         assert side["seconds_per_image"]["transformer"] > 0
         assert side["seconds_per_image"]["decode"] > 0
+        assert side["seconds_per_image"]["png"] > 0
     assert r["speedup"] > 1
+    d = r["decode_fp32_vs_bf16"]
+    assert d["seconds_per_image_float32"] > 0 and d["seconds_per_image_bfloat16"] > 0
+    assert 0 <= d["bf16_levels_moved_fraction"] <= 1 and 0 <= d["bf16_levels_moved_max"] <= 255
+    assert (d["bf16_levels_moved_max"] > 0) == (d["bf16_levels_moved_fraction"] > 0)

@@ -29,7 +29,7 @@ from tests.conftest import PYTHON, ROOT, call_stage
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 N_PAIRS = 16
 SETS = [("teacher_cfg", 2), ("teacher_nocfg", 1), ("teacher_nocfg", 2), ("cdm", 1), ("cdm", 2)]
-INDEX_COLUMNS = ["prompt", "pair", "seed", "model", "steps", "nfe", "seconds", "file"]
+INDEX_COLUMNS = ["prompt", "pair", "seed", "model", "steps", "nfe", "seconds", "file", "dtype"]
 METRIC_KEYS = {
     "alignment", "fd", "precision", "recall", "fd_to_teacher_nocfg", "nfe", *ATTRIBUTES,
 }  # fmt: skip
@@ -119,6 +119,7 @@ def test_every_sample_set_has_its_images_and_index(sampled):
         assert set(index["model"]) == {model} and set(index["steps"]) == {steps}
         assert set(index["nfe"]) == {2 * steps if model == "teacher_cfg" else steps}
         assert (index["seconds"] > 0).all()
+        assert set(index["dtype"]) == {"float32"}  # the CPU samples in fp32
         assert (
             sorted(index["file"])
             == sorted(_pngs(folder))

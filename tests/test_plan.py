@@ -130,6 +130,25 @@ def test_cli_plans_the_longcat_overlay_at_the_authors_batch():
     assert 80 - _total_gib(own) >= 8 > 80 - _total_gib(outs[2])
 
 
+@pytest.mark.parametrize("overlay", ["configs/sd3-medium.yaml", "configs/longcat-image.yaml"])
+def test_the_prompt_cache_disk_figure_without_the_prompts_file(overlay):
+    """200k training prompts x text tokens x width x 2 bytes (SD3-Medium: 333 x 4096, 545 GB)."""
+    out = plan.plan(overlay, str(ROOT / "params.yaml"), 8, None, 80.0, train_prompts=200_000)
+    row = next(line for line in out.splitlines() if "train prompt cache" in line)
+    model, _ = plan.describe(*_teacher(overlay))
+    assert "200000 prompts" in row
+    assert float(row.split()[-1]) == round(
+        200_000 * model.text_tokens * model.text_width * 2 / 2**30, 2
+    )
+
+
+def _teacher(overlay: str) -> tuple[str, str, int | None]:
+    import yaml
+
+    teacher = yaml.safe_load((ROOT / overlay).read_text())["teacher"]
+    return teacher["backend"], teacher["path"], teacher.get("resolution")
+
+
 def test_cli_error_is_one_line():
     cmd = [PYTHON, "-m", "cdm.plan", "configs/ablation.yaml", "--gpus", "8"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)

@@ -12,14 +12,15 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from cdm.conditioning import Condition
+from cdm.io import atomic_file
 
 CACHE_DIR = Path("cache/prompts")
 FILES = ("train", "eval", "null")
@@ -86,6 +87,10 @@ def save_sharded(
     flush(final=True)
     if spec is None:
         raise ValueError(f"no prompts to write to {folder}")
+    return _write_index(folder, prompts, shard_prompts, spec, shards)
+
+
+def _write_index(folder: Path, prompts: list[str], shard_prompts: int, spec: tuple, shards: list):
     index = {
         "format": "cdm-condition-shards",
         "version": 1,
@@ -100,6 +105,86 @@ def save_sharded(
     }
     (folder / INDEX).write_text(json.dumps(index))
     return index
+
+
+# Resumable sharded writing: shard k always holds prompts[k S : (k + 1) S] (S = shard_prompts),
+# so any process or job can encode any shard, a finished shard is never encoded again, and
+# the result is the same file for file whoever wrote which shard.
+
+
+def shard_count(prompts: int, shard_prompts: int) -> int:
+    if shard_prompts <= 0:
+        raise ValueError(f"shard_prompts must be > 0, got {shard_prompts}")
+    return -(-prompts // shard_prompts)
+
+
+def finished_shard(path: Path, prompts: list[str]) -> bool:
+    """Whether `path` is a whole shard of exactly `prompts` (a killed write leaves only its
+    temporary: shards are renamed into place once written)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            held = json.loads((f.metadata() or {}).get("prompts", "null"))
+            rows = {k: f.get_slice(k).get_shape()[0] for k in KEYS if k in f.keys()}
+    except (OSError, ValueError, SafetensorError, json.JSONDecodeError):  # absent or truncated
+        return False
+    return held == prompts and rows == dict.fromkeys(KEYS, len(prompts))
+
+
+def encode_shards(
+    folder: Path,
+    prompts: list[str],
+    shard_prompts: int,
+    encode: Callable[[list[str]], Condition],
+    batch_size: int,
+    part: tuple[int, int] = (0, 1),
+) -> list[int]:
+    """Encode the shards k with k % n == i (part (i, n)) that are not finished yet, in
+    batches of `batch_size` from each shard's start; returns the shards it encoded."""
+    folder.mkdir(parents=True, exist_ok=True)
+    i, n = part
+    done = []
+    for k in range(i, shard_count(len(prompts), shard_prompts), n):
+        names = prompts[k * shard_prompts : (k + 1) * shard_prompts]
+        path = folder / SHARD.format(k)
+        if finished_shard(path, names):
+            continue
+        batches = [
+            encode(names[j : j + batch_size]).to("cpu") for j in range(0, len(names), batch_size)
+        ]
+        with atomic_file(path) as tmp:
+            save_condition(tmp, Condition.cat(batches), names)
+        done.append(k)
+    return done
+
+
+def index_shards(folder: Path, prompts: list[str], shard_prompts: int) -> dict:
+    """index.json over the finished shards of `prompts`; names the missing ones."""
+    count = shard_count(len(prompts), shard_prompts)
+    names = [prompts[k * shard_prompts : (k + 1) * shard_prompts] for k in range(count)]
+    missing = [k for k in range(count) if not finished_shard(folder / SHARD.format(k), names[k])]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder}: shards {missing[:5]}{' ...' if len(missing) > 5 else ''} of {count} are "
+            "not written; run cache_teacher again (it encodes only the missing shards)"
+        )
+    specs = set()
+    for k in range(count):
+        _, header = _header(str(folder / SHARD.format(k)))
+        e, p = header["embeds"], header["pooled"]
+        specs.add(
+            (_DTYPES[e["dtype"]], _DTYPES[p["dtype"]], tuple(e["shape"][1:]), tuple(p["shape"][1:]))
+        )
+    if len(specs) != 1:
+        raise ValueError(
+            f"{folder}: shards differ in dtype or shape ({specs}); rerun cache_teacher"
+        )
+    shards = [{"file": SHARD.format(k), "count": len(names[k])} for k in range(count)]
+    return _write_index(folder, prompts, shard_prompts, specs.pop(), shards)
+
+
+def row_bytes(cond: Condition) -> int:
+    """Bytes one prompt takes in the cache (embeds and pooled)."""
+    return sum(t[0].numel() * t.element_size() for t in cond)
 
 
 def _header(path: str) -> tuple[int, dict]:

@@ -36,6 +36,20 @@ class StageFailure(RuntimeError):
     """A stage that cannot go on (e.g. a diverged run): one line on stderr, exit 1."""
 
 
+def parse_shard(text: str | None, flag: str = "--shard") -> tuple[int, int] | None:
+    """'i/n' with 0 <= i < n -> (i, n); None -> None. `flag` names the option in errors."""
+    if text is None:
+        return None
+    parts = text.split("/")
+    try:
+        i, n = (int(p) for p in parts) if len(parts) == 2 else (-1, 0)
+    except ValueError:
+        i, n = -1, 0
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"{flag} must be i/n with 0 <= i < n (e.g. 0/2), got {text!r}")
+    return i, n
+
+
 def stage_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(

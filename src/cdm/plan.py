@@ -229,14 +229,22 @@ def _count_lines(path: str | None) -> int | None:
     return len({line.strip() for line in Path(path).read_text().splitlines() if line.strip()})
 
 
-def plan(overlay: str, params_path: str, gpus: int, zero: int | None, memory_gib: float) -> str:
+def plan(
+    overlay: str,
+    params_path: str,
+    gpus: int,
+    zero: int | None,
+    memory_gib: float,
+    train_prompts: int | None = None,
+) -> str:
     merged = P.parse_yaml(apply(overlay, params_path, write=False))
     params = P.parse(merged, f"{params_path} + {overlay}")
     cfg, teacher = params.distill, params.teacher
     zero = zero or cfg.zero_stage
     model, source = describe(teacher.backend, teacher.path, teacher.resolution)
     cdm = any(params.methods[m].cdm for m in cfg.methods)
-    prompts = _count_lines(params.prompts.train_file)
+    # The training prompts: the file's where it is here, else the count given (--train-prompts).
+    prompts = _count_lines(params.prompts.train_file) or train_prompts
     rows = estimate(
         model, cfg.batch_size, gpus, zero, cfg.gradient_checkpointing, cdm,
         reduce_bucket=_reduce_bucket(zero),
@@ -254,7 +262,8 @@ def plan(overlay: str, params_path: str, gpus: int, zero: int | None, memory_gib
     ]
     lines += [f"  {name:<58}{value / GIB:>8.2f}" for name, value in rows.items()]
     disk = "-" if prompts is None else f"{cache_bytes(model, prompts) / GIB:.2f}"
-    lines.append(f"  {'train prompt cache (on disk, read per batch; not counted)':<58}{disk:>8}")
+    label = f"train prompt cache, {prompts or '?'} prompts (disk; not counted)"
+    lines.append(f"  {label:<58}{disk:>8}")
     verdict = "fits" if total / GIB <= memory_gib else "does NOT fit"
     fitting = [
         b
@@ -278,11 +287,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--zero", type=int, choices=(2, 3), help="default: distill.zero_stage")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (H100: 80)")
+    parser.add_argument(
+        "--train-prompts", type=int, help="training prompts, where prompts.train_file is not here"
+    )
     args = parser.parse_args(argv)
     try:
         if args.gpus < 1:
             raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
-        print(plan(args.overlay, args.params, args.gpus, args.zero, args.gpu_memory))
+        if args.train_prompts is not None and args.train_prompts < 1:
+            raise ValueError(f"--train-prompts must be >= 1, got {args.train_prompts}")
+        print(
+            plan(
+                args.overlay, args.params, args.gpus, args.zero, args.gpu_memory,
+                args.train_prompts,
+            )
+        )  # fmt: skip
     except (P.ParamsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

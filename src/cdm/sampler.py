@@ -2,7 +2,10 @@
 student, and the join of a set's shards. The `sample` stage script calls these.
 
 Pair j uses eval prompt j % len(prompts) and the initial noise of seed NOISE_SEED_BASE + j,
-the same for every model; conditioning comes from the prompt cache (no text encoder).
+the same for every model; conditioning comes from the prompt cache (no text encoder). The
+transformer runs in bf16 on a GPU and in fp32 on the CPU (`sampling_dtype`); the latents
+between steps and the VAE decode stay fp32. Each image's row in index.parquet names the
+transformer's dtype.
 """
 
 from __future__ import annotations
@@ -30,7 +33,27 @@ from cdm.world.evaluate import EvalPairs
 
 TEACHERS = ("teacher_cfg", "teacher_nocfg")
 INDEX = "index.parquet"
-COLUMNS = ["prompt", "pair", "seed", "model", "steps", "nfe", "seconds", "file"]
+COLUMNS = ["prompt", "pair", "seed", "model", "steps", "nfe", "seconds", "file", "dtype"]
+
+
+def sampling_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sampling_dtype(device: torch.device) -> torch.dtype:
+    """The transformer's precision when sampling: bf16 on a GPU (the published models' own
+    precision; fp32 there would run at a fraction of the tensor cores' speed), fp32 on the
+    CPU (no bf16 speed-up there; the embedded run's numbers)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_png(image, target) -> None:
+    """One uint8 (H, W, 3) image as PNG, to a path or a file object (bench/sampling.py)."""
+    Image.fromarray(image).save(target, format="PNG")
 
 
 def part_name(i: int, n: int) -> str:
@@ -68,11 +91,14 @@ class Sampler:
         return inference_sigmas(steps, self.shift, raw)
 
 
-def load_sampler(model: str, params: P.Params, teacher: Path, students: Path) -> Sampler:
-    """The teacher (teacher_cfg / teacher_nocfg) or the student of method `model`."""
+def load_sampler(
+    model: str, params: P.Params, teacher: Path, students: Path, dtype: torch.dtype
+) -> Sampler:
+    """The teacher (teacher_cfg / teacher_nocfg) or the student of method `model`, its
+    weights read in `dtype`."""
     backend = backend_module(params.teacher.backend)
     if model in TEACHERS:
-        velocity, shift, shape = backend.load_velocity(teacher, params.teacher.resolution)
+        velocity, shift, shape = backend.load_velocity(teacher, params.teacher.resolution, dtype)
         guidance = params.teacher.cfg_scale if model == "teacher_cfg" else 1.0
         return Sampler(velocity, shift, shape, guidance)
     if model not in params.methods:
@@ -84,7 +110,7 @@ def load_sampler(model: str, params: P.Params, teacher: Path, students: Path) ->
     if not (folder / "inference.json").is_file():
         raise FileNotFoundError(f"no student at {folder}; run distill for method {model} first")
     recipe = json.loads((folder / "inference.json").read_text())
-    velocity, shift, shape = backend.load_velocity(folder, params.teacher.resolution)
+    velocity, shift, shape = backend.load_velocity(folder, params.teacher.resolution, dtype)
     return Sampler(
         velocity,
         float(recipe.get("shift", shift)),
@@ -107,10 +133,12 @@ def sample_pairs(
     batch_size: int,
     out: Path,
     model: str,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> pd.DataFrame:
-    """Write one PNG per pair into `out`; return the index rows."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    velocity = sampler.velocity.to(device).eval().requires_grad_(False)
+    """Write one PNG per pair into `out`, the transformer in `dtype` on `device`; return the
+    index rows."""
+    velocity = sampler.velocity.to(device, dtype).eval().requires_grad_(False)
     sigmas = sampler.sigmas(steps).to(device)
     null = null.to(device)
     noise = pairs.noise(sampler.latent_shape)
@@ -134,7 +162,7 @@ def sample_pairs(
         images = decode(x).cpu().numpy()
         share = (time.perf_counter() - start) / (hi - lo)
         for k, pair in enumerate(ids[lo:hi]):
-            Image.fromarray(images[k]).save(out / png_name(pair), format="PNG")
+            save_png(images[k], out / png_name(pair))
             rows.append(
                 {
                     "prompt": pairs.prompts[lo + k],
@@ -145,6 +173,7 @@ def sample_pairs(
                     "nfe": sampler.nfe(steps),
                     "seconds": share,
                     "file": png_name(pair),
+                    "dtype": dtype_name(dtype),
                 }
             )
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -163,12 +192,14 @@ class SampleJob:
     steps: int
     batch_size: int
     model: str
+    device: torch.device
+    dtype: torch.dtype
 
     def run(self, out: Path) -> pd.DataFrame:
         """The images into `out` (a fresh folder); the index rows."""
         return sample_pairs(
             self.sampler, self.decode, self.pairs, self.cond_index, self.cond, self.null,
-            self.steps, self.batch_size, out, self.model,
+            self.steps, self.batch_size, out, self.model, self.device, self.dtype,
         )  # fmt: skip
 
 
@@ -180,17 +211,23 @@ def prepare_set(
     teacher: Path,
     students: Path,
     cache: Path,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> SampleJob:
-    """Read every input of a set (prompt cache, model, decoder) before anything is written."""
+    """Read every input of a set (prompt cache, model, decoder) before anything is written.
+    `device` defaults to a GPU when there is one, `dtype` to `sampling_dtype(device)`."""
+    device = sampling_device() if device is None else device
+    dtype = sampling_dtype(device) if dtype is None else dtype
     cond, prompts = load_condition(cache / "eval.safetensors")
     null, _ = load_condition(cache / "null.safetensors")
-    sampler = load_sampler(model, params, teacher, students)
+    sampler = load_sampler(model, params, teacher, students, dtype)
     decode = backend_module(params.teacher.backend).load_decoder(teacher)
     eval_pairs = EvalPairs.of(prompts, pairs)
     cond_index = [j % len(prompts) for j in eval_pairs.pairs]
     return SampleJob(
-        sampler, decode, eval_pairs, cond_index, cond, null, steps, params.sample.batch_size, model
-    )
+        sampler, decode, eval_pairs, cond_index, cond, null, steps, params.sample.batch_size,
+        model, device, dtype,
+    )  # fmt: skip
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -114,21 +114,36 @@ def blend_engines_(
 
     The two engines hold the same architecture with the same ZeRO partitioning, so the blend
     runs partition against partition on each rank: one lerp per parameter group, no
-    communication. The module follows: at ZeRO-3 its shard is read back from the blended
-    partition; where the module is whole on every rank (ZeRO-1/2, and ZeRO-3's persistent
-    small parameters) each rank blends it the same way (in fp32 exactly the masters'
-    values; in bf16 within rounding, until the next step writes the masters back).
+    communication. The module then follows the blended masters (`_refresh_module_`).
     """
     for t, s in zip(local_partitions(target), local_partitions(source), strict=True):
         t.lerp_(s, 1 - keep)
+    _refresh_module_(target, source, keep)
+
+
+def _refresh_module_(
+    target: deepspeed.DeepSpeedEngine, source: deepspeed.DeepSpeedEngine, keep: float
+) -> None:
+    """The module's weights after the masters were blended.
+
+    In bf16 a lerp by 1 - keep = 0.001 is below the weights' rounding: the module is
+    rewritten from the blended fp32 masters instead, as an optimizer step does (ZeRO-1/2:
+    each rank's partition cast, then all-gathered; ZeRO-3: each shard cast, parameters held
+    whole read back from the gathered master). In fp32 the module whole on every rank
+    (ZeRO-1/2, ZeRO-3's persistent parameters) is lerped the masters' way, locally."""
+    first = next(target.module.parameters())
+    bit16 = first.dtype != torch.float32
+    if bit16 and not is_zero3(first):  # ZeRO-1/2: the module is views of its flat bf16 groups
+        target.optimizer.update_lp_params()
+        return
     for pt, ps in zip(target.module.parameters(), source.module.parameters(), strict=True):
         if is_zero3(pt):
             pt.ds_tensor.data.copy_(safe_get_local_fp32_param(pt).to(pt.ds_tensor.dtype))
             if pt.data.numel() == 0:
                 continue  # partitioned: the next gather reads the blended shard
-            if ps.data.shape != pt.data.shape:
-                # Whole here (persistent, or still gathered) but not in the source: the
-                # blended master, gathered (every rank holds the same parameters whole).
+            if bit16 or ps.data.shape != pt.data.shape:
+                # Whole here (persistent, or still gathered; the same parameters on every
+                # rank): the blended master, gathered.
                 pt.data.copy_(safe_get_full_fp32_param(pt).to(pt.dtype))
                 continue
         pt.data.lerp_(ps.data.to(pt.dtype), 1 - keep)

@@ -1,7 +1,8 @@
 """Two-process check of the partition-local blend and EMA against full-gather references.
 
 Run by tests/test_zero_partitions.py under `accelerate launch --num_processes 2` (gloo on
-CPU): argv = ZeRO stage, output JSON path. Rank 0 writes the largest differences.
+CPU): argv = ZeRO stage, output JSON path[, "bf16"]. Rank 0 writes the largest differences.
+With bf16 the module runs in bf16 (fp32 masters in the optimizer), as on a GPU.
 """
 
 from __future__ import annotations
@@ -27,20 +28,21 @@ def full(engine) -> dict[str, torch.Tensor]:
 
 def step(engine, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed + 100 * zero.rank())
-    x = torch.randn(4, 7, generator=gen)
-    engine.backward(engine(x).square().mean())
+    x = torch.randn(4, 7, generator=gen).to(next(engine.module.parameters()).dtype)
+    engine.backward(engine(x).float().square().mean())
     engine.step()
 
 
 def worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 def main() -> None:
     stage, out = int(sys.argv[1]), sys.argv[2]
+    bf16 = sys.argv[3:] == ["bf16"]
     device = torch.device("cpu")
     _, world, _ = zero.init_distributed(device)
-    conf = zero.ds_config(4, stage, False, 1.0)
+    conf = zero.ds_config(4, stage, bf16, 1.0)
     opt = dict(warmup=1, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
     torch.manual_seed(0)
     model = tiny()
@@ -56,7 +58,7 @@ def main() -> None:
         step(fake, 2 * i)
         step(student, 2 * i + 1)
         # Blend: the old full-gather formula, then the partition-local one.
-        keep = 0.7
+        keep = 0.999 if bf16 else 0.7  # bf16: the recipe's blend, below bf16's rounding
         want = {k: v.lerp(full(student)[k], 1 - keep) for k, v in full(fake).items()}
         zero.blend_engines_(fake, student, keep)
         diffs["blend"] = max(diffs["blend"], worst(full(fake), want))
@@ -67,7 +69,9 @@ def main() -> None:
                 module = {n: p.detach().clone() for n, p in fake.module.named_parameters()}
         else:
             module = {n: p.detach().clone() for n, p in fake.module.named_parameters()}
-        diffs["blend_module"] = max(diffs["blend_module"], worst(module, want))
+        # The module holds the blended masters at its own precision (bf16: cast from fp32).
+        want_module = {k: v.to(module[k].dtype) for k, v in want.items()}
+        diffs["blend_module"] = max(diffs["blend_module"], worst(module, want_module))
         # EMA: the old replicated update, then the partitioned one.
         decay = 0.9 - 0.1 * i
         current = full(student)

@@ -1,7 +1,7 @@
 """Name -> backend registry; its keys are the choices of `teacher.backend` in params.yaml.
 
 Each backend module offers `load(path, resolution)` (the whole teacher, text encoders
-included, for prepare_teacher and cache_teacher), `load_velocity(path, resolution)` (the
+included, for prepare_teacher and cache_teacher), `load_velocity(path, resolution, dtype)` (the
 velocity network alone, for distill and sample), `load_decoder(path)` (latents -> uint8
 images, for sample) and `export(student, teacher_dir, out, inference, params)`. The
 diffusers-pipeline backends (sd3, longcat) also offer `resolve(path)`: a local folder or

@@ -125,12 +125,13 @@ def load(path: str | Path, resolution: int | None = None) -> SD3Teacher:
 
 
 def load_velocity(
-    path: str | Path, resolution: int | None = None
+    path: str | Path, resolution: int | None = None, dtype: torch.dtype | None = None
 ) -> tuple[TransformerVelocity, float, tuple[int, int, int]]:
-    """The transformer alone (no text encoder): (velocity, shift, latent shape)."""
+    """The transformer alone (no text encoder): (velocity, shift, latent shape); its weights
+    read in `dtype` (None: fp32)."""
     folder = pipelines.check(path, FAMILY, "model folder")
     shift, shape, _ = geometry(folder, resolution)
-    transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer")
+    transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype)
     return TransformerVelocity(transformer), shift, shape
 
 

@@ -59,16 +59,17 @@ def _check_resolution(resolution: int | None, size: int) -> None:
 
 
 def load_velocity(
-    path: str | Path, resolution: int | None = None
+    path: str | Path, resolution: int | None = None, dtype: torch.dtype | None = None
 ) -> tuple[TransformerVelocity, float, tuple[int, int, int]]:
-    """The teacher's velocity network alone (no text encoder): (model, shift, latent shape)."""
+    """The teacher's velocity network alone (no text encoder): (model, shift, latent shape);
+    its weights read in `dtype` (None: fp32)."""
     path = Path(path)
     if not (path / "transformer").is_dir() or not (path / "scheduler").is_dir():
         raise FileNotFoundError(
             f"{path} is not a resolved teacher (expected transformer/ and scheduler/); "
             "run the prepare_teacher stage first"
         )
-    transformer = SD3Transformer2DModel.from_pretrained(path / "transformer")
+    transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
     shift = float(FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler").config.shift)
     c, size = int(transformer.config.in_channels), int(transformer.config.sample_size)
     _check_resolution(resolution, size)

@@ -1,0 +1,53 @@
+"""The sample stage's precision: the transformer in bf16 on a GPU, fp32 on the CPU, the dtype
+named in every index row. bf16 is exercised on the CPU through the explicit dtype."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cdm.backends import shapes
+from cdm.sampler import Sampler, sample_pairs, sampling_dtype
+from cdm.world.evaluate import EvalPairs
+
+
+def test_a_gpu_samples_in_bf16_and_the_cpu_in_fp32():
+    assert sampling_dtype(torch.device("cuda", 0)) is torch.bfloat16
+    assert sampling_dtype(torch.device("cpu")) is torch.float32
+
+
+def _sample(teacher_dir, dtype: torch.dtype, out) -> tuple[set, list, np.ndarray]:
+    """(dtypes the transformer's weights and inputs had in each call, index dtypes, images)."""
+    backend = shapes.load(teacher_dir)
+    velocity, shift, shape = shapes.load_velocity(teacher_dir, dtype=dtype)
+    assert velocity.transformer.dtype is dtype  # read in the sampling dtype, not cast later
+    seen: set[tuple[torch.dtype, torch.dtype]] = set()
+
+    def record(module, args, kwargs):
+        seen.add((module.dtype, kwargs["hidden_states"].dtype))
+
+    velocity.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    pairs = EvalPairs.world(3)
+    cond, null = backend.encode(pairs.prompts), backend.null_condition()
+    index = sample_pairs(
+        Sampler(velocity, shift, shape, 2.0), shapes.decode, pairs, [0, 1, 2], cond, null,
+        2, 2, out, "teacher_cfg", torch.device("cpu"), dtype,
+    )  # fmt: skip
+    images = np.stack([np.asarray(Image.open(out / f)) for f in index["file"]]).astype(np.int16)
+    return seen, index["dtype"].tolist(), images
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_transformer_runs_in_the_sampling_dtype(tiny_teacher_dir, tmp_path, dtype):
+    out = tmp_path / "bf16"
+    out.mkdir()
+    seen, named, images = _sample(tiny_teacher_dir, dtype, out)
+    assert seen == {(dtype, dtype)}
+    assert named == [str(dtype).removeprefix("torch.")] * 3
+    if dtype is torch.bfloat16:  # the same images as fp32's within bf16's rounding
+        ref_dir = tmp_path / "fp32"
+        ref_dir.mkdir()
+        _, _, reference = _sample(tiny_teacher_dir, torch.float32, ref_dir)
+        assert np.abs(images - reference).max() <= 16
