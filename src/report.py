@@ -8,7 +8,6 @@ results/report.html (self-contained) and results/plots/*.png.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pandas as pd
 
 from cdm import params as P
 from cdm.cli import run_stage, stage_parser
-from cdm.io import atomic_write_json
+from cdm.io import atomic_write_json, read_json
 from cdm.report.findings import findings
 from cdm.report.grid import grid_rows
 from cdm.report.html import real_report, write_report
@@ -36,10 +35,6 @@ def read_path(path: Path, stage: str) -> Path:
     return path
 
 
-def read_json(path: Path, stage: str) -> dict:
-    return json.loads(read_path(path, stage).read_text())
-
-
 def real_panels(metrics: dict) -> tuple[tuple[str, str], ...]:
     """Each preference metric present, then the FD to the teacher with CFG."""
     shown = tuple((m, f"{LABELS[m]} (higher is better)") for m in scored(metrics))
@@ -55,18 +50,22 @@ def main() -> None:
     args = parser.parse_args()
     params = P.load(args.params)
     results = Path(args.results)
-    metrics = read_json(results / "metrics.json", "score")
+    metrics = read_json(results / "metrics.json", "rerun the score stage")
     teacher_path = results / "teacher.json"
-    teacher = json.loads(teacher_path.read_text()) if teacher_path.is_file() else None
+    teacher = read_json(teacher_path, "rerun prepare_teacher") if teacher_path.exists() else None
     if teacher is None:
         log.warning("no %s; the report has no teacher section", teacher_path)
-    rows, captions, pairs = grid_rows(Path(args.samples), params.report.grid_prompts)
+    # Only the sets and training curves of the methods the params name: an old method's
+    # folders may still lie on disk.
+    wanted = P.sample_sets(params)
+    rows, captions, pairs = grid_rows(Path(args.samples), params.report.grid_prompts, wanted)
     world = params.teacher.backend == "shapes"
 
     plots = results / "plots"
     panels = WORLD_PANELS if world else real_panels(metrics)
     images = {"Quality vs NFE": quality_vs_nfe(metrics, plots / "quality_vs_nfe.png", panels)}
-    logs = {p.parent.name: p for p in sorted(Path(args.logs).glob("*/train.csv"))}
+    curves = {m: Path(args.logs) / m / "train.csv" for m in sorted(params.distill.methods)}
+    logs = {m: p for m, p in curves.items() if p.is_file()}
     images["Training losses"] = training_curves(logs, plots / "training_curves.png")
     if rows:
         label = (
@@ -92,7 +91,7 @@ def main() -> None:
         return
     found = findings(metrics, steps=params.report.steps)
     ablation_path = results / "ablation.json"  # `make ablation`: findings over seeds
-    ablation = json.loads(ablation_path.read_text()) if ablation_path.is_file() else None
+    ablation = read_json(ablation_path, "rerun `make ablation`") if ablation_path.exists() else None
     md, page = write_report(results, metrics, found, images, teacher, ablation, context)
     for f in found:
         log.info(

@@ -17,22 +17,26 @@ from pathlib import Path
 from cdm import params as P
 from cdm.cli import run_stage, stage_parser
 from cdm.io import atomic_file, atomic_write_json
+from cdm.report.grid import sample_sets
 from cdm.report.tables import model_key
 
 log = logging.getLogger("score")
 INDEX = "index.parquet"
 
 
-def find_sets(samples: Path) -> list[tuple[str, int, Path]]:
-    """(model, steps, folder) of every complete sample set, teachers first."""
-    sets = []
-    for index in samples.glob(f"*/*/{INDEX}"):
-        folder = index.parent
-        model = folder.parent.name
-        if model.startswith(".") or not folder.name.isdigit():
-            continue  # a set being written (atomic_dir's temporary folder)
-        sets.append((model, int(folder.name), folder))
-    return sorted(sets, key=lambda s: (model_key(s[0]), s[1]))
+def find_sets(samples: Path, wanted: list[tuple[str, int]]) -> list[tuple[str, int, Path]]:
+    """(model, steps, folder) of each set in `wanted` (the params' sets), teachers first; a
+    missing one is an input error (an old set of a method the params no longer name is not
+    read)."""
+    found = sample_sets(samples, wanted)
+    missing = sorted(set(wanted) - {(m, s) for m, s, _ in found}, key=lambda s: model_key(s[0]))
+    if missing:
+        model, steps = missing[0]
+        raise FileNotFoundError(
+            f"missing sample set {samples}/{model}/{steps}/{INDEX} ({len(missing)} of "
+            f"{len(wanted)} missing); run the sample stage first"
+        )
+    return found
 
 
 def main() -> None:
@@ -45,14 +49,17 @@ def main() -> None:
     args = parser.parse_args()
     params = P.load(args.params)
     cfg = params.score
-    sets = find_sets(Path(args.samples))
-    if args.teachers:
-        teachers = [s for s in find_sets(Path(args.teachers)) if s[0].startswith("teacher")]
-        sets = sorted(teachers + sets, key=lambda s: (model_key(s[0]), s[1]))
-    if not sets:
-        raise FileNotFoundError(
-            f"no sample sets under {args.samples}/<model>/<steps>/{INDEX}; run the sample stage first"
+    wanted = P.sample_sets(params)
+    if args.teachers:  # the ablation: its presets and steps here, the teacher sets there
+        teachers = [s for s in wanted if s[0] in P.TEACHER_SETS]
+        ablation = params.ablation
+        students = P.sample_sets(params, ablation.methods, ablation.steps)[len(teachers) :]
+        sets = sorted(
+            find_sets(Path(args.teachers), teachers) + find_sets(Path(args.samples), students),
+            key=lambda s: (model_key(s[0]), s[1]),
         )
+    else:
+        sets = find_sets(Path(args.samples), wanted)
     if params.teacher.backend == "shapes":
         from cdm.metrics.world import world_metrics
 
