@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     params = P.load(args.params)
     results = Path(args.results)
-    metrics = read_json(results / "metrics.json", "rerun the score stage")
+    metrics = read_json(results / "metrics.json", "run the score stage first")
     teacher_path = results / "teacher.json"
     teacher = read_json(teacher_path, "rerun prepare_teacher") if teacher_path.exists() else None
     if teacher is None:

@@ -24,21 +24,6 @@ log = logging.getLogger("score")
 INDEX = "index.parquet"
 
 
-def find_sets(samples: Path, wanted: list[tuple[str, int]]) -> list[tuple[str, int, Path]]:
-    """(model, steps, folder) of each set in `wanted` (the params' sets), teachers first; a
-    missing one is an input error (an old set of a method the params no longer name is not
-    read)."""
-    found = sample_sets(samples, wanted)
-    missing = sorted(set(wanted) - {(m, s) for m, s, _ in found}, key=lambda s: model_key(s[0]))
-    if missing:
-        model, steps = missing[0]
-        raise FileNotFoundError(
-            f"missing sample set {samples}/{model}/{steps}/{INDEX} ({len(missing)} of "
-            f"{len(wanted)} missing); run the sample stage first"
-        )
-    return found
-
-
 def main() -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--samples", default="samples")
@@ -49,17 +34,22 @@ def main() -> None:
     args = parser.parse_args()
     params = P.load(args.params)
     cfg = params.score
+    # Only the params' sets: an old set of a method the params no longer name is not read.
     wanted = P.sample_sets(params)
     if args.teachers:  # the ablation: its presets and steps here, the teacher sets there
         teachers = [s for s in wanted if s[0] in P.TEACHER_SETS]
         ablation = params.ablation
         students = P.sample_sets(params, ablation.methods, ablation.steps)[len(teachers) :]
         sets = sorted(
-            find_sets(Path(args.teachers), teachers) + find_sets(Path(args.samples), students),
+            sample_sets(Path(args.teachers), teachers) + sample_sets(Path(args.samples), students),
             key=lambda s: (model_key(s[0]), s[1]),
         )
     else:
-        sets = find_sets(Path(args.samples), wanted)
+        sets = sample_sets(Path(args.samples), wanted)
+    if not sets:
+        raise FileNotFoundError(
+            f"no sample sets under {args.samples}/<model>/<steps>/{INDEX}; run the sample stage first"
+        )
     if params.teacher.backend == "shapes":
         from cdm.metrics.world import world_metrics
 
