@@ -136,6 +136,8 @@ def watch(process: psutil.Process | None = None, every: float = 0.5) -> bool:
     without passing the signal on (`dvc repro` on SIGTERM). True if a watch was started."""
     process = process or psutil.Process()
     owner = _orchestrator(process)
+    if owner is None and os.environ.get("DVC_STAGE"):  # DVC started it and has ended since
+        os.kill(process.pid, signal.SIGKILL)
     if owner is None or owner.pid == process.pid:
         return False
     entry = {"pid": owner.pid, "started": owner.create_time()}

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = P.load(args.params)
         check_inputs(params)
-        check_results(Path(args.params).resolve().parent / "results")
+        check_results(Path(args.params).parent / "results")
         if not args.no_lock:
             claim(Path(args.params).resolve().parent)
     except (P.ParamsError, ValueError, FileNotFoundError, ProjectBusy) as exc:
