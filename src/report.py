@@ -12,7 +12,6 @@ run's teacher and params (cdm.report.ablation.mismatch), else from the single ru
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pandas as pd
 
 from cdm import params as P
 from cdm.cli import run_stage, stage_parser
-from cdm.io import atomic_write_json
+from cdm.io import atomic_write_json, read_json
 from cdm.metrics import timings as T
 from cdm.report.ablation import measured_on, mismatch
 from cdm.report.findings import findings
@@ -42,10 +41,6 @@ def read_path(path: Path, stage: str) -> Path:
     return path
 
 
-def read_json(path: Path, stage: str) -> dict:
-    return json.loads(read_path(path, stage).read_text())
-
-
 def real_panels(metrics: dict) -> tuple[tuple[str, str], ...]:
     """Each preference metric present, then the FD to the teacher with CFG."""
     shown = tuple((m, f"{LABELS[m]} (higher is better)") for m in scored(metrics))
@@ -61,12 +56,15 @@ def main() -> None:
     args = parser.parse_args()
     params = P.load(args.params)
     results = Path(args.results)
-    metrics = read_json(results / "metrics.json", "score")
+    metrics = read_json(results / "metrics.json", "run the score stage first")
     teacher_path = results / "teacher.json"
-    teacher = json.loads(teacher_path.read_text()) if teacher_path.is_file() else None
+    teacher = read_json(teacher_path, "rerun prepare_teacher") if teacher_path.exists() else None
     if teacher is None:
         log.warning("no %s; the report has no teacher section", teacher_path)
-    rows, captions, pairs = grid_rows(Path(args.samples), params.report.grid_prompts)
+    # Only the sets and training curves of the methods the params name: an old method's
+    # folders may still lie on disk.
+    wanted = P.sample_sets(params)
+    rows, captions, pairs = grid_rows(Path(args.samples), params.report.grid_prompts, wanted)
     world = params.teacher.backend == "shapes"
     timings = T.read(args.logs)
     shown = T.merge(metrics, timings.get("score", {}))  # the tables' speed column
@@ -74,7 +72,8 @@ def main() -> None:
     plots = results / "plots"
     panels = WORLD_PANELS if world else real_panels(metrics)
     images = {"Quality vs NFE": quality_vs_nfe(shown, plots / "quality_vs_nfe.png", panels)}
-    logs = {p.parent.name: p for p in sorted(Path(args.logs).glob("*/train.csv"))}
+    curves = {m: Path(args.logs) / m / "train.csv" for m in sorted(params.distill.methods)}
+    logs = {m: p for m, p in curves.items() if p.is_file()}
     images["Training losses"] = training_curves(logs, plots / "training_curves.png")
     if rows:
         label = (
@@ -116,9 +115,9 @@ def main() -> None:
 def seeded(path: Path, params: P.Params, teacher: dict | None, context: dict) -> dict | None:
     """results/ablation.json (`make ablation`) when it ran on this run's teacher and params;
     otherwise None, and context["ablation_skipped"] says why (the report says it once)."""
-    if not path.is_file():
+    if not path.exists():
         return None
-    ablation = json.loads(path.read_text())
+    ablation = read_json(path, "rerun `make ablation`")
     if teacher is None:
         reason = "there is no results/teacher.json to compare its teacher with"
     else:

@@ -19,22 +19,11 @@ from cdm import params as P
 from cdm.cli import run_stage, stage_parser
 from cdm.io import atomic_file, atomic_write_json
 from cdm.metrics import timings as T
+from cdm.report.grid import sample_sets
 from cdm.report.tables import model_key
 
 log = logging.getLogger("score")
 INDEX = "index.parquet"
-
-
-def find_sets(samples: Path) -> list[tuple[str, int, Path]]:
-    """(model, steps, folder) of every complete sample set, teachers first."""
-    sets = []
-    for index in samples.glob(f"*/*/{INDEX}"):
-        folder = index.parent
-        model = folder.parent.name
-        if model.startswith(".") or not folder.name.isdigit():
-            continue  # a set being written (atomic_dir's temporary folder)
-        sets.append((model, int(folder.name), folder))
-    return sorted(sets, key=lambda s: (model_key(s[0]), s[1]))
 
 
 def main() -> None:
@@ -48,10 +37,18 @@ def main() -> None:
     args = parser.parse_args()
     params = P.load(args.params)
     cfg = params.score
-    sets = find_sets(Path(args.samples))
-    if args.teachers:
-        teachers = [s for s in find_sets(Path(args.teachers)) if s[0].startswith("teacher")]
-        sets = sorted(teachers + sets, key=lambda s: (model_key(s[0]), s[1]))
+    # Only the params' sets: an old set of a method the params no longer name is not read.
+    wanted = P.sample_sets(params)
+    if args.teachers:  # the ablation: its presets and steps here, the teacher sets there
+        teachers = [s for s in wanted if s[0] in P.TEACHER_SETS]
+        ablation = params.ablation
+        students = P.sample_sets(params, ablation.methods, ablation.steps)[len(teachers) :]
+        sets = sorted(
+            sample_sets(Path(args.teachers), teachers) + sample_sets(Path(args.samples), students),
+            key=lambda s: (model_key(s[0]), s[1]),
+        )
+    else:
+        sets = sample_sets(Path(args.samples), wanted)
     if not sets:
         raise FileNotFoundError(
             f"no sample sets under {args.samples}/<model>/<steps>/{INDEX}; run the sample stage first"

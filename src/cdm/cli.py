@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
-from cdm.lock import ProjectBusy, claim
+from cdm.lock import ProjectBusy, claim, watch
 from cdm.params import ParamsError
 
 # Errors that mean "the input is wrong", reported as one line rather than a traceback.
@@ -73,6 +73,7 @@ def run_stage(main: Callable[[], None]) -> None:
     except ProjectBusy as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+    watch()  # no orphan: the stage ends when the orchestrator that started it ends
     try:
         main()
     except INPUT_ERRORS as exc:

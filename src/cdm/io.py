@@ -74,6 +74,20 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def read_json(path: str | Path, fix: str) -> Any:
+    """A JSON file a stage reads; missing, a folder or not JSON is one line that names it and
+    says how to fix it (`fix`, e.g. "rerun the score stage")."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder, not a JSON file; {fix}")
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path}; {fix}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); {fix}") from None
+
+
 def atomic_write_json(path: str | Path, payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 

@@ -20,7 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    from cdm.lock import watch
+
     args = launch_command_parser().parse_args(argv)
+    watch()  # the launcher, too, ends with its orchestrator (its workers then with it)
     verbose = os.environ.get("CDM_VERBOSE") == "1"
     if not verbose:  # torch elastic logs each failed rank as an ERROR record too
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)

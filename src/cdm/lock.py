@@ -8,7 +8,9 @@ claims it for the orchestrator that started it (its outermost `snakemake` or `dv
 ancestor), so a `dvc repro` holds it from its first stage; a script run by hand only
 checks. A claim fails, in one line, while another live orchestrator on this host holds it;
 a holder that is gone (or a pid reused by another process, told apart by its start time) is
-replaced. Jobs on other hosts (SLURM compute nodes) leave the login node's lock to their
+replaced, but only once every stage it started has ended too: each stage script records
+itself in the lock (`stages`), and dies with its orchestrator (`watch`), so the project is
+never reported free while a stage of a dead run still writes. Jobs on other hosts (SLURM compute nodes) leave the login node's lock to their
 orchestrator.
 """
 
@@ -17,7 +19,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
+import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -56,12 +61,22 @@ def _holder(text: str) -> dict | None:
     return holder if isinstance(holder, dict) else None
 
 
-def _alive(holder: dict) -> bool:
-    """The holder (on this host: claim leaves other hosts' holders alone) still runs."""
+def _running(entry: dict) -> bool:
     try:
-        return psutil.Process(holder["pid"]).create_time() == holder["started"]
+        return psutil.Process(entry["pid"]).create_time() == entry["started"]
     except (psutil.Error, KeyError, TypeError):
         return False
+
+
+def _alive(holder: dict) -> bool:
+    """The holder (on this host: claim leaves other hosts' holders alone), or a stage it
+    started, still runs."""
+    return _running(holder) or any(_running(s) for s in _stages(holder))
+
+
+def _stages(holder: dict) -> list[dict]:
+    stages = holder.get("stages")
+    return [s for s in stages if isinstance(s, dict)] if isinstance(stages, list) else []
 
 
 def _ours(holder: dict, process: psutil.Process) -> bool:
@@ -96,15 +111,44 @@ def claim(root: Path = Path("."), process: psutil.Process | None = None) -> dict
         if holder is not None and holder.get("host") != socket.gethostname():
             return holder  # a job on a compute node: the login node's orchestrator holds it
         if holder is not None and not _ours(holder, process) and _alive(holder):
+            left = "" if _running(holder) else ", ended; a stage it started still runs"
             raise ProjectBusy(
-                f"another run holds this project ({holder['what']}, pid {holder['pid']}); "
-                f"wait for it to finish, or delete {path} if that process is not running"
+                f"another run holds this project ({holder.get('what')}, pid {holder.get('pid')}"
+                f"{left}); wait for it to finish, or delete {path} if that process is not running"
             )
         if me is not None:
+            # A stage joins its orchestrator's record (the stages that ended are dropped).
+            ours = holder is not None and _ours(holder, process)
+            stages = [s for s in _stages(holder) if _running(s)] if ours else []
+            if owner.pid != process.pid:
+                stages.append({"pid": process.pid, "started": process.create_time()})
+            if stages:
+                me["stages"] = stages
             f.seek(0)
             f.truncate()
             f.write(json.dumps(me) + "\n")
     return me
+
+
+def watch(process: psutil.Process | None = None, every: float = 0.5) -> bool:
+    """Kill this process (SIGKILL: nothing more is written) when the orchestrator that
+    started it ends: a stage must not outlive its run, even where the orchestrator dies
+    without passing the signal on (`dvc repro` on SIGTERM). True if a watch was started."""
+    process = process or psutil.Process()
+    owner = _orchestrator(process)
+    if owner is None and os.environ.get("DVC_STAGE"):  # DVC started it and has ended since
+        os.kill(process.pid, signal.SIGKILL)
+    if owner is None or owner.pid == process.pid:
+        return False
+    entry = {"pid": owner.pid, "started": owner.create_time()}
+
+    def _watch() -> None:
+        while _running(entry):
+            time.sleep(every)
+        os.kill(process.pid, signal.SIGKILL)
+
+    threading.Thread(target=_watch, name="orchestrator-watch", daemon=True).start()
+    return True
 
 
 def release(root: Path = Path("."), process: psutil.Process | None = None) -> None:

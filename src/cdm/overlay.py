@@ -16,6 +16,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.error import YAMLError
 
 from cdm import params as P
 from cdm.io import atomic_write_text
@@ -42,8 +43,8 @@ def apply(
     overlay_path, params_path = Path(overlay_path), Path(params_path)
     if not overlay_path.is_file():
         raise P.ParamsError(f"{overlay_path}: no such overlay; see configs/ for the available ones")
-    base = yaml.load(params_path.read_text()) or CommentedMap()
-    overlay = yaml.load(overlay_path.read_text()) or {}
+    base = _load(yaml, params_path) or CommentedMap()
+    overlay = _load(yaml, overlay_path) or {}
     if not isinstance(overlay, dict):
         raise P.ParamsError(f"{overlay_path}: an overlay must be a mapping of params sections")
     merged = merge(base, overlay)
@@ -53,6 +54,18 @@ def apply(
     if write:
         atomic_write_text(params_path, out.getvalue())
     return out.getvalue()
+
+
+def _load(yaml: YAML, path: Path) -> Any:
+    """One YAML file; a syntax error or another encoding is one line naming it."""
+    if not path.is_file():
+        raise P.ParamsError(f"{path}: no such file")
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"))
+    except YAMLError as exc:
+        raise P.ParamsError(P.yaml_problem(path, exc)) from None
+    except UnicodeDecodeError as exc:
+        raise P.ParamsError(P.not_utf8(path, exc)) from None
 
 
 def _plain(value: Any) -> Any:

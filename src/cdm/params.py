@@ -23,7 +23,8 @@ class ParamsError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan: a .inf or .nan (YAML's spellings) is a typo, never a setting.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class Teacher(Section):
@@ -262,6 +263,17 @@ class Params(Section):
                 f"methods: the name '{bad[0]}' is not usable in file and rule names; use "
                 "letters, digits and underscores (e.g. cdm_v2)"
             )
+        if not self.distill.methods:
+            raise ValueError(
+                "distill.methods is empty; name at least one preset of `methods` to distil "
+                "(e.g. [cdm]): every stage after cache_teacher compares students"
+            )
+        # Precision/recall count each sample's k nearest neighbours among the others.
+        if self.teacher.backend == "shapes" and self.prompts.eval_pairs <= self.score.k:
+            raise ValueError(
+                f"prompts.eval_pairs ({self.prompts.eval_pairs}) must be above score.k "
+                f"({self.score.k}): precision/recall take each sample's k nearest neighbours"
+            )
         unknown = [m for m in self.distill.methods if m not in self.methods]
         ablated = [m for m in self.ablation.methods if m not in self.methods]
         if ablated:
@@ -293,6 +305,21 @@ BOOKKEEPING = frozenset(
     }
 )  # fmt: skip
 DYNAMIC_ONLY = frozenset({"k_min", "k_max", "u_min", "u_max"})  # the fixed schedule ignores them
+
+
+TEACHER_SETS = ("teacher_cfg", "teacher_nocfg")
+
+
+def sample_sets(
+    params: Params, methods: list[str] | None = None, steps: list[int] | None = None
+) -> list[tuple[str, int]]:
+    """(model, steps) of every sample set the params define: the teacher with and without
+    CFG at sample.teacher_steps, then each method (default distill.methods) at `steps`
+    (default sample.student_steps). Score and report read these and nothing else on disk."""
+    methods = params.distill.methods if methods is None else methods
+    steps = params.sample.student_steps if steps is None else steps
+    teacher = [(m, s) for m in TEACHER_SETS for s in params.sample.teacher_steps]
+    return teacher + [(m, s) for m in methods for s in steps]
 
 
 def student_inputs(params: Params, method: str, seed: int | None = None) -> dict[str, Any]:
@@ -359,6 +386,8 @@ def parse(data: dict[str, Any] | None, source: str = "params.yaml") -> Params:
 
 def load(path: str | Path = DEFAULT_PATH) -> Params:
     path = Path(path)
+    if path.is_dir():
+        raise ParamsError(f"{path} is a folder; pass the params file (e.g. {path}/params.yaml)")
     if not path.is_file():
         raise ParamsError(
             f"{path}: no such params file; run from the project root or pass --params"
@@ -366,10 +395,24 @@ def load(path: str | Path = DEFAULT_PATH) -> Params:
     try:
         data = read_yaml(path)
     except YAMLError as exc:
-        mark = exc.problem_mark if isinstance(exc, MarkedYAMLError) else None
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ParamsError(f"{path}: not valid YAML{where}; fix the syntax") from None
+        raise ParamsError(yaml_problem(path, exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ParamsError(not_utf8(path, exc)) from None
     return parse(data, str(path))
+
+
+def not_utf8(path: str | Path, exc: UnicodeDecodeError) -> str:
+    return (
+        f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+        "save it as UTF-8"
+    )
+
+
+def yaml_problem(path: str | Path, exc: YAMLError) -> str:
+    """One line for a YAML syntax error: the file, the line and what to do."""
+    mark = exc.problem_mark if isinstance(exc, MarkedYAMLError) else None
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    return f"{path}: not valid YAML{where}; fix the syntax"
 
 
 def read_yaml(path: str | Path) -> Any:

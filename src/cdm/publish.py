@@ -10,7 +10,6 @@ Run it after the report; rerunning replaces the folder.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 from cdm.backends.export import add_results_to_card
 from cdm.backends.pipelines import link_tree
-from cdm.io import atomic_dir
+from cdm.io import atomic_dir, read_json
 
 SKIPPED = ("conventions", "skipped")  # long per-metric records: the report holds them
 
@@ -36,12 +35,15 @@ def card_metrics(metrics: dict[str, Any], method: str) -> dict[str, Any]:
 
 def publish(method: str, students: Path, results: Path, out: Path) -> Path:
     student = students / method
+    # The shapes world's export (cdm.backends.shapes.export) is a toy model: no pipeline.
+    if not (student / "model_index.json").is_file() and (student / "inference.json").is_file():
+        raise ValueError(
+            f"{student} is a shapes-world student (teacher.backend: shapes), a toy model with "
+            "no diffusers pipeline or model card; publish exports sd3 and longcat students only"
+        )
     if not (student / "model_index.json").is_file():
         raise FileNotFoundError(f"{student} holds no exported student; run distill for {method}")
-    metrics_file = results / "metrics.json"
-    if not metrics_file.is_file():
-        raise FileNotFoundError(f"missing {metrics_file}; run the score stage first")
-    table = card_metrics(json.loads(metrics_file.read_text()), method)
+    table = card_metrics(read_json(results / "metrics.json", "rerun the score stage"), method)
     grid = results / "plots" / "samples.png"
     with atomic_dir(out) as tmp:
         link_tree(student, tmp, fallback="copy", skip=("README.md",))

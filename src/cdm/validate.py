@@ -4,8 +4,10 @@ any stage runs (and so before an orchestrator removes any output).
 Snakemake calls it at start (onstart), DVC as the `validate` stage every other stage is
 downstream of, `make run` first. It checks the schema (cdm.params), the files the params
 name that no stage produces (the teacher and judge folders, the prompt files, every
-prompt renderable by the shapes world), and takes the project lock (cdm.lock) for the
-orchestrator that started it. A problem is one line and exit 2; nothing is written.
+prompt renderable by the shapes world), that every finished result a later stage reads
+still parses (a corrupt one would fail that stage after its old outputs were removed), and
+takes the project lock (cdm.lock) for the orchestrator that started it. A problem is one
+line and exit 2; nothing is written.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from cdm import params as P
 from cdm.cache import read_prompts_file
 from cdm.hub import HUB_ID
+from cdm.io import read_json
 from cdm.lock import ProjectBusy, claim
 from cdm.world.prompts import check_renderable
 
@@ -32,24 +35,54 @@ def check_inputs(params: P.Params) -> None:
             else "a local pipeline folder or a hub id (owner/name)"
         )
         raise FileNotFoundError(f"teacher.path '{teacher.path}' does not exist; expected {kind}")
-    if world and not Path(params.judge.path).exists():
+    if Path(teacher.path).exists() and not Path(teacher.path).is_dir():
         raise FileNotFoundError(
-            f"judge.path '{params.judge.path}' does not exist; restore it from git or run "
-            "`make world-judge`"
+            f"teacher.path '{teacher.path}' is a file; expected a model folder "
+            "(the world teacher's, or a diffusers pipeline's with model_index.json)"
+        )
+    if world and not Path(params.judge.path).is_dir():
+        state = "is a file" if Path(params.judge.path).exists() else "does not exist"
+        raise FileNotFoundError(
+            f"judge.path '{params.judge.path}' {state}; expected the judge folder: restore it "
+            "from git or run `make world-judge`"
         )
     # The real runs' eval_file is fetched (fetch_prompts); every other named file must exist.
     files = {"train_file": prompts.train_file, "eval_file": prompts.eval_file if world else None}
     for key, name in files.items():
         if name is None:
             continue
-        if not Path(name).is_file():
+        if not Path(name).exists():
             what = "training" if key == "train_file" else "evaluation"
             raise FileNotFoundError(
                 f"prompts.{key} {name} does not exist; put the {what} prompts there, one per line"
             )
-        lines = read_prompts_file(name)
+        try:
+            lines = read_prompts_file(name)
+        except (FileNotFoundError, ValueError) as exc:
+            raise type(exc)(f"prompts.{key}: {exc}") from None
         if world:
             check_renderable(lines, f"prompts.{key} {name}")
+
+
+# Finished results a later stage reads, and the stage that writes each.
+RESULTS = {"metrics.json": "score", "teacher.json": "prepare_teacher", "ablation.json": "ablation"}
+PARQUET_MAGIC = b"PAR1"
+
+
+def check_results(results: Path) -> None:
+    """Raise ValueError (one line) for a finished result that no longer parses: the stage
+    reading it would fail only after its orchestrator removed that stage's old outputs."""
+    for name, stage in RESULTS.items():
+        if (results / name).exists():
+            read_json(results / name, f"delete it so that the {stage} stage writes it again")
+    scores = results / "scores.parquet"
+    if scores.is_file():
+        data = scores.read_bytes()
+        if len(data) < 8 or data[:4] != PARQUET_MAGIC or data[-4:] != PARQUET_MAGIC:
+            raise ValueError(
+                f"{scores} is not a parquet file (truncated?); delete it so that the score "
+                "stage writes it again"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = P.load(args.params)
         check_inputs(params)
+        check_results(Path(args.params).parent / "results")
         if not args.no_lock:
             claim(Path(args.params).resolve().parent)
     except (P.ParamsError, ValueError, FileNotFoundError, ProjectBusy) as exc:

@@ -20,14 +20,19 @@ from cdm.world.prompts import ATTRIBUTES, parse_prompt
 INDEX = "index.parquet"
 
 
-def sample_sets(samples: Path) -> list[tuple[str, int, Path]]:
-    """(model, steps, folder) of every complete sample set, teachers first, then by steps."""
+def sample_sets(
+    samples: Path, wanted: list[tuple[str, int]] | None = None
+) -> list[tuple[str, int, Path]]:
+    """(model, steps, folder) of every complete sample set, teachers first, then by steps;
+    only the (model, steps) in `wanted` (the params' sets) when given: a set the params no
+    longer name may still lie on disk."""
     sets = []
     for index in Path(samples).glob(f"*/*/{INDEX}"):
         folder = index.parent
         if folder.parent.name.startswith(".") or not folder.name.isdigit():
             continue
-        sets.append((folder.parent.name, int(folder.name), folder))
+        if wanted is None or (folder.parent.name, int(folder.name)) in wanted:
+            sets.append((folder.parent.name, int(folder.name), folder))
     return sorted(sets, key=lambda s: (model_key(s[0]), s[1]))
 
 
@@ -61,10 +66,12 @@ def spanning_pairs(prompts: dict[int, str], n: int) -> list[int]:
     return sorted(chosen)
 
 
-def grid_rows(samples: Path, n: int) -> tuple[dict[str, np.ndarray], list[str], list[int]]:
+def grid_rows(
+    samples: Path, n: int, wanted: list[tuple[str, int]] | None = None
+) -> tuple[dict[str, np.ndarray], list[str], list[int]]:
     """({"model @ N": uint8 (n, H, W, 3)}, the columns' prompts, the columns' pairs) of `n`
-    pairs every set holds, chosen by spanning_pairs."""
-    sets = sample_sets(samples)
+    pairs every set holds (of `wanted` when given), chosen by spanning_pairs."""
+    sets = sample_sets(samples, wanted)
     files = {}
     for model, steps, folder in sets:
         index = pd.read_parquet(folder / INDEX)

@@ -1,9 +1,10 @@
 """Where a report's numbers come from, and how they moved since the last committed run.
 
-`provenance()` gathers the commit (and whether the tree was dirty), the date, the backend and
-teacher, the params that differ from the committed params.yaml, package versions, the device,
-the stages' wall time and peak memory (Snakemake `benchmark:` files) and the stages' own
-timings (logs/timings/: images per second, the teacher check's seconds). `since_committed()`
+`provenance()` gathers the commit (and whether the code or params differ from it), the date,
+the backend and teacher, the params that differ from the committed params.yaml, package
+versions, the device, the stages' wall time and peak memory (Snakemake `benchmark:` files) and
+the stages' own timings (logs/timings/: images per second, the teacher check's seconds).
+`since_committed()`
 sets every metric beside its value in the committed results/metrics.json.
 """
 
@@ -76,11 +77,17 @@ def stage_costs(benchmarks: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# What a run writes itself (tracked so that a run can be committed): a change there is the
+# run's result, not a difference in what produced it.
+RUN_OUTPUTS = ("results", "dvc.lock")
+
+
 def provenance(
     params_file: str | Path, params: P.Params, benchmarks: Path, timings: dict[str, Any]
 ) -> dict[str, Any]:
     """The record of this run; `timings` are the stages' own (cdm.metrics.timings.read)."""
-    status = _git("status", "--porcelain")
+    # "dirty": the code or params that produce the results differ from the commit
+    status = _git("status", "--porcelain", "--", ".", *(f":(exclude){p}" for p in RUN_OUTPUTS))
     return {
         "commit": (_git("rev-parse", "HEAD") or "unknown").strip(),
         "dirty": bool(status.strip()) if status is not None else None,
