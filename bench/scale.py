@@ -17,8 +17,8 @@ step and blend, CA/DM/CDM, the EMA, csv logging and checkpoints (gloo + fp32 on 
 
 How it measures, without touching src/: the module-level functions the engine calls are
 replaced on the imported module objects by timing wrappers (`cdm.engine.rollout`,
-`fake_score_step_loss`, `student_losses`, `_ema_update`, `save_checkpoint`, `_grad_norm`,
-`_CsvLog.writerow`, `cdm.zero.blend_engines_`, `cdm.zero.make_engine` which also wraps each
+`fake_score_step_loss`, `student_losses`, `_ema_update`, `_grad_norm`, `cdm.checkpoints.save`,
+`cdm.runlog.RunLog.write`, `cdm.zero.blend_engines_`, `cdm.zero.make_engine` which also wraps each
 engine's `backward` and `step`), and the velocity network's forward records which network
 (teacher / student / fake) ran with how many samples. Time is charged to the innermost phase
 running (teacher calls and fake-score evaluations inside the student losses are their own
@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from cdm import engine, plan, zero
+from cdm import checkpoints, engine, plan, zero
 from cdm import params as P
 from cdm.backends import few_step
 from cdm.conditioning import Condition
@@ -238,7 +238,8 @@ def instrument(clock: Clock, velocity: torch.nn.Module) -> Patches:
     the student, fake score and EMA: the copies carry the `_bench_role` set here)."""
     p = Patches()
     # (object, attribute, phase): whichever of these this version of the engine has (the EMA
-    # was engine._ema_update, then zero.PartitionedEMA.update); `wrapped` lists those found.
+    # was engine._ema_update, then zero.PartitionedEMA.update; the checkpoint and the log row
+    # were engine.save_checkpoint and engine._CsvLog.writerow); `wrapped` lists those found.
     targets = [
         (engine, "rollout", "rollout"),
         (engine, "fake_score_step_loss", "fake_forward"),
@@ -247,8 +248,10 @@ def instrument(clock: Clock, velocity: torch.nn.Module) -> Patches:
         (getattr(zero, "PartitionedEMA", None), "update", "ema"),
         (getattr(zero, "PartitionedEMA", None), "module", "ema_export"),
         (engine, "save_checkpoint", "checkpoint"),
+        (checkpoints, "save", "checkpoint"),
         (engine, "_grad_norm", "logging"),
-        (engine._CsvLog, "writerow", "logging"),
+        (getattr(engine, "_CsvLog", None), "writerow", "logging"),
+        (getattr(engine, "RunLog", None), "write", "logging"),
         (zero, "blend_engines_", "blend"),
     ]
     for obj, name, phase in targets:

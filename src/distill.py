@@ -18,7 +18,7 @@ from cdm import params as P
 from cdm import zero
 from cdm.backends import backend_module
 from cdm.cache import open_condition
-from cdm.checkpoints import fingerprint
+from cdm.checkpoints import run_name
 from cdm.cli import run_stage, stage_parser
 from cdm.engine import RunPaths, train
 from cdm.io import atomic_dir, atomic_write_text
@@ -27,13 +27,6 @@ from cdm.preview import preview_writer
 
 log = logging.getLogger("distill")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def checkpoint_dir(root: Path, method: str, inputs: dict) -> Path:
-    """checkpoints/<method>-<fingerprint of the params its student depends on>/: a rerun with
-    the same inputs resumes there. Runs of other params stay (`python -m cdm.checkpoints
-    prune` removes them), so switching back to an earlier setting resumes it too."""
-    return root / f"{method}-{fingerprint(inputs)}"
 
 
 def main() -> None:
@@ -68,7 +61,7 @@ def main() -> None:
     ds_file = ROOT / "configs" / "deepspeed" / f"zero{cfg.zero_stage}.json"
     seed = params.seed if args.seed is None else args.seed
     resolved = P.student_inputs(params, args.method, seed)
-    run_dir = checkpoint_dir(Path(args.checkpoints), args.method, resolved)
+    run_dir = Path(args.checkpoints) / run_name(args.method, resolved)  # resumed by a rerun
     logs = Path(args.logs) / args.method
     preview = preview_writer(
         backend.load_decoder(args.teacher), train_cond.take(slice(0, cfg.preview_images)), shift,

@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from cdm.engine import LOG_COLUMNS
+from cdm.runlog import LOG_COLUMNS
 from tests.conftest import PYTHON, ROOT
 
 ACCELERATE = str(Path(PYTHON).parent / "accelerate")

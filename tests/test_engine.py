@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from cdm import engine
+from cdm import engine, preemption
 from cdm import params as P
 from cdm.backends.shapes import load_velocity
 from cdm.conditioning import Condition
@@ -179,32 +179,14 @@ def test_near_the_slurm_limit_the_run_checkpoints_and_exits(
     tmp_path, tiny_teacher_dir, monkeypatch
 ):
     """Less than distill.stop_before_limit seconds left: checkpoint now, stop for a retry."""
-    monkeypatch.setattr(engine, "slurm_end_time", lambda: engine.time.time() + 100)
+    monkeypatch.setattr(preemption, "slurm_end_time", lambda: time.time() + 100)
     cfg = _cfg(iterations=8, update_ratio=2, stop_before_limit=600, checkpoint_every=100)
-    with pytest.raises(engine.Preempted, match="the SLURM time limit at iteration 1"):
+    with pytest.raises(preemption.Preempted, match="the SLURM time limit at iteration 1"):
         _train(tmp_path, tiny_teacher_dir, cfg)
     assert (tmp_path / "ckpt/it-0000001/state.json").is_file()
-    monkeypatch.setattr(engine, "slurm_end_time", lambda: engine.time.time() + 10_000)
+    monkeypatch.setattr(preemption, "slurm_end_time", lambda: time.time() + 10_000)
     _train(tmp_path, tiny_teacher_dir, cfg)  # the retry resumes and finishes
     assert [
         r["iteration"]
         for r in _rows(engine.RunPaths(tmp_path / "ckpt", tmp_path / "ckpt/train.csv"))
     ] == [str(i) for i in range(1, 9)]
-
-
-def test_slurm_end_time_reads_scontrol(tmp_path, monkeypatch):
-    from cdm.deadline import slurm_end_time
-
-    fake = tmp_path / "scontrol"
-    fake.write_text(
-        "#!/bin/sh\necho 'JobId=7 JobName=x\n   StartTime=2026-11-27T10:00:00 EndTime=2026-11-27T12:30:00 Deadline=N/A'\n"
-    )
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    assert slurm_end_time() is None  # not in a job
-    from datetime import datetime
-
-    assert slurm_end_time("7") == datetime.fromisoformat("2026-11-27T12:30:00").timestamp()
-    fake.write_text("#!/bin/sh\necho 'JobId=7 EndTime=Unknown'\n")
-    assert slurm_end_time("7") is None

@@ -243,8 +243,8 @@ def test_write_report(plots: dict[str, Path]) -> None:
 
 def test_training_curves_read_the_engine_log(tmp_path):
     """The engine writes `iteration`, not `step`: its train.csv must still be plotted."""
-    from cdm.engine import LOG_COLUMNS
     from cdm.report.plots import _read_losses
+    from cdm.runlog import LOG_COLUMNS
 
     rows = [",".join(LOG_COLUMNS)] + [
         ",".join(

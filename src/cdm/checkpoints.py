@@ -1,9 +1,13 @@
-"""Checkpoint folders of distillation runs: their names, and pruning them on request.
+"""The checkpoint store of distillation runs: where a run's checkpoints live, how one is
+written (atomically, with a manifest) and trusted (checked before a resume), and pruning.
 
-`checkpoints/<method>-<fingerprint>/` holds one run's `it-*` checkpoints; the fingerprint
-hashes the params its student depends on (`cdm.params.student_inputs`). Nothing removes a
-run automatically: `python -m cdm.checkpoints prune` deletes the runs that no method of
-the current params.yaml would resume (add --dry-run to list them first).
+`checkpoints/<method>-<fingerprint>/` holds one run's `it-<iteration>` folders; the
+fingerprint hashes the params its student depends on (`cdm.params.student_inputs`), so a
+rerun with the same inputs resumes there. A folder is written as `.tmp-it-*` and renamed
+when complete; its manifest records every file's size (and the sha256 of the small ones),
+and a resume skips a folder that disagrees with it. Nothing removes a run automatically:
+`python -m cdm.checkpoints prune` deletes the runs that no method of the current
+params.yaml would resume (add --dry-run to list them first).
 """
 
 from __future__ import annotations
@@ -11,20 +15,160 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cdm import params as P
+
+if TYPE_CHECKING:
+    from cdm.zero import PartitionedEMA
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+HASHED_BYTES = 256 * 2**20  # files up to this size are hashed too; larger ones by size only
+
+
+# --- naming -----------------------------------------------------------------------------
 
 
 def fingerprint(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def run_name(method: str, inputs: dict) -> str:
+    """`<method>-<fingerprint of the params its student depends on>`: one run's folder. A
+    rerun with the same inputs resumes there; runs of other params stay (`prune` removes
+    them), so switching back to an earlier setting resumes it too."""
+    return f"{method}-{fingerprint(inputs)}"
+
+
+def completed(root: Path) -> list[Path]:
+    """A run's complete `it-*` checkpoints (state.json is written last), oldest first."""
+    done = [p for p in root.glob("it-*") if (p / "state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name[3:]))
+
+
+# --- trust: the manifest ----------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Every file's size (and the sha256 of the small ones), recorded at save time."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        size = path.stat().st_size
+        files[str(path.relative_to(folder))] = {
+            "size": size, "sha256": _sha256(path) if size <= HASHED_BYTES else None,
+        }  # fmt: skip
+    (folder / MANIFEST).write_text(json.dumps(files, indent=0))
+
+
+def damage(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted (a missing, truncated or altered file), or None."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST}"
+    for name, want in json.loads(manifest.read_text()).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["size"]:
+            return f"{name} is truncated or altered ({path.stat().st_size} of {want['size']} bytes)"
+        if want["sha256"] is not None and _sha256(path) != want["sha256"]:
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
+# --- save and resume (collective: every rank calls them) --------------------------------
+# They import safetensors and cdm.zero (DeepSpeed) when called, so that `prune` stays light.
+
+
+def save(
+    root: Path, iteration: int, student, fake, ema: PartitionedEMA, keep: int, rank: int
+) -> None:
+    """One atomic folder: both engines (weights, optimizer, scheduler), the EMA, the step and
+    a manifest of every file's size and hash (checked before a resume); keeps the newest
+    `keep` checkpoints."""
+    from safetensors.torch import save_file
+
+    from cdm import zero
+
+    tmp = root / f".tmp-it-{iteration:07d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    zero.barrier()
+    try:
+        student.save_checkpoint(str(tmp / "student"), tag="state")
+        fake.save_checkpoint(str(tmp / "fake"), tag="state")
+        ema_state = ema.state_dict()  # gathered: collective, every rank
+        zero.barrier()
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in ema_state.items()}, tmp / "ema.safetensors")
+            (tmp / "state.json").write_text(json.dumps({"iteration": iteration}))
+            write_manifest(tmp)
+    except BaseException:
+        if rank == 0:  # a full disk: give the space of the partial folder back
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if rank == 0:
+        final = root / f"it-{iteration:07d}"
+        shutil.rmtree(final, ignore_errors=True)  # a damaged one of the same step, if any
+        tmp.rename(final)
+        for old in completed(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    zero.barrier()
+
+
+def save_once(
+    root: Path, iteration: int, student, fake, ema: PartitionedEMA, keep: int, rank: int
+) -> None:
+    """Checkpoint `iteration` unless the newest checkpoint already is that iteration."""
+    done = completed(root)
+    if not done or done[-1].name != f"it-{iteration:07d}":
+        save(root, iteration, student, fake, ema, keep, rank)
+
+
+def load_latest(root: Path, student, fake, ema: PartitionedEMA) -> int:
+    """Resume from the newest intact checkpoint; returns the iteration to start from.
+
+    A damaged one (its files disagree with its manifest) is skipped with a one-line warning
+    naming it, and left in place for inspection."""
+    from safetensors.torch import load_file
+
+    from cdm import zero
+
+    if zero.rank() == 0:  # a crash while saving leaves a temporary folder: never resume from it
+        for stale in root.glob(".tmp-it-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    zero.barrier()
+    for folder in reversed(completed(root)):
+        problem = damage(folder)
+        if problem is not None:
+            log.warning("skipping damaged checkpoint %s: %s", folder, problem)
+            continue
+        student.load_checkpoint(str(folder / "student"), tag="state")
+        fake.load_checkpoint(str(folder / "fake"), tag="state")
+        ema.load_state_dict(load_file(folder / "ema.safetensors"))
+        return json.loads((folder / "state.json").read_text())["iteration"]
+    return 0
+
+
+# --- prune ------------------------------------------------------------------------------
+
+
 def current_runs(params: P.Params) -> set[str]:
     """Folder names of the runs the current params resume: every preset, the params' seed."""
-    return {f"{m}-{fingerprint(P.student_inputs(params, m))}" for m in params.methods}
+    return {run_name(m, P.student_inputs(params, m)) for m in params.methods}
 
 
 def stale_runs(root: Path, params: P.Params) -> list[Path]:

@@ -6,48 +6,39 @@ authors' order: one rollout of the student (no grad) -> a fake-score update on t
 student's estimates at the anchors and the blend F <- keep F + (1 - keep) G -> every
 `update_ratio` iterations a student update with L = CA + DM + CDM on the same rollout,
 reading the just-updated fake score.
+
+The loop's bookkeeping each lives in a module of its own, one call per concern here: the
+checkpoint store (`cdm.checkpoints`), stopping for a signal or the SLURM time limit
+(`cdm.preemption`) and the run log, train.csv (`cdm.runlog`).
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import hashlib
-import json
 import logging
 import math
-import shutil
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from cdm import zero
+from cdm import checkpoints, zero
 from cdm.cli import StageFailure
 from cdm.conditioning import Condition
-from cdm.deadline import slurm_end_time
 from cdm.ema import ema_decay
 from cdm.flow import add_noise, euler_step, x0_from_v
 from cdm.losses import ca_loss, cdm_loss, dm_loss, fake_score_loss, renoise_tau
 from cdm.params import Distill, Method
+from cdm.preemption import Preempted, Preemption
 from cdm.rollout import Rollout, evals_needed, rollout
+from cdm.runlog import RunLog, loss_summary
 from cdm.schedules import draw_anchor, draw_length, dynamic_sigmas, fixed_schedule
 
 log = logging.getLogger("cdm.engine")
 Velocity = Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]
-
-LOG_COLUMNS = [
-    "iteration", "student_step", "loss_ca", "loss_dm", "loss_cdm", "loss_fake",
-    "w_ca", "w_dm", "w_cdm", "grad_norm_student", "grad_norm_fake", "K", "anchor_sigma",
-    "n_student_evals", "n_teacher_evals", "n_fake_evals", "n_nonfinite", "seconds",
-    "lr_student", "lr_fake",
-]  # fmt: skip
 
 
 class TrainingDiverged(StageFailure):
@@ -188,105 +179,6 @@ def fake_score_step_loss(
     return fake_score_loss(fake(add_noise(x0, eps, tau), tau, cond), x0, eps)
 
 
-# --- checkpoints ----------------------------------------------------------------------
-
-
-MANIFEST = "manifest.json"
-HASHED_BYTES = 256 * 2**20  # files up to this size are hashed too; larger ones by size only
-
-
-def _checkpoints(root: Path) -> list[Path]:
-    done = [p for p in root.glob("it-*") if (p / "state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name[3:]))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(folder: Path) -> None:
-    """Every file's size (and the sha256 of the small ones), recorded at save time."""
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
-        size = path.stat().st_size
-        files[str(path.relative_to(folder))] = {
-            "size": size, "sha256": _sha256(path) if size <= HASHED_BYTES else None,
-        }  # fmt: skip
-    (folder / MANIFEST).write_text(json.dumps(files, indent=0))
-
-
-def damage(folder: Path) -> str | None:
-    """Why a checkpoint folder cannot be trusted (a missing, truncated or altered file), or None."""
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return f"no {MANIFEST}"
-    for name, want in json.loads(manifest.read_text()).items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != want["size"]:
-            return f"{name} is truncated or altered ({path.stat().st_size} of {want['size']} bytes)"
-        if want["sha256"] is not None and _sha256(path) != want["sha256"]:
-            return f"{name} does not match its recorded sha256"
-    return None
-
-
-def save_checkpoint(
-    root: Path, iteration: int, student, fake, ema: zero.PartitionedEMA, keep: int, rank: int
-) -> None:
-    """One atomic folder: both engines (weights, optimizer, scheduler), the EMA, the step and
-    a manifest of every file's size and hash (checked before a resume)."""
-    tmp = root / f".tmp-it-{iteration:07d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    zero.barrier()
-    try:
-        student.save_checkpoint(str(tmp / "student"), tag="state")
-        fake.save_checkpoint(str(tmp / "fake"), tag="state")
-        ema_state = ema.state_dict()  # gathered: collective, every rank
-        zero.barrier()
-        if rank == 0:
-            save_file({k: v.contiguous() for k, v in ema_state.items()}, tmp / "ema.safetensors")
-            (tmp / "state.json").write_text(json.dumps({"iteration": iteration}))
-            write_manifest(tmp)
-    except BaseException:
-        if rank == 0:  # a full disk: give the space of the partial folder back
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if rank == 0:
-        final = root / f"it-{iteration:07d}"
-        shutil.rmtree(final, ignore_errors=True)  # a damaged one of the same step, if any
-        tmp.rename(final)
-        for old in _checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    zero.barrier()
-
-
-def load_latest(root: Path, student, fake, ema: zero.PartitionedEMA) -> int:
-    """Resume from the newest intact checkpoint; returns the iteration to start from.
-
-    A damaged one (its files disagree with its manifest) is skipped with a one-line warning
-    naming it, and left in place for inspection."""
-    if zero.rank() == 0:  # a crash while saving leaves a temporary folder: never resume from it
-        for stale in root.glob(".tmp-it-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    zero.barrier()
-    for folder in reversed(_checkpoints(root)):
-        problem = damage(folder)
-        if problem is not None:
-            log.warning("skipping damaged checkpoint %s: %s", folder, problem)
-            continue
-        student.load_checkpoint(str(folder / "student"), tag="state")
-        fake.load_checkpoint(str(folder / "fake"), tag="state")
-        ema.load_state_dict(load_file(folder / "ema.safetensors"))
-        return json.loads((folder / "state.json").read_text())["iteration"]
-    return 0
-
-
 # --- the loop ---------------------------------------------------------------------------
 
 
@@ -298,36 +190,6 @@ class RunPaths:
 
 
 Preview = Callable[[int, torch.nn.Module], None]  # (student step, EMA) -> writes a grid
-
-
-class Preempted(StageFailure):
-    """Near the SLURM time limit, or SIGUSR1 / SIGTERM: checkpointed, exit for a retry."""
-
-
-class _Signals:
-    """Remember SIGUSR1 / SIGTERM instead of dying: the loop checkpoints at the end of the
-    iteration, then stops. SLURM sends USR1 ahead of the time limit (the profile's
-    --signal), TERM at it; a requeued job resumes from that checkpoint."""
-
-    NAMES = ("SIGUSR1", "SIGTERM")
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._old: dict[int, object] = {}
-
-    def __enter__(self) -> _Signals:
-        if threading.current_thread() is threading.main_thread():
-            for name in self.NAMES:
-                sig = getattr(signal, name)
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)  # type: ignore[arg-type]
 
 
 def train(
@@ -369,10 +231,15 @@ def train(
     ema = zero.PartitionedEMA(student)
 
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
-    start = load_latest(paths.checkpoints, student, fake, ema)
+    start = checkpoints.load_latest(paths.checkpoints, student, fake, ema)
     if start:
         log.info("resuming from iteration %d", start)
-    writer = _CsvLog(paths.log_csv, start, paths.live_csv) if rank == 0 else None
+
+    def checkpoint(iteration: int, once: bool = False) -> None:
+        save = checkpoints.save_once if once else checkpoints.save
+        save(paths.checkpoints, iteration, student, fake, ema, cfg.keep_checkpoints, rank)
+
+    runlog = RunLog(paths.log_csv, start, paths.live_csv) if rank == 0 else None
     null = null.to(device)  # train_cond stays put (a streamed cache): only batches move
     zero3 = cfg.zero_stage == 3
     end = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
@@ -385,8 +252,7 @@ def train(
         mininterval=5,
     )
     streak = 0  # consecutive iterations with a non-finite loss
-    deadline = slurm_end_time()  # None outside SLURM
-    with _Signals() as signals:
+    with Preemption(cfg.stop_before_limit) as preemption:
         for it in bar:
             t0 = time.time()
             shared = generator(seed, it, device=device)  # K: the same on every rank
@@ -425,7 +291,8 @@ def train(
             # Every update_ratio iterations the student, on the same rollout, against the
             # fake score just updated.
             student_step = (it + 1) // cfg.update_ratio
-            if (it + 1) % cfg.update_ratio == 0:
+            updated = (it + 1) % cfg.update_ratio == 0
+            if updated:
                 out = student_losses(
                     student, teacher, fake.module, roll, cond, null, method, cfg, gen
                 )
@@ -450,104 +317,50 @@ def train(
                 "seconds": round(time.time() - t0, 4),
                 "lr_student": student.get_lr()[0], "lr_fake": fake.get_lr()[0],
             }  # fmt: skip
-            if writer is not None:
-                writer.writerow([row.get(c, "") for c in LOG_COLUMNS])
-                bar.set_postfix(
-                    {
-                        k[5:]: f"{row[k]:.4g}"
-                        for k in LOG_COLUMNS
-                        if k.startswith("loss_") and k in row
-                    },
-                    refresh=False,
-                )
+
+            # Bookkeeping: log the row, stop a diverged run, maybe preview, checkpoint or stop.
+            if runlog is not None:
+                runlog.write(row)
+                bar.set_postfix(loss_summary(row), refresh=False)
             streak = 0 if finite else streak + 1
             if streak >= cfg.max_nonfinite:
-                good = _checkpoints(paths.checkpoints)
-                kept = (
-                    f"the last good checkpoint {good[-1]} is kept" if good else "no checkpoint yet"
-                )
-                raise TrainingDiverged(
-                    f"{streak} consecutive iterations with a non-finite loss (up to iteration "
-                    f"{it + 1}, distill.max_nonfinite = {cfg.max_nonfinite}); stopped, {kept}; "
-                    "lower distill.lr_student / lr_fake or check the teacher"
-                )
-            updated = (it + 1) % cfg.update_ratio == 0
+                raise _diverged(streak, it + 1, cfg.max_nonfinite, paths.checkpoints)
             if updated and preview is not None and student_step % cfg.preview_every == 0:
-                full = ema.module(teacher_model)  # gathered on every rank, drawn on rank 0
-                if rank == 0:
-                    preview(student_step, full)
-                del full
+                _preview(preview, student_step, ema, teacher_model, rank)
             # No checkpoint during a non-finite streak: the kept ones stay the last good states.
             if streak == 0 and updated and student_step % cfg.checkpoint_every == 0:
-                save_checkpoint(
-                    paths.checkpoints, it + 1, student, fake, ema, cfg.keep_checkpoints, rank
-                )
-            late = deadline is not None and time.time() > deadline - cfg.stop_before_limit
-            if late and signals.received is None:
-                signals.received = "the SLURM time limit"
-            if zero.any_rank(signals.received is not None, device):
+                checkpoint(it + 1)
+            if zero.any_rank(preemption.reason() is not None, device):
                 if streak == 0:
-                    _save_once(paths.checkpoints, it + 1, student, fake, ema, cfg, rank)
+                    checkpoint(it + 1, once=True)
                 raise Preempted(
-                    f"{signals.received or 'a signal'} at iteration {it + 1}: checkpointed to "
-                    f"{paths.checkpoints}; rerun (or requeue) to resume"
+                    f"{preemption.received or 'a signal'} at iteration {it + 1}: checkpointed "
+                    f"to {paths.checkpoints}; rerun (or requeue) to resume"
                 )
     if end > start:
-        _save_once(paths.checkpoints, end, student, fake, ema, cfg, rank)
+        checkpoint(end, once=True)
     return ema.module(teacher_model)
 
 
-def _save_once(root: Path, iteration: int, student, fake, ema, cfg: Distill, rank: int) -> None:
-    """Checkpoint `iteration` unless the newest checkpoint already is that iteration."""
-    done = _checkpoints(root)
-    if not done or done[-1].name != f"it-{iteration:07d}":
-        save_checkpoint(root, iteration, student, fake, ema, cfg.keep_checkpoints, rank)
+def _diverged(streak: int, iteration: int, limit: int, root: Path) -> TrainingDiverged:
+    good = checkpoints.completed(root)
+    kept = f"the last good checkpoint {good[-1]} is kept" if good else "no checkpoint yet"
+    return TrainingDiverged(
+        f"{streak} consecutive iterations with a non-finite loss (up to iteration "
+        f"{iteration}, distill.max_nonfinite = {limit}); stopped, {kept}; "
+        "lower distill.lr_student / lr_fake or check the teacher"
+    )
+
+
+def _preview(
+    preview: Preview, student_step: int, ema: zero.PartitionedEMA, like: torch.nn.Module, rank: int
+) -> None:
+    """Draw a preview grid of the student EMA; the full EMA is freed when this returns."""
+    full = ema.module(like)  # gathered on every rank (collective), drawn on rank 0
+    if rank == 0:
+        preview(student_step, full)
 
 
 def _grad_norm(engine) -> float:
     value = engine.get_global_grad_norm()
     return float(value) if value is not None else math.nan
-
-
-class _CsvLog:
-    """train.csv beside the checkpoints (it survives a crash) and, row by row, its live copy
-    under logs/ that people watch during the run, plus one `plots/<loss>.tsv` per loss
-    (iteration and value; the layout DVCLive writes), which `dvc plots show` draws."""
-
-    LOSSES = [c for c in LOG_COLUMNS if c.startswith("loss_")]
-
-    def __init__(self, path: Path, start: int, live: Path | None = None):
-        rows = []
-        if start and path.is_file():  # keep the rows up to the checkpoint we resume from
-            with open(path, newline="") as f:
-                rows = [r for r in csv.reader(f)][1:]
-            rows = [r for r in rows if int(r[0]) <= start]
-        self.files = []
-        for target in [path] + ([live] if live is not None else []):
-            self.files.append(self._open(target, LOG_COLUMNS, rows, ","))
-        self.plots = {}
-        if live is not None:
-            for loss in self.LOSSES:
-                i = LOG_COLUMNS.index(loss)
-                kept = [[r[0], r[i]] for r in rows if r[i] != ""]
-                target = live.parent / "plots" / f"{loss}.tsv"
-                self.plots[i] = self._open(target, ["iteration", loss], kept, "\t")
-
-    @staticmethod
-    def _open(path: Path, header: list[str], rows: list[list[str]], sep: str):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        file = open(path, "w", newline="")
-        writer = csv.writer(file, delimiter=sep)
-        writer.writerow(header)
-        writer.writerows(rows)
-        file.flush()
-        return file, writer
-
-    def writerow(self, row: list) -> None:
-        for file, writer in self.files:
-            writer.writerow(row)
-            file.flush()
-        for i, (file, writer) in self.plots.items():
-            if row[i] != "":
-                writer.writerow([row[0], row[i]])
-                file.flush()
