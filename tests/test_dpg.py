@@ -284,3 +284,13 @@ def test_git_blob_id_is_gits() -> None:
     # `printf 'hello\n' | git hash-object --stdin`
     assert fetch.git_blob_id(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"
     assert len(fetch.DPG_GIT_BLOB) == 40
+
+
+def test_score_sets_maps_pairs_to_items_in_csv_order(images: list[Path]) -> None:
+    items = dpg.parse_csv(rows(ITEMS))
+    folder = images[0].parent
+    # pairs 0..3 are the items in CSV order; pair 5 wraps to item 1 (green1)
+    files = [p.name for p in images] + [images[1].name]
+    got = dpg.score_sets([("cdm", 4, folder, [0, 1, 2, 3, 5], files)], items, ColourVQA(), 100)
+    assert got["cdm"]["4"][dpg.KEY] == pytest.approx((50 + 50 + 50 + 0 + 50) / 5)
+    assert dpg.item_ids_of([0, 3, 4, 6], items) == ["red1", "red2", "red1", "blue1"]

@@ -149,3 +149,27 @@ def conventions(images_per_prompt: int = 1, model_id: str = MODEL_ID) -> dict[st
         if SKIP_FIRST_ROW
         else "every row",
     }
+
+
+def item_ids_of(pairs: Sequence[int], items: Mapping[str, Item]) -> list[str]:
+    """The item of each pair of a DPG sample set: pair j is the (j mod n)-th item in CSV order,
+    as the sample stage's pair j takes prompt j mod n of the prompt set."""
+    ids = list(items)
+    return [ids[int(j) % len(ids)] for j in pairs]
+
+
+def score_sets(
+    sets: Sequence[tuple[str, int, Path, Sequence[int], Sequence[Path]]],
+    items: Mapping[str, Item],
+    vqa: VQA,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """metrics.json entries {model: {steps: {dpg_score, dpg_score_ci}}} of DPG sample sets,
+    each given as (model, steps, folder, pairs, image files)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for model, steps, folder, pairs, files in sets:
+        ids = item_ids_of(pairs, items)
+        scores = score_images([Path(folder) / f for f in files], ids, items, vqa)
+        out.setdefault(model, {})[str(int(steps))] = summary(scores, ids, n_boot, seed)
+    return out
