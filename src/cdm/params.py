@@ -60,6 +60,9 @@ class Prompts(Section):
     # Where `python -m cdm.fetch prompts` gets eval_file (a file or URL; sha256-checked)
     eval_source: str | None = None
     eval_pairs: int = Field(2048, gt=0)  # prompt/seed pairs of the evaluation
+    # DPG-Bench's question graphs (dpg_bench.csv); None: no DPG sample sets nor dpg_score
+    dpg_file: str | None = None
+    dpg_source: str | None = None  # where `python -m cdm.fetch dpg` gets dpg_file (pinned)
 
 
 class CacheTeacher(Section):

@@ -32,3 +32,19 @@ if not WORLD and PARAMS.prompts.eval_file:
             "logs/fetch_prompts.log",
         shell:
             "{PYTHON} -m cdm.fetch prompts --params {PARAMS_FILE} 2>&1 | tee {log}"
+
+
+if not WORLD and PARAMS.prompts.dpg_file:
+
+    localrules:
+        fetch_dpg,
+
+    rule fetch_dpg:
+        output:
+            PARAMS.prompts.dpg_file,
+        params:
+            source=PARAMS.prompts.dpg_source,
+        log:
+            "logs/fetch_dpg.log",
+        shell:
+            "{PYTHON} -m cdm.fetch dpg --params {PARAMS_FILE} 2>&1 | tee {log}"
