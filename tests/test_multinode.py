@@ -166,3 +166,26 @@ def test_a_dead_node_ends_the_other_and_the_rerun_resumes(
     assert not (work / "models/students/cdm").exists()
     _run(work, cluster, 2, 2, 29641)
     assert _max_diff(straight, _student(work, "cdm")) <= 1e-6
+
+
+def test_the_dvc_stage_refuses_two_nodes_outside_an_allocation(tmp_path):
+    """dvc.yaml's distill command, rendered with distill.nodes: 2 as DVC renders it, run
+    outside SLURM: one line naming the fix, exit 2, nothing written."""
+    import yaml
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["distill"]["do"]
+    values = {"${distill.nodes}": "2", "${distill.zero_stage}": "2"}
+    values |= {"${distill.num_processes}": "8", "${item}": "cdm"}
+    cmd = stage["cmd"]
+    for key, value in values.items():
+        cmd = cmd.replace(key, value)
+    assert "distill.nodes" in stage["params"] and "${" not in cmd
+    env = {k: v for k, v in ENV.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(
+        cmd, shell=True, cwd=tmp_path, env=env | {"PYTHONPATH": str(ROOT / "src")},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: distill.nodes is 2, which needs a SLURM allocation")
+    assert "salloc -N 2" in proc.stderr and "distill.nodes: 1" in proc.stderr
+    assert list(tmp_path.iterdir()) == []

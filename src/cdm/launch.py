@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if nodes > 1:
         print("+", shlex.join(step), file=sys.stderr, flush=True)  # the job log shows it
-        return exit_code(subprocess.run(step).returncode)
+        code = subprocess.run(step).returncode
+        return exit_code(code) if code else 0
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
