@@ -6,17 +6,35 @@ CalledProcessError, or torch elastic's ChildFailedError), burying the worker's `
 Here the launcher exits with the worker's code and prints nothing more; CDM_VERBOSE=1 keeps
 accelerate's traceback. The workers tie their lives to this process (cdm.lifeline), so
 killing it never leaves a worker writing checkpoints afterwards.
+
+A leading `--nodes N` (distill.nodes; `--num_processes` then counts the GPUs of one node)
+with N > 1 runs one such launcher per node of the SLURM allocation under srun (cdm.nodes).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 import sys
 
+from cdm.nodes import NodesError, require_allocation, split_nodes, srun_command
+
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        nodes, argv = split_nodes(sys.argv[1:] if argv is None else argv)
+        if nodes > 1:
+            require_allocation(nodes)
+            step = srun_command(nodes, argv)
+    except NodesError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if nodes > 1:
+        print("+", shlex.join(step), file=sys.stderr, flush=True)  # the job log shows it
+        code = subprocess.run(step).returncode
+        return exit_code(code) if code else 0
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 

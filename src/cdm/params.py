@@ -100,7 +100,8 @@ class Distill(Section):
     methods: list[str] = ["dmd2", "cdm"]  # which presets of `methods` the pipeline runs
     iterations: int = Field(400, gt=0)  # fake-score updates; the student gets 1/update_ratio
     batch_size: int = Field(32, gt=0)  # per process
-    num_processes: int = Field(1, gt=0)  # accelerate processes (GPUs) of the distill job
+    num_processes: int = Field(1, gt=0)  # accelerate processes (GPUs) on each node of the job
+    nodes: int = Field(1, gt=0)  # SLURM nodes of the distill job, one launcher on each
     update_ratio: int = Field(2, gt=0)  # fake-score updates per student update
     lr_student: float = Field(1e-5, gt=0)
     lr_fake: float = Field(1e-3, gt=0)
@@ -335,6 +336,9 @@ def student_inputs(params: Params, method: str, seed: int | None = None) -> dict
     if not preset.ca:
         drop.add("guidance")
     distill = {k: v for k, v in params.distill.model_dump().items() if k not in drop}
+    # The student depends on the world size, not on its split over nodes: 2 nodes of 1
+    # process resume 1 node of 2 (and one node keeps its fingerprint).
+    distill["num_processes"] = distill.pop("nodes") * distill["num_processes"]
     seed = params.seed if seed is None else seed
     return {"method": preset.model_dump(), "distill": distill, "seed": seed}
 

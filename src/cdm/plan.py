@@ -1,6 +1,8 @@
 """Per-GPU memory plan of a distillation run: `python -m cdm.plan OVERLAY --gpus N --zero {2,3}`.
 
-Example: `python -m cdm.plan configs/sd3-medium.yaml --gpus 8 --zero 2`.
+Example: `python -m cdm.plan configs/sd3-medium.yaml --gpus 8 --zero 2`; several nodes:
+`python -m cdm.plan configs/sd35-large.yaml --gpus 8 --nodes 2 --zero 3` (N below is then
+every GPU of the job, nodes x GPUs per node).
 
 The overlay is merged onto params.yaml (nothing is written). The transformer's parameter
 count P comes from its config, instantiated on the meta device (no weights): the config of
@@ -62,6 +64,48 @@ PUBLISHED: dict[str, dict[str, Any]] = {
             "caption_projection_dim": 1536,
             "pooled_projection_dim": 2048,
             "pos_embed_max_size": 192,
+        },  # fmt: skip
+        "vae_factor": 8,
+    },
+    # SD3.5 (MMDiT with QK RMS-norm; served by StableDiffusion3Pipeline like SD3): Large is
+    # depth 38 (38 heads x 64 = 2432 wide), Medium is MMDiT-X: depth 24 with a second,
+    # image-only attention in blocks 0-12 and position embeddings up to 384 patches a side.
+    "stabilityai/stable-diffusion-3.5-large": {
+        "backend": "sd3",
+        "transformer": {
+            "_class_name": "SD3Transformer2DModel",
+            "sample_size": 128,
+            "patch_size": 2,
+            "in_channels": 16,
+            "out_channels": 16,
+            "num_layers": 38,
+            "attention_head_dim": 64,
+            "num_attention_heads": 38,
+            "joint_attention_dim": 4096,
+            "caption_projection_dim": 2432,
+            "pooled_projection_dim": 2048,
+            "pos_embed_max_size": 192,
+            "qk_norm": "rms_norm",
+        },  # fmt: skip
+        "vae_factor": 8,
+    },
+    "stabilityai/stable-diffusion-3.5-medium": {
+        "backend": "sd3",
+        "transformer": {
+            "_class_name": "SD3Transformer2DModel",
+            "sample_size": 128,
+            "patch_size": 2,
+            "in_channels": 16,
+            "out_channels": 16,
+            "num_layers": 24,
+            "attention_head_dim": 64,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 4096,
+            "caption_projection_dim": 1536,
+            "pooled_projection_dim": 2048,
+            "pos_embed_max_size": 384,
+            "qk_norm": "rms_norm",
+            "dual_attention_layers": list(range(13)),
         },  # fmt: skip
         "vae_factor": 8,
     },
@@ -236,11 +280,15 @@ def plan(
     zero: int | None,
     memory_gib: float,
     train_prompts: int | None = None,
+    nodes: int | None = None,
 ) -> str:
+    """The table for `gpus` GPUs on each of `nodes` nodes (default: distill.nodes); ZeRO
+    partitions over all of them."""
     merged = P.parse_yaml(apply(overlay, params_path, write=False))
     params = P.parse(merged, f"{params_path} + {overlay}")
     cfg, teacher = params.distill, params.teacher
-    zero = zero or cfg.zero_stage
+    zero, nodes = zero or cfg.zero_stage, nodes or cfg.nodes
+    per_node, gpus = gpus, gpus * nodes
     model, source = describe(teacher.backend, teacher.path, teacher.resolution)
     cdm = any(params.methods[m].cdm for m in cfg.methods)
     # The training prompts: the file's where it is here, else the count given (--train-prompts).
@@ -254,7 +302,8 @@ def plan(
     lines = [
         f"memory plan: {teacher.backend} {teacher.path}",
         f"  {model.name}: {model.params:,} parameters ({source}, built on the meta device)",
-        f"  {gpus} GPUs, ZeRO-{zero}, bf16; batch {cfg.batch_size} per GPU; "
+        f"  {f'{nodes} nodes x {per_node} = ' if nodes > 1 else ''}{gpus} GPUs, ZeRO-{zero}, "
+        f"bf16; batch {cfg.batch_size} per GPU; "
         f"{model.image_tokens} image tokens ({side}x{side}) + {model.text_tokens} text tokens; "
         f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}",
         "",
@@ -284,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overlay", help="params overlay, e.g. configs/sd3-medium.yaml")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs per node")
+    parser.add_argument("--nodes", type=int, help="default: distill.nodes of the overlay")
     parser.add_argument("--zero", type=int, choices=(2, 3), help="default: distill.zero_stage")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (H100: 80)")
     parser.add_argument(
@@ -296,10 +346,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
         if args.train_prompts is not None and args.train_prompts < 1:
             raise ValueError(f"--train-prompts must be >= 1, got {args.train_prompts}")
+        if args.nodes is not None and args.nodes < 1:
+            raise ValueError(f"--nodes must be >= 1, got {args.nodes}")
         print(
             plan(
                 args.overlay, args.params, args.gpus, args.zero, args.gpu_memory,
-                args.train_prompts,
+                args.train_prompts, args.nodes,
             )
         )  # fmt: skip
     except (P.ParamsError, FileNotFoundError, ValueError) as exc:
