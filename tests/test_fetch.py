@@ -213,6 +213,11 @@ def test_default_weights_request_the_right_ids(cli, tmp_path: Path) -> None:
     assert [tuple(c) for c in rec.calls] == [
         ("snapshot", SD3, none),
         ("open_clip", "ViT-H-14", "laion2b_s32b_b79k", None),
+        (
+            "snapshot",
+            "openai/clip-vit-large-patch14",  # config, tokenizer, safetensors weights only
+            (("allow_patterns", ["*.json", "*.txt", "*.safetensors"]), ("cache_dir", None)),
+        ),
         ("snapshot", "yuvalkirstain/PickScore_v1", none),
         (
             "snapshot",

@@ -73,10 +73,10 @@ EXPECTED = {
     },
     "sample_part": {"-t 240", "--mem 64000", "--cpus-per-task=8", "--gres=gpu:1"},
     "sample": {"-t 30", "--mem 8000", "--ntasks=1", "--cpus-per-task=2"},  # merge of parts
-    "score": {"-t 120", "--mem 64000", "--ntasks=1", "--cpus-per-task=16"},
+    "score": {"-t 240", "--mem 96000", "--cpus-per-task=8", "--gres=gpu:1"},  # the scorers
     "report": {"-t 30", "--mem 8000", "--ntasks=1", "--cpus-per-task=2"},
 }
-GPUS = {"prepare_teacher": 1, "cache_teacher": 1, "distill": 8, "sample_part": 1}
+GPUS = {"prepare_teacher": 1, "cache_teacher": 1, "distill": 8, "sample_part": 1, "score": 1}
 PER_RUN = ("--job-name", "--output", "-D", "--comment")
 
 

@@ -48,6 +48,8 @@ PROMPTS_LINES = 2048
 DEFAULT_SOURCE = "../shared/data/pickscore_test_prompts.txt"  # relative to the project root
 # The processor's files only: the laion CLIP-H repo also holds four copies of the weights.
 PROCESSOR_FILES = ["*.json", "*.txt"]
+# A transformers model's config, tokenizer and safetensors weights, not its TF/Flax/.bin copies.
+SAFETENSORS_MODEL_FILES = [*PROCESSOR_FILES, "*.safetensors"]
 URL_TIMEOUT_S = 60
 DPG_GIT_BLOB = "98457fc9901943f51ff9a30367250fc292533bed"
 DPG_SOURCE = (
@@ -128,6 +130,10 @@ def scorer_plan(name: str, config: Mapping[str, Any] | None) -> list[Download]:
     cache = cfg.get("cache_dir")
     if name == "clip":
         return open_clip_plan("clip", cfg["model"], cfg["pretrained"], cache)
+    if name == "clip_vitl14":
+        return repo_plan(
+            "clip ViT-L/14", cfg["model"], cache, allow_patterns=tuple(SAFETENSORS_MODEL_FILES)
+        )
     if name == "pickscore":
         return repo_plan("pickscore", cfg["model"], cache) + repo_plan(
             "pickscore processor", cfg["processor"], cache, allow_patterns=tuple(PROCESSOR_FILES)

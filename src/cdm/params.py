@@ -161,6 +161,7 @@ class Sample(Section):
 
 PAPER_SCORERS: dict[str, dict[str, Any]] = {
     "clip": {"model": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"},
+    "clip_vitl14": {"model": "openai/clip-vit-large-patch14"},  # the paper's code's CLIPScore
     "pickscore": {
         "model": "yuvalkirstain/PickScore_v1",
         "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
