@@ -177,12 +177,11 @@ def test_a_lora_run_goes_end_to_end_and_exports_a_full_student(project, tmp_path
     assert sum(v.numel() for v in load_file(state).values()) < sum(
         v.numel() for v in teacher.values()
     )
-    assert (
-        json.loads((work / "models/students/cdm/params.json").read_text())["distill"]["lora"][
-            "rank"
-        ]
-        == 4
-    )
+    folder = work / "models/students/cdm"
+    assert json.loads((folder / "params.json").read_text())["distill"]["lora"]["rank"] == 4
+    # The adapter beside the merged transformer, in diffusers LoRA keys.
+    adapter = load_file(folder / lora.LORA_FILE)
+    assert adapter and all(k.startswith("transformer.") and ".lora_" in k for k in adapter)
 
 
 def test_lora_with_gradient_checkpointing_gives_the_same_student(project, tmp_path):
@@ -258,3 +257,43 @@ def test_the_lora_configs_fit_one_gpu_by_the_plan(overlay, gib, at_least):
     )  # fmt: skip
     total = lambda text: float(re.search(r"^  total\s+([0-9.]+)$", text, re.M).group(1))  # noqa: E731
     assert total(out) < total(full.stdout) / 2  # one base instead of three, small optimizers
+
+
+# --- export as a diffusers LoRA ---------------------------------------------------------------
+
+
+def test_the_exported_lora_loads_on_the_stock_sd3_pipeline_and_gives_the_student(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from cdm.backends import sd3
+
+    teacher_dir = tiny_pipelines.save(tiny_pipelines.sd3_pipeline(), tmp_path / "teacher")
+    velocity, _, shape = sd3.load_velocity(teacher_dir, 16)
+    velocity.float()
+    _, view, _ = lora.networks(velocity, P.Lora(rank=4, alpha=8.0), 0, False)
+    with torch.no_grad():
+        for p in view.weights:
+            p.normal_(std=0.1)  # a student away from the teacher
+    ema = {f"weights.{i}": p.detach().clone() for i, p in enumerate(view.weights)}
+    student = lora.student_module(velocity, ema, view)
+    path = lora.save_diffusers_lora(student, tmp_path / "student")
+    assert path.is_file()
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(teacher_dir, torch_dtype=torch.float32)
+    bare = TransformerVelocity(copy.deepcopy(pipe.transformer))
+    pipe.load_lora_weights(tmp_path / "student")
+    stock = TransformerVelocity(pipe.transformer)
+    x, s, cond = _sample(stock, shape)
+    width = pipe.transformer.config.joint_attention_dim
+    gen = torch.Generator().manual_seed(2)
+    cond = Condition(
+        torch.randn(3, 5, width, generator=gen),
+        torch.randn(3, pipe.transformer.config.pooled_projection_dim, generator=gen),
+    )
+    with torch.no_grad():
+        want, got = student(x, s, cond), stock(x, s, cond)
+        assert (want - got).abs().max().item() <= 1e-5
+        assert (want - bare(x, s, cond)).abs().max().item() > 1e-3  # the adapter matters
+        merged = lora.merged(student)(x, s, cond)  # the project's own full student
+        assert (want - merged).abs().max().item() <= 1e-5
+    assert not lora.is_lora(student)

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -23,6 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from cdm.params import Lora
 
 STUDENT, FAKE = "student", "fake_score"
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: load_lora_weights finds it
 BLOCKS = ("transformer_blocks", "single_transformer_blocks")  # SD3 / LongCat (Flux-style)
 # Relative names of the feed-forward linears: SD3's and LongCat's joint blocks (ff, ff_context)
 # and LongCat's single blocks (proj_mlp in, proj_out out of attention + MLP).
@@ -163,19 +165,55 @@ def engine_adapter(engine) -> contextlib.AbstractContextManager:
 def student_module(
     shared: torch.nn.Module, ema_state: dict[str, torch.Tensor], view: AdapterView
 ) -> torch.nn.Module:
-    """A fp32 copy of the base with the student adapter's EMA weights (by the view's
-    parameter order: `ema_state` keys are the view's `weights.<i>`) merged into its linears:
-    the teacher's own architecture, so sampling and export read it like a full student."""
+    """A fp32 copy of the base with the student adapter holding the EMA weights (by the
+    view's parameter order: `ema_state` keys are the view's `weights.<i>`), the fake-score
+    adapter removed, the student active (preview, `save_diffusers_lora`, `merged`)."""
     out = copy.deepcopy(shared).float().requires_grad_(False).eval()
     params = dict(out.named_parameters())
     for i, name in enumerate(view.names):
         params[name].copy_(ema_state[f"weights.{i}"])
-    layers = [(n, m) for n, m in out.named_modules() if isinstance(m, BaseTunerLayer)]
+    for layer in _tuner_layers(out):
+        layer.delete_adapter(FAKE)
+    out.transformer.peft_config.pop(FAKE, None)
+    _set(out, STUDENT)
+    return out
+
+
+def is_lora(module: torch.nn.Module) -> bool:
+    return any(True for _ in _tuner_layers(module))
+
+
+@torch.no_grad()
+def merged(student: torch.nn.Module) -> torch.nn.Module:
+    """The student adapter merged into its linears, in place: the teacher's own architecture,
+    so the project's sampling and export read it like a fully fine-tuned student."""
+    layers = [(n, m) for n, m in student.named_modules() if isinstance(m, BaseTunerLayer)]
     for name, layer in layers:
         layer.merge(adapter_names=[STUDENT])
         parent, _, child = name.rpartition(".")
-        setattr(out.get_submodule(parent), child, layer.get_base_layer())
-    return out
+        setattr(student.get_submodule(parent), child, layer.get_base_layer())
+    if hasattr(student.transformer, "peft_config"):
+        del student.transformer.peft_config
+    return student
+
+
+def save_diffusers_lora(student: torch.nn.Module, folder: Path) -> Path:
+    """The student adapter as a diffusers LoRA (pytorch_lora_weights.safetensors, with its
+    rank, alpha and targets as metadata): `StableDiffusion3Pipeline.from_pretrained(teacher)`
+    then `.load_lora_weights(folder)`; any family's transformer: `.load_lora_adapter(folder)`."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = student.transformer
+    state = get_peft_model_state_dict(transformer, adapter_name=STUDENT)
+    meta = transformer.peft_config[STUDENT].to_dict()
+    meta["target_modules"] = sorted(meta["target_modules"])
+    StableDiffusion3Pipeline.save_lora_weights(
+        folder,
+        transformer_lora_layers={k: v.contiguous() for k, v in state.items()},
+        transformer_lora_adapter_metadata=meta,
+    )
+    return folder / LORA_FILE
 
 
 def networks(
@@ -187,3 +225,22 @@ def networks(
     if checkpointing:
         teacher.transformer.enable_gradient_checkpointing()
     return Teacher(teacher), AdapterView(teacher, STUDENT), AdapterView(teacher, FAKE)
+
+
+def card_section(base_model: str) -> str:
+    """The model card's paragraph on loading the exported adapter."""
+    return (
+        "\n## LoRA student\n\n"
+        "Trained in LoRA mode (`distill.lora`): the student is an adapter on the frozen teacher. "
+        f"`{LORA_FILE}` in this folder is that adapter; `transformer/` holds it merged. Load "
+        "the adapter on the stock teacher with the few-step scheduler of this folder:\n\n"
+        "```python\n"
+        "from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline\n\n"
+        f'pipe = StableDiffusion3Pipeline.from_pretrained("{base_model}")\n'
+        'pipe.load_lora_weights("<this folder>")\n'
+        'pipe.scheduler = type(pipe.scheduler).from_pretrained("<this folder>", '
+        'subfolder="scheduler")\n'
+        "```\n\n"
+        "For LongCat-Image (no pipeline-level LoRA loader): "
+        '`pipe.transformer.load_lora_adapter("<this folder>", prefix="transformer")`.\n'
+    )

@@ -103,7 +103,6 @@ class Lora(Section):
     include_ff: bool = True  # the feed-forward linears too, beside the attention's
     targets: list[str] | None = Field(None, min_length=1)  # name suffixes; None: the family's
     init: Literal["gaussian"] = "gaussian"  # A ~ N(0, 1/rank), B = 0: starts at the teacher
-    fuse_export: bool = False  # export the fused full pipeline instead of the adapter
 
     @model_validator(mode="before")
     @classmethod
