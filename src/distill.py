@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from cdm import lora, zero
 from cdm import params as P
-from cdm import zero
 from cdm.backends import backend_module
 from cdm.cache import open_condition
 from cdm.checkpoints import run_name
@@ -84,7 +84,13 @@ def main() -> None:
         }  # fmt: skip
         with atomic_dir(Path(args.out) / args.method) as tmp:
             card = resolved | {"teacher": params.teacher.model_dump()}
+            if cfg.lora is not None:  # the adapter as a diffusers LoRA, then merged for the rest
+                lora.save_diffusers_lora(ema, tmp)
+                ema = lora.merged(ema)
             backend.export(ema, args.teacher, tmp, inference, card)
+            if cfg.lora is not None and (tmp / "README.md").is_file():
+                readme = tmp / "README.md"
+                readme.write_text(readme.read_text() + lora.card_section(params.teacher.path))
             (tmp / "params.json").write_text(json.dumps(resolved, indent=1))
         log.info("student written to %s", Path(args.out) / args.method)
     zero.barrier()

@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("cdm.world",),
     ("cdm.backends",),
     (
-        "cdm.engine", "cdm.checkpoints", "cdm.zero", "cdm.preemption", "cdm.runlog", "cdm.cache", "cdm.sampler",
+        "cdm.engine", "cdm.lora", "cdm.checkpoints", "cdm.zero", "cdm.preemption", "cdm.runlog", "cdm.cache", "cdm.sampler",
         "cdm.preview", "cdm.cli", "cdm.lock", "cdm.lifeline", "cdm.launch", "cdm.overlay",
         "cdm.plan", "cdm.fetch", "cdm.validate", "cdm.publish",
     ),

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cdm import checkpoints, zero
+from cdm import checkpoints, lora, zero
 from cdm.cli import StageFailure
 from cdm.conditioning import Condition
 from cdm.ema import ema_decay
@@ -215,12 +215,17 @@ def train(
         .eval()
         .requires_grad_(False)
     )
-    # Student and fake score start from the teacher.
-    student_model = copy.deepcopy(teacher_model).float().requires_grad_(True).train()
-    fake_model = copy.deepcopy(teacher_model).float().requires_grad_(True).train()
-    if cfg.gradient_checkpointing:
-        for m in (student_model, fake_model):
-            m.transformer.enable_gradient_checkpointing()
+    if cfg.lora is None:
+        # Student and fake score start from the teacher.
+        student_model = copy.deepcopy(teacher_model).float().requires_grad_(True).train()
+        fake_model = copy.deepcopy(teacher_model).float().requires_grad_(True).train()
+        if cfg.gradient_checkpointing:
+            for m in (student_model, fake_model):
+                m.transformer.enable_gradient_checkpointing()
+    else:  # LoRA: G and F are two adapters on the teacher's own module (cdm.lora)
+        teacher, student_model, fake_model = lora.networks(
+            teacher, cfg.lora, seed, cfg.gradient_checkpointing
+        )
     conf = zero.ds_config(cfg.batch_size, cfg.zero_stage, bf16, cfg.grad_clip, launched or ds_base)
     opt = dict(
         warmup=cfg.warmup, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.adam_eps
@@ -229,6 +234,12 @@ def train(
     fake = zero.make_engine(fake_model, cfg.lr_fake, config=conf, **opt)
     # The student EMA, sharded like the optimizer state (the student starts at the teacher).
     ema = zero.PartitionedEMA(student)
+
+    def ema_student() -> torch.nn.Module:
+        """The student EMA as a full fp32 module; collective."""
+        if cfg.lora is None:
+            return ema.module(teacher_model)
+        return lora.student_module(teacher_model, ema.state_dict(), student.module)
 
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
     start = checkpoints.load_latest(paths.checkpoints, student, fake, ema)
@@ -280,7 +291,8 @@ def train(
             loss_f = fake_score_step_loss(fake, roll, cond, cfg, gen)
             finite = zero.all_finite(loss_f)
             if finite:  # a non-finite loss skips the update: the weights stay the last good ones
-                fake.backward(loss_f)
+                with lora.engine_adapter(fake):  # LoRA: a recomputed checkpoint runs F
+                    fake.backward(loss_f)
                 fake.step()
                 zero.blend_engines_(fake, student, cfg.fake_blend)
             row |= {
@@ -299,7 +311,8 @@ def train(
                 n_nonfinite = out.n_nonfinite
                 row |= out.stats
                 if zero.all_finite(out.total):
-                    student.backward(out.total)
+                    with lora.engine_adapter(student):
+                        student.backward(out.total)
                     student.step()
                     ema.update(ema_decay(student_step, cfg.ema_max))
                     row["grad_norm_student"] = _grad_norm(student)
@@ -326,7 +339,7 @@ def train(
             if streak >= cfg.max_nonfinite:
                 raise _diverged(streak, it + 1, cfg.max_nonfinite, paths.checkpoints)
             if updated and preview is not None and student_step % cfg.preview_every == 0:
-                _preview(preview, student_step, ema, teacher_model, rank)
+                _preview(preview, student_step, ema_student, rank)
             # No checkpoint during a non-finite streak: the kept ones stay the last good states.
             if streak == 0 and updated and student_step % cfg.checkpoint_every == 0:
                 checkpoint(it + 1)
@@ -339,7 +352,7 @@ def train(
                 )
     if end > start:
         checkpoint(end, once=True)
-    return ema.module(teacher_model)
+    return ema_student()
 
 
 def _diverged(streak: int, iteration: int, limit: int, root: Path) -> TrainingDiverged:
@@ -353,10 +366,10 @@ def _diverged(streak: int, iteration: int, limit: int, root: Path) -> TrainingDi
 
 
 def _preview(
-    preview: Preview, student_step: int, ema: zero.PartitionedEMA, like: torch.nn.Module, rank: int
+    preview: Preview, student_step: int, ema_student: Callable[[], torch.nn.Module], rank: int
 ) -> None:
     """Draw a preview grid of the student EMA; the full EMA is freed when this returns."""
-    full = ema.module(like)  # gathered on every rank (collective), drawn on rank 0
+    full = ema_student()  # gathered on every rank (collective), drawn on rank 0
     if rank == 0:
         preview(student_step, full)
 

@@ -94,6 +94,32 @@ DEFAULT_METHODS = {
 }
 
 
+MIXED_KEYS = ("student_only", "fake_only", "student", "fake_score", "fake", "networks")
+
+
+class Lora(Section):
+    """LoRA distillation (cdm.lora): the student and the fake score are two adapters on one
+    frozen copy of the teacher. The authors' settings are the defaults."""
+
+    rank: int = Field(64, gt=0)
+    alpha: float = Field(128.0, gt=0)  # adapter scale alpha / rank
+    include_ff: bool = True  # the feed-forward linears too, beside the attention's
+    targets: list[str] | None = Field(None, min_length=1)  # name suffixes; None: the family's
+    init: Literal["gaussian"] = "gaussian"  # A ~ N(0, 1/rank), B = 0: starts at the teacher
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_mixed(cls, data: Any) -> Any:
+        mixed = [k for k in MIXED_KEYS if isinstance(data, dict) and k in data]
+        if mixed:
+            raise ValueError(
+                f"'{mixed[0]}': a mixed LoRA/full setting is not supported; LoRA trains both "
+                "the student and the fake score as adapters (set distill.lora: null for full "
+                "fine-tuning of both)"
+            )
+        return data
+
+
 class Distill(Section):
     """CDM distillation (docs/method.md); the defaults fit the shapes world on a CPU."""
 
@@ -131,6 +157,7 @@ class Distill(Section):
     stop_before_limit: int = Field(600, ge=0)
     preview_every: int = Field(50, gt=0)  # student steps between logs/<method>/previews/ grids
     preview_images: int = Field(8, gt=0)  # fixed training prompts (and noise) per grid
+    lora: Lora | None = None  # None: full fine-tuning of student and fake score (the paper's)
 
     @model_validator(mode="after")
     def _ranges(self) -> Distill:
@@ -145,6 +172,11 @@ class Distill(Section):
             raise ValueError(f"inference_sigmas must start at 1.0 and lie in (0, 1], got {raw}")
         if any(b >= a for a, b in zip(raw, raw[1:], strict=False)):
             raise ValueError(f"inference_sigmas must be strictly decreasing, got {raw}")
+        if self.lora is not None and self.zero_stage != 2:
+            raise ValueError(
+                "lora: LoRA distillation runs under ZeRO-2 (its adapters are small); "
+                "set distill.zero_stage: 2"
+            )
         return self
 
 
@@ -336,6 +368,8 @@ def student_inputs(params: Params, method: str, seed: int | None = None) -> dict
         drop |= DYNAMIC_ONLY
     if not preset.ca:
         drop.add("guidance")
+    if params.distill.lora is None:
+        drop.add("lora")  # full fine-tuning keeps the fingerprints it had before LoRA existed
     distill = {k: v for k, v in params.distill.model_dump().items() if k not in drop}
     # The student depends on the world size, not on its split over nodes: 2 nodes of 1
     # process resume 1 node of 2 (and one node keeps its fingerprint).

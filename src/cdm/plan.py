@@ -27,6 +27,12 @@ in fp32 on CPUs; N = GPUs):
   stays on disk in shards the engine reads batch by batch (its size is printed, not counted)
 - latents and loss tensors (fp32): ~24 latent-sized tensors of B_s samples
 Not counted: the CUDA context and allocator fragmentation (keep a few GiB free).
+
+LoRA mode (`--lora`, or distill.lora set; cdm.lora): one frozen base w P shared by teacher,
+student and fake score; each adapter's A parameters (rank r on every target linear,
+r (in + out) each) take the place of P in the weights, EMA, optimizer and gradient rows.
+Activations are the full mode's (the backward still runs through the frozen base). With
+--lora the plan also prints the largest batch on one GPU of 24, 48 and 80 GiB.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from cdm import params as P
 from cdm.overlay import apply
@@ -132,6 +140,7 @@ PUBLISHED: dict[str, dict[str, Any]] = {
 BLOCK_UNITS = 18.1
 STASH_UNITS = 1.09
 TEACHER_UNITS = 20.0
+LORA_GPUS = (24, 48, 80)  # one-GPU sizes the LoRA plan reports (GiB)
 SD3_TEXT_TOKENS = 77 + 256  # CLIP tokens + T5 max_sequence_length of StableDiffusion3Pipeline
 LONGCAT_TEXT_TOKENS = 512  # LongCatImagePipeline.tokenizer_max_length
 
@@ -149,22 +158,38 @@ class Model:
     text_tokens: int
     text_width: int
     latent_numel: int  # C x h x w of one latent
+    adapter: int = 0  # A, one LoRA adapter's parameters (0: full fine-tuning)
 
 
-def count_parameters(backend: str, config: dict[str, Any]) -> tuple[int, int, int]:
-    """(P, largest block's parameters, blocks) of the transformer built on the meta device."""
+def _meta_model(backend: str, config: dict[str, Any]) -> torch.nn.Module:
     from accelerate import init_empty_weights
     from diffusers import LongCatImageTransformer2DModel, SD3Transformer2DModel
 
     cls = SD3Transformer2DModel if backend == "sd3" else LongCatImageTransformer2DModel
     with init_empty_weights():
-        model = cls.from_config(config)
+        return cls.from_config(config)
+
+
+def count_parameters(backend: str, config: dict[str, Any]) -> tuple[int, int, int]:
+    """(P, largest block's parameters, blocks) of the transformer built on the meta device."""
+    model = _meta_model(backend, config)
     blocks = list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", []))
     sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
     return sum(p.numel() for p in model.parameters()), max(sizes), len(blocks)
 
 
-def describe(backend: str, path: str, resolution: int | None) -> tuple[Model, str]:
+def adapter_parameters(backend: str, config: dict[str, Any], cfg: P.Lora) -> int:
+    """A: one LoRA adapter's parameters, r (in + out) on each target linear (cdm.lora)."""
+    from cdm.lora import targets
+
+    model = _meta_model(backend, config)
+    linears = [model.get_submodule(name) for name in targets(model, cfg)]
+    return sum(cfg.rank * (m.in_features + m.out_features) for m in linears)
+
+
+def describe(
+    backend: str, path: str, resolution: int | None, lora_cfg: P.Lora | None = None
+) -> tuple[Model, str]:
     """The teacher's Model and where its config came from."""
     if backend not in ("sd3", "longcat"):
         raise ValueError(f"the memory plan covers the sd3 and longcat backends, not '{backend}'")
@@ -185,6 +210,7 @@ def describe(backend: str, path: str, resolution: int | None) -> tuple[Model, st
             f"stored for it; known: {', '.join(PUBLISHED)}"
         )
     params, block, blocks = count_parameters(backend, config)
+    adapter = adapter_parameters(backend, config, lora_cfg) if lora_cfg is not None else 0
     hidden = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
     if backend == "sd3":
         size = resolution // factor if resolution else int(config["sample_size"])
@@ -194,7 +220,7 @@ def describe(backend: str, path: str, resolution: int | None) -> tuple[Model, st
         tokens, text, channels = (size // 2) ** 2, LONGCAT_TEXT_TOKENS, config["in_channels"] // 4
     model = Model(
         config["_class_name"], params, block, blocks, hidden, tokens, text,
-        int(config["joint_attention_dim"]), channels * size * size,
+        int(config["joint_attention_dim"]), channels * size * size, adapter,
     )  # fmt: skip
     return model, source
 
@@ -220,7 +246,33 @@ def estimate(
         activations = max(student_activations(m, grad_batch, True, w), teacher_set)
     else:
         activations = student_activations(m, grad_batch, False, w) + teacher_set
-    rows = {
+    if m.adapter:
+        rows = _lora_rows(m, n, w, reduce_bucket)
+    else:
+        rows = _full_rows(m, n, w, reduce_bucket, weights)
+    rows |= {
+        "activations": activations,
+        "latents and loss tensors (fp32)": 24 * 4 * m.latent_numel * grad_batch,
+    }
+    rows["prompt embeddings (one batch + null; cache on disk)"] = cache_bytes(m, batch + 1, w)
+    return rows
+
+
+def _lora_rows(m: Model, n: int, w: int, reduce_bucket: int) -> dict[str, float]:
+    a = m.adapter
+    return {
+        "base (frozen; teacher, student and fake score share it)": w * m.params,
+        "adapter weights (student + fake score)": 2 * w * a,
+        "student EMA (fp32 adapter, partitioned)": 4 * a / n,
+        "optimizer states (fp32 master + AdamW m, v; 2 adapters)": 2 * 12 * a / n,
+        "gradients (partitioned + bucket; 2 adapters)": 2 * (w * a / n + w * min(a, reduce_bucket))
+        + 4 * a / n,
+    }
+
+
+def _full_rows(m: Model, n: int, w: int, reduce_bucket: int, weights: float) -> dict[str, float]:
+    p = m.params
+    return {
         "teacher (frozen, replicated)": w * p,
         "student weights": weights,
         "fake score weights": weights,
@@ -228,11 +280,7 @@ def estimate(
         "optimizer states (fp32 master + AdamW m, v; 2 engines)": 2 * 12 * p / n,
         "gradients (partitioned + bucket; 2 engines)": 2 * (w * p / n + w * reduce_bucket)
         + 4 * p / n,
-        "activations": activations,
-        "latents and loss tensors (fp32)": 24 * 4 * m.latent_numel * grad_batch,
     }
-    rows["prompt embeddings (one batch + null; cache on disk)"] = cache_bytes(m, batch + 1, w)
-    return rows
 
 
 def cache_bytes(m: Model, prompts: int, weight_bytes: int = 2) -> float:
@@ -276,11 +324,12 @@ def _count_lines(path: str | None) -> int | None:
 def plan(
     overlay: str,
     params_path: str,
-    gpus: int,
+    gpus: int | None,
     zero: int | None,
     memory_gib: float,
     train_prompts: int | None = None,
     nodes: int | None = None,
+    lora: bool = False,
 ) -> str:
     """The table for `gpus` GPUs on each of `nodes` nodes (default: distill.nodes); ZeRO
     partitions over all of them."""
@@ -288,8 +337,10 @@ def plan(
     params = P.parse(merged, f"{params_path} + {overlay}")
     cfg, teacher = params.distill, params.teacher
     zero, nodes = zero or cfg.zero_stage, nodes or cfg.nodes
-    per_node, gpus = gpus, gpus * nodes
-    model, source = describe(teacher.backend, teacher.path, teacher.resolution)
+    lora_cfg = cfg.lora or (P.Lora() if lora else None)  # --lora: the authors' settings
+    per_node = gpus or (cfg.num_processes if lora_cfg is not None else 8)
+    gpus = per_node * nodes
+    model, source = describe(teacher.backend, teacher.path, teacher.resolution, lora_cfg)
     cdm = any(params.methods[m].cdm for m in cfg.methods)
     # The training prompts: the file's where it is here, else the count given (--train-prompts).
     prompts = _count_lines(params.prompts.train_file) or train_prompts
@@ -309,23 +360,37 @@ def plan(
         "",
         f"  {'per GPU':<58}{'GiB':>8}",
     ]
+    if lora_cfg is not None:
+        lines.insert(
+            3,
+            f"  LoRA: rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g}, include_ff "
+            f"{str(lora_cfg.include_ff).lower()}; {model.adapter:,} parameters per adapter "
+            f"({model.adapter / model.params:.2%} of the transformer)",
+        )
     lines += [f"  {name:<58}{value / GIB:>8.2f}" for name, value in rows.items()]
     disk = "-" if prompts is None else f"{cache_bytes(model, prompts) / GIB:.2f}"
     label = f"train prompt cache, {prompts or '?'} prompts (disk; not counted)"
     lines.append(f"  {label:<58}{disk:>8}")
     verdict = "fits" if total / GIB <= memory_gib else "does NOT fit"
-    fitting = [
-        b
-        for b in range(1, 257)
-        if sum(estimate(model, b, gpus, zero, cfg.gradient_checkpointing, cdm,
-                        reduce_bucket=_reduce_bucket(zero)).values())
-        <= memory_gib * GIB
-    ]  # fmt: skip
+
+    def largest(gib: float) -> int | str:
+        fitting = [
+            b
+            for b in range(1, 257)
+            if sum(estimate(model, b, gpus, zero, cfg.gradient_checkpointing, cdm,
+                            reduce_bucket=_reduce_bucket(zero)).values())
+            <= gib * GIB
+        ]  # fmt: skip
+        return max(fitting) if fitting else "none"
+
     lines += [
         f"  {'total':<58}{total / GIB:>8.2f}",
         f"  {verdict} in {memory_gib:g} GiB (not counted: CUDA context, fragmentation); "
-        f"largest batch per GPU that fits: {max(fitting) if fitting else 'none'}",
+        f"largest batch per GPU that fits: {largest(memory_gib)}",
     ]
+    if lora_cfg is not None:
+        sizes = ", ".join(f"{g} GiB: {largest(g)}" for g in LORA_GPUS)
+        lines.append(f"  largest batch per GPU on {gpus} GPU(s) of {sizes}")
     return "\n".join(lines)
 
 
@@ -333,8 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overlay", help="params overlay, e.g. configs/sd3-medium.yaml")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--gpus", type=int, default=8, help="GPUs per node")
+    parser.add_argument(
+        "--gpus", type=int, help="GPUs per node (default: 8; with LoRA distill.num_processes)"
+    )
     parser.add_argument("--nodes", type=int, help="default: distill.nodes of the overlay")
+    parser.add_argument(
+        "--lora", action="store_true", help="LoRA mode, the authors' settings unless set"
+    )
     parser.add_argument("--zero", type=int, choices=(2, 3), help="default: distill.zero_stage")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (H100: 80)")
     parser.add_argument(
@@ -342,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        if args.gpus < 1:
+        if args.gpus is not None and args.gpus < 1:
             raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
         if args.train_prompts is not None and args.train_prompts < 1:
             raise ValueError(f"--train-prompts must be >= 1, got {args.train_prompts}")
@@ -351,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             plan(
                 args.overlay, args.params, args.gpus, args.zero, args.gpu_memory,
-                args.train_prompts, args.nodes,
+                args.train_prompts, args.nodes, args.lora,
             )
         )  # fmt: skip
     except (P.ParamsError, FileNotFoundError, ValueError) as exc:
