@@ -132,17 +132,18 @@ def save(
 def save_once(
     root: Path, iteration: int, student, fake, ema: PartitionedEMA, keep: int, rank: int
 ) -> None:
-    """Checkpoint `iteration` unless the newest checkpoint already is that iteration."""
+    """Checkpoint `iteration` unless the newest checkpoint already is that iteration (as rank
+    0 lists them: every rank then saves, or none)."""
+    from cdm import zero
+
     done = completed(root)
-    if not done or done[-1].name != f"it-{iteration:07d}":
+    if zero.from_rank0(not done or done[-1].name != f"it-{iteration:07d}"):
         save(root, iteration, student, fake, ema, keep, rank)
 
 
 def load_latest(root: Path, student, fake, ema: PartitionedEMA) -> int:
-    """Resume from the newest intact checkpoint; returns the iteration to start from.
-
-    A damaged one (its files disagree with its manifest) is skipped with a one-line warning
-    naming it, and left in place for inspection."""
+    """Resume from the newest intact checkpoint (rank 0 chooses it, every rank loads it);
+    returns the iteration to start from."""
     from safetensors.torch import load_file
 
     from cdm import zero
@@ -151,16 +152,24 @@ def load_latest(root: Path, student, fake, ema: PartitionedEMA) -> int:
         for stale in root.glob(".tmp-it-*"):
             shutil.rmtree(stale, ignore_errors=True)
     zero.barrier()
-    for folder in reversed(completed(root)):
-        problem = damage(folder)
-        if problem is not None:
-            log.warning("skipping damaged checkpoint %s: %s", folder, problem)
-            continue
+    folder = zero.from_rank0(newest_intact(root) if zero.rank() == 0 else None)
+    if folder is not None:
         student.load_checkpoint(str(folder / "student"), tag="state")
         fake.load_checkpoint(str(folder / "fake"), tag="state")
         ema.load_state_dict(load_file(folder / "ema.safetensors"))
         return json.loads((folder / "state.json").read_text())["iteration"]
     return 0
+
+
+def newest_intact(root: Path) -> Path | None:
+    """The newest checkpoint whose files agree with its manifest; a damaged one is skipped
+    with a one-line warning naming it, and left in place for inspection."""
+    for folder in reversed(completed(root)):
+        problem = damage(folder)
+        if problem is None:
+            return folder
+        log.warning("skipping damaged checkpoint %s: %s", folder, problem)
+    return None
 
 
 # --- prune ------------------------------------------------------------------------------

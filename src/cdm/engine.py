@@ -208,7 +208,7 @@ def train(
     preview: Preview | None = None,  # called every cfg.preview_every student steps
 ) -> torch.nn.Module:
     """Distil `teacher_model` into a few-step student; returns the student EMA (fp32 module)."""
-    rank, _, launched = zero.init_distributed(device)
+    rank, _, launched = zero.init_distributed(device, cfg.process_group_timeout)
     bf16 = device.type == "cuda"
     teacher = (
         teacher_model.to(device, torch.bfloat16 if bf16 else torch.float32)

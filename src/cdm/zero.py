@@ -13,7 +13,8 @@ import copy
 import os
 import socket
 from collections.abc import Iterator
-from typing import Any
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import deepspeed
 import torch
@@ -31,22 +32,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device: torch.device) -> tuple[int, int, dict[str, Any] | None]:
+def init_distributed(
+    device: torch.device, timeout_s: float = 1800
+) -> tuple[int, int, dict[str, Any] | None]:
     """Join the process group accelerate launched (NCCL on GPU, gloo on CPU), or create a
     one-process group when run alone. Returns (rank, world size, accelerate's DeepSpeed
-    config if it launched with one)."""
+    config if it launched with one).
+
+    `timeout_s` (distill.process_group_timeout): how long a collective waits for a rank
+    busy alone, e.g. rank 0 writing a checkpoint's manifest, before the run fails."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
     plugin = None
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():  # started by a launcher
-        kwargs = InitProcessGroupKwargs(backend=backend)
+        kwargs = InitProcessGroupKwargs(backend=backend, timeout=timeout)
         plugin = getattr(Accelerator(kwargs_handlers=[kwargs]).state, "deepspeed_plugin", None)
     if not dist.is_initialized():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ["MASTER_PORT"] = str(_free_port())
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), plugin.deepspeed_config if plugin else None
 
 
@@ -233,6 +240,20 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([float(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+T = TypeVar("T")
+
+
+def from_rank0(value: T) -> T:
+    """Rank 0's `value` on every rank. Decisions read from a shared filesystem (which
+    checkpoint to resume, whether one is still to write) are rank 0's alone: another rank's
+    listing may be stale, and ranks that disagree on a collective hang in it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:
