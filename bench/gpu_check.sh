@@ -3,7 +3,9 @@
 # most ~9 minutes, JSON under OUT (the device tool's $OUT, else bench/results/gpu/).
 #
 #   1. bench/scale.py at SD3-Medium's width (1536, 24 heads), 1024 px, ZeRO-2, gradient
-#      checkpointing, with as many of its 24 blocks as fit (24, else 12);
+#      checkpointing, with as many of its 24 blocks as fit (24, else 12); its JSON holds the
+#      start-up peak (peak.startup_measured_bytes, before the first step) beside the plan's
+#      (peak.startup_plan_bytes, cdm.plan.peaks);
 #   2. bench/sampling.py at SD3-Medium's full size: 4-step student vs 28 steps with CFG, at
 #      the sample stage's precision (transformer bf16, VAE decode fp32), and the decode in
 #      bf16 against fp32 (seconds, uint8 levels moved: whether the decode may go bf16);

@@ -96,8 +96,8 @@ def damage(folder: Path) -> str | None:
 def save(
     root: Path, iteration: int, student, fake, ema: PartitionedEMA, keep: int, rank: int
 ) -> None:
-    """One atomic folder: both engines (weights, optimizer, scheduler), the EMA, the step and
-    a manifest of every file's size and hash (checked before a resume); keeps the newest
+    """One atomic folder: both engines (weights, optimizer, scheduler), the EMA (one file of
+    partitions per rank: a resume needs the same number of processes), the step and a manifest of every file's size and hash (checked before a resume); keeps the newest
     `keep` checkpoints."""
     from safetensors.torch import save_file
 
@@ -110,11 +110,13 @@ def save(
     try:
         student.save_checkpoint(str(tmp / "student"), tag="state")
         fake.save_checkpoint(str(tmp / "fake"), tag="state")
-        ema_state = ema.state_dict()  # gathered: collective, every rank
+        # The EMA as each rank holds it: its own partitions (nothing gathered).
+        (tmp / "ema").mkdir(parents=True, exist_ok=True)
+        save_file(ema.partitions(), tmp / "ema" / f"rank-{rank:05d}.safetensors")
         zero.barrier()
         if rank == 0:
-            save_file({k: v.contiguous() for k, v in ema_state.items()}, tmp / "ema.safetensors")
-            (tmp / "state.json").write_text(json.dumps({"iteration": iteration}))
+            state = {"iteration": iteration, "world_size": zero.world_size()}
+            (tmp / "state.json").write_text(json.dumps(state))
             write_manifest(tmp)
     except BaseException:
         if rank == 0:  # a full disk: give the space of the partial folder back
@@ -132,17 +134,18 @@ def save(
 def save_once(
     root: Path, iteration: int, student, fake, ema: PartitionedEMA, keep: int, rank: int
 ) -> None:
-    """Checkpoint `iteration` unless the newest checkpoint already is that iteration."""
+    """Checkpoint `iteration` unless the newest checkpoint already is that iteration (as rank
+    0 lists them: every rank then saves, or none)."""
+    from cdm import zero
+
     done = completed(root)
-    if not done or done[-1].name != f"it-{iteration:07d}":
+    if zero.from_rank0(not done or done[-1].name != f"it-{iteration:07d}"):
         save(root, iteration, student, fake, ema, keep, rank)
 
 
 def load_latest(root: Path, student, fake, ema: PartitionedEMA) -> int:
-    """Resume from the newest intact checkpoint; returns the iteration to start from.
-
-    A damaged one (its files disagree with its manifest) is skipped with a one-line warning
-    naming it, and left in place for inspection."""
+    """Resume from the newest intact checkpoint (rank 0 chooses it, every rank loads it);
+    returns the iteration to start from."""
     from safetensors.torch import load_file
 
     from cdm import zero
@@ -151,16 +154,38 @@ def load_latest(root: Path, student, fake, ema: PartitionedEMA) -> int:
         for stale in root.glob(".tmp-it-*"):
             shutil.rmtree(stale, ignore_errors=True)
     zero.barrier()
+    folder = zero.from_rank0(newest_intact(root) if zero.rank() == 0 else None)
+    if folder is None:
+        return 0
+    state = json.loads((folder / "state.json").read_text())
+    legacy = folder / "ema.safetensors"  # the full EMA, as checkpoints before per-rank files
+    if not legacy.is_file() and state.get("world_size") != zero.world_size():
+        from cdm.cli import StageFailure
+
+        raise StageFailure(
+            f"{folder} was written by {state.get('world_size')} processes and this run has "
+            f"{zero.world_size()}: its optimizer and EMA partitions are per rank; rerun with "
+            f"distill.num_processes = {state.get('world_size')}, or remove {folder.parent} "
+            "to start afresh"
+        )
+    student.load_checkpoint(str(folder / "student"), tag="state")
+    fake.load_checkpoint(str(folder / "fake"), tag="state")
+    if legacy.is_file():
+        ema.load_state_dict(load_file(legacy))
+    else:
+        ema.load_partitions(load_file(folder / "ema" / f"rank-{zero.rank():05d}.safetensors"))
+    return state["iteration"]
+
+
+def newest_intact(root: Path) -> Path | None:
+    """The newest checkpoint whose files agree with its manifest; a damaged one is skipped
+    with a one-line warning naming it, and left in place for inspection."""
     for folder in reversed(completed(root)):
         problem = damage(folder)
-        if problem is not None:
-            log.warning("skipping damaged checkpoint %s: %s", folder, problem)
-            continue
-        student.load_checkpoint(str(folder / "student"), tag="state")
-        fake.load_checkpoint(str(folder / "fake"), tag="state")
-        ema.load_state_dict(load_file(folder / "ema.safetensors"))
-        return json.loads((folder / "state.json").read_text())["iteration"]
-    return 0
+        if problem is None:
+            return folder
+        log.warning("skipping damaged checkpoint %s: %s", folder, problem)
+    return None
 
 
 # --- prune ------------------------------------------------------------------------------

@@ -155,6 +155,9 @@ class Distill(Section):
     max_nonfinite: int = Field(20, gt=0)
     # Seconds before a SLURM job's end time at which distill checkpoints and exits for a retry.
     stop_before_limit: int = Field(600, ge=0)
+    # Seconds a collective waits for ranks busy alone (rank 0 writing a checkpoint: 8 P bytes,
+    # 64 GB at 8B parameters, takes ~11 min at 100 MB/s) before the run fails.
+    process_group_timeout: int = Field(1800, gt=0)
     preview_every: int = Field(50, gt=0)  # student steps between logs/<method>/previews/ grids
     preview_images: int = Field(8, gt=0)  # fixed training prompts (and noise) per grid
     lora: Lora | None = None  # None: full fine-tuning of student and fake score (the paper's)
@@ -338,7 +341,7 @@ class Params(Section):
 BOOKKEEPING = frozenset(
     {
         "methods", "checkpoint_every", "keep_checkpoints", "max_nonfinite", "preview_every",
-        "preview_images", "stop_before_limit",
+        "preview_images", "stop_before_limit", "process_group_timeout",
     }
 )  # fmt: skip
 DYNAMIC_ONLY = frozenset({"k_min", "k_max", "u_min", "u_max"})  # the fixed schedule ignores them

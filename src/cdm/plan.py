@@ -283,6 +283,35 @@ def _full_rows(m: Model, n: int, w: int, reduce_bucket: int, weights: float) -> 
     }
 
 
+def peaks(m: Model, gpus: int, zero: int, weight_bytes: int = 2) -> dict[str, float]:
+    """Bytes of the moments outside the steady state (cdm.engine, cdm.zero).
+
+    Start-up, per GPU: the teacher (w P), then the student and the fake score each built on
+    the CPU in bf16 and moved into its engine one at a time (ZeRO-2: w P each, plus w P while
+    DeepSpeed flattens one engine's weights into its groups; ZeRO-3: partitioned as built,
+    w P / N each plus one block whole) and their fp32 master partitions (2 x 4 P / N).
+    Host, per process: the teacher read in fp32 (4 P) before it moves to the GPU.
+    Preview (and export), rank 0 only: the EMA gathered parameter by parameter into an fp32
+    CPU copy (4 P host) drawn on the GPU in bf16 (+w P); the other ranks hold one gathered
+    tensor at a time (at most a block)."""
+    w, p, n = weight_bytes, m.params, gpus
+    block = m.block_params * w
+    engines = 2 * w * p + w * p if zero == 2 else 2 * w * p / n + block
+    return {
+        "start-up peak per GPU (before the first step)": w * p + engines + 2 * 4 * p / n,
+        "start-up host RAM per process (teacher read in fp32)": 4 * p,
+        "preview / export peak on rank 0: GPU (+bf16 EMA)": w * p,
+        "preview / export peak on rank 0: host (fp32 EMA)": 4 * p,
+        "preview / export peak on other ranks: GPU (one block)": 4 * m.block_params,
+    }
+
+
+def checkpoint_bytes(m: Model, weight_bytes: int = 2) -> float:
+    """One checkpoint on disk: per engine its weights (w P) and the fp32 master + AdamW m, v
+    (12 P, the ranks' partitions together), and the EMA's partitions (4 P): 32 P in bf16."""
+    return 2 * (weight_bytes * m.params + 12 * m.params) + 4 * m.params
+
+
 def cache_bytes(m: Model, prompts: int, weight_bytes: int = 2) -> float:
     """Bytes of `prompts` prompts' token embeddings (the pooled vectors are negligible)."""
     return prompts * m.text_tokens * m.text_width * weight_bytes
@@ -388,6 +417,16 @@ def plan(
         f"  {verdict} in {memory_gib:g} GiB (not counted: CUDA context, fragmentation); "
         f"largest batch per GPU that fits: {largest(memory_gib)}",
     ]
+    if lora_cfg is None:  # full fine-tuning: start-up, preview and checkpoint peaks
+        lines += [""] + [f"  {k:<58}{v / GIB:>8.2f}" for k, v in peaks(model, gpus, zero).items()]
+        one = checkpoint_bytes(model)
+        alive = cfg.keep_checkpoints + 1  # the kept ones and the one being written
+        lines += [
+            f"  {'one checkpoint (disk)':<58}{one / GIB:>8.2f}",
+            f"  {f'checkpoint disk per method ({alive} alive at a time)':<58}{alive * one / GIB:>8.2f}",
+            f"  {f'checkpoint disk, {len(cfg.methods)} methods':<58}"
+            f"{len(cfg.methods) * alive * one / GIB:>8.2f}",
+        ]
     if lora_cfg is not None:
         sizes = ", ".join(f"{g} GiB: {largest(g)}" for g in LORA_GPUS)
         lines.append(f"  largest batch per GPU on {gpus} GPU(s) of {sizes}")
