@@ -99,18 +99,15 @@ def test_sd35_from_their_published_configs():
 def test_sd35_large_overlay_needs_its_second_node():
     """The overlay's 2 nodes x 8 GPUs at ZeRO-3 fit 80 GiB with room; ZeRO partitions over
     every GPU of the job, so one node holds more of each partition."""
-    totals = {
-        nodes: plan.plan(
-            str(ROOT / "configs/sd35-large.yaml"),
-            str(ROOT / "params.yaml"),
-            8,
-            3,
-            80.0,
-            nodes=nodes,
-        ).splitlines()[-2]
+    one, two = (
+        _total_gib(
+            plan.plan(
+                str(ROOT / "configs/sd35-large.yaml"), str(ROOT / "params.yaml"), 8, 3, 80.0,
+                nodes=nodes,
+            )
+        )
         for nodes in (1, 2)
-    }
-    one, two = (float(totals[n].split()[-1]) for n in (1, 2))
+    )  # fmt: skip
     assert two < 0.8 * 80 < one  # the CUDA context and fragmentation need the headroom
     out = plan.plan(str(ROOT / "configs/sd35-large.yaml"), str(ROOT / "params.yaml"), 8, None, 80.0)
     assert "2 nodes x 8 = 16 GPUs, ZeRO-3" in out  # the overlay's own nodes and stage
