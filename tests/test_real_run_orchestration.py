@@ -86,7 +86,7 @@ def _check_table1(path: Path, metrics: dict, md: str) -> None:
     head = next(line for line in table.splitlines() if line.startswith("| Method"))
     labels = [label for _, label in T1.metric_keys(metrics).values()]
     assert [c.strip() for c in head.strip("|").split("|")] == [
-        "Method", "NFE", "NFE (paper)", *(c for label in labels for c in (label, f"{label} (paper)"))
+        "Method", "NFE", "NFE (paper)", *(c for label in labels for c in (label, T1.paper_label(label)))
     ]  # fmt: skip
     rows = table.splitlines()
     lines = {

@@ -77,6 +77,12 @@ def rows(metrics: dict, params: P.Params) -> list[tuple[str, str | None, Row | N
     return out
 
 
+def paper_label(label: str) -> str:
+    """The published column beside ours: "CLIPScore (ViT-H-14)" -> "CLIPScore (paper)" (the
+    paper's own CLIP variant is named in the protocol)."""
+    return f"{label.split(' (')[0]} (paper)"
+
+
 def table(metrics: dict, params: P.Params) -> pd.DataFrame:
     columns = metric_keys(metrics)
     frame = []
@@ -91,7 +97,7 @@ def table(metrics: dict, params: P.Params) -> pd.DataFrame:
         }
         for metric, (key, name) in columns.items():
             line[name] = ours(entry, key)
-            line[f"{name} (paper)"] = f"{row.value(metric):.4g}" if row else UNPUBLISHED
+            line[paper_label(name)] = f"{row.value(metric):.4g}" if row else UNPUBLISHED
         frame.append(line)
     return pd.DataFrame(frame)
 
