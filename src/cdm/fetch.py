@@ -5,7 +5,8 @@
 
 `weights` downloads the teacher when `teacher.path` is a hub id (snapshot_download into the
 hub cache) and every scorer's weights (`score.models`, name -> constructor kwargs, or the
-scorers' defaults): open_clip tags through open_clip's own download, transformers ids with
+scorers' defaults), and the published models of `compare:` (base pipeline, LoRA, VAE):
+open_clip tags through open_clip's own download, transformers ids with
 snapshot_download, the LAION aesthetic head with hf_hub_download. Gated repos need a token
 (`huggingface-cli login` or HF_TOKEN). The scorers then load them offline from the same caches.
 
@@ -158,6 +159,20 @@ def scorer_plan(name: str, config: Mapping[str, Any] | None) -> list[Download]:
     raise ValueError(f"no download recipe for scorer '{name}'; add one to cdm.fetch")
 
 
+def compare_plan(name: str, recipe: P.Compare) -> list[Download]:
+    """A published model's base pipeline, LoRA and VAE (local paths are skipped)."""
+    plan = repo_plan(f"compare {name}", recipe.path, None) if recipe.path else []
+    lora = recipe.lora
+    if lora is not None and is_hub_id(lora.path):
+        if lora.file:
+            plan.append(Download("file", f"compare {name} LoRA", lora.path, lora.file, None))
+        else:
+            plan += repo_plan(f"compare {name} LoRA", lora.path, None)
+    if recipe.vae is not None and recipe.vae.path:
+        plan += repo_plan(f"compare {name} VAE", recipe.vae.path, None)
+    return plan
+
+
 def scorer_configs(params: P.Params) -> dict[str, Any]:
     """`score.models` (name -> constructor kwargs) when params has it, else the defaults."""
     models = getattr(params.score, "models", None)
@@ -181,6 +196,8 @@ def weights_plan(params: P.Params) -> tuple[list[Download], dict[str, str]]:
                 f"teacher.path '{path}' is neither a local folder nor a hub id; fix it in params"
             )
         plan += repo_plan("teacher", path, None)
+    for name, recipe in getattr(params, "compare", {}).items():  # as score.models: optional
+        plan += compare_plan(name, recipe)
     skipped = {}
     for name, config in scorer_configs(params).items():
         reason = unavailable_reason(name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ruamel.yaml import YAML
@@ -214,6 +214,46 @@ PAPER_SCORERS: dict[str, dict[str, Any]] = {
 }
 
 
+class Lora(Section):
+    """A published LoRA: a diffusers/kohya safetensors file (`format: diffusers`, loaded with
+    the pipeline's load_lora_weights) or a PEFT adapter folder (`format: peft`, PeftModel)."""
+
+    path: str  # hub id or local file / folder
+    file: str | None = None  # the weight file inside `path` (diffusers format)
+    format: Literal["diffusers", "peft"] = "diffusers"
+    scale: float = 1.0  # the LoRA's weight (set_adapters); fused at this scale when `fuse`
+    fuse: bool = False  # fuse_lora into the transformer (then the adapter is unloaded)
+
+
+class Component(Section):
+    """A diffusers class in place of the base pipeline's: a scheduler (built from the base's
+    scheduler config and `kwargs`) or a VAE (from `path`, its config updated by `kwargs`)."""
+
+    cls: str = Field(alias="class", pattern=r"^[A-Za-z][A-Za-z0-9_]*$")  # in `diffusers`
+    path: str | None = None  # hub id or local folder (a VAE); a scheduler takes none
+    kwargs: dict[str, Any] = {}
+
+
+class Compare(Section):
+    """A published model sampled and scored beside our students: the base pipeline with its
+    loading recipe, sampled with the pipeline's own call at `steps` and `guidance`."""
+
+    path: str | None = None  # the base pipeline (hub id or folder); None: the teacher
+    lora: Lora | None = None
+    scheduler: Component | None = None
+    vae: Component | None = None
+    steps: int = Field(gt=0)
+    guidance: float = Field(1.0, ge=0)  # the pipeline's guidance_scale (> 1: CFG)
+    # Pipeline components loaded as None, e.g. [text_encoder_3, tokenizer_3] (no T5)
+    drop: list[str] = []
+
+    @model_validator(mode="after")
+    def _vae_weights(self) -> Compare:
+        if self.vae is not None and self.vae.path is None:
+            raise ValueError("a compare vae needs `path` (hub id or folder of its weights)")
+        return self
+
+
 class Score(Section):
     """Metrics of every sample set: the world's judge (shapes), the paper's scorers (sd3,
     longcat; their weights fetched by `python -m cdm.fetch weights`)."""
@@ -287,6 +327,8 @@ class Params(Section):
     ablation: Ablation = Ablation()
     world_teacher: WorldTeacher = WorldTeacher()
     world_judge: WorldJudge = WorldJudge()
+    # name -> published model sampled beside our students (sd3); empty in the embedded world
+    compare: dict[str, Compare] = {}
 
     @model_validator(mode="after")
     def _known_methods(self) -> Params:
@@ -314,6 +356,7 @@ class Params(Section):
                 f"prompts.eval_pairs ({self.prompts.eval_pairs}) must be above score.k "
                 f"({self.score.k}): precision/recall take each sample's k nearest neighbours"
             )
+        self._check_compare()
         unknown = [m for m in self.distill.methods if m not in self.methods]
         ablated = [m for m in self.ablation.methods if m not in self.methods]
         if ablated:
@@ -335,6 +378,26 @@ class Params(Section):
             )
         return self
 
+    def _check_compare(self) -> None:
+        if self.compare and self.teacher.backend != "sd3":
+            raise ValueError(
+                f"compare: published models are sampled with the sd3 pipeline only (teacher."
+                f"backend is '{self.teacher.backend}'); remove the compare section"
+            )
+        for name in self.compare:
+            if not METHOD_NAME.fullmatch(name):
+                raise ValueError(
+                    f"compare: the name '{name}' is not usable in file and rule names; use "
+                    "letters, digits and underscores (e.g. hyper_sd)"
+                )
+            if name in self.methods or name in TEACHER_SETS:
+                raise ValueError(
+                    f"compare: the name '{name}' is already a method or teacher sample set; "
+                    "choose another"
+                )
+
+
+TEACHER_SETS = ("teacher_cfg", "teacher_nocfg")  # the teacher's sample sets (cdm.sampler)
 
 # distill keys that shape no student: which methods run, how often to checkpoint, when to
 # give up. Changing them must not restart a finished or half-finished run.
@@ -355,11 +418,13 @@ def sample_sets(
 ) -> list[tuple[str, int]]:
     """(model, steps) of every sample set the params define: the teacher with and without
     CFG at sample.teacher_steps, then each method (default distill.methods) at `steps`
-    (default sample.student_steps). Score and report read these and nothing else on disk."""
+    (default sample.student_steps), then (by default) each published model of `compare` at its
+    own steps. Score and report read these and nothing else on disk."""
+    compared = [(n, c.steps) for n, c in params.compare.items()] if methods is None else []
     methods = params.distill.methods if methods is None else methods
     steps = params.sample.student_steps if steps is None else steps
     teacher = [(m, s) for m in TEACHER_SETS for s in params.sample.teacher_steps]
-    return teacher + [(m, s) for m in methods for s in steps]
+    return teacher + [(m, s) for m in methods for s in steps] + compared
 
 
 def student_inputs(params: Params, method: str, seed: int | None = None) -> dict[str, Any]:
@@ -401,14 +466,28 @@ def ablation_inputs(params: Params) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The section a key path lands in, through named entries (methods.<name>,
+    compare.<name>) and optional subsections (compare.<name>.lora)."""
+    node: Any = Params
+    for part in loc:
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            fields = {f.alias or n: f for n, f in node.model_fields.items()}
+            node = fields[str(part)].annotation
+        else:  # a dict[str, Section]: `part` is an entry's name
+            node = get_args(node)[-1]
+        models = [a for a in get_args(node) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if get_origin(node) is not dict and models:  # Section | None
+            node = models[0]
+    return node
+
+
 def _describe(err: dict[str, Any], source: str) -> str:
     key = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
-        parent = Params
-        for part in err["loc"][:-1]:
-            parent = parent.model_fields[str(part)].annotation  # type: ignore[assignment]
-        allowed = ", ".join(parent.model_fields)  # type: ignore[union-attr]
+        parent = _section_at(err["loc"][:-1])
+        allowed = ", ".join(f.alias or n for n, f in parent.model_fields.items())
         return f"{source}: unknown key '{key}'; allowed keys here: {allowed}"
     if kind == "value_error":  # a cross-field rule: its message names the keys
         where = f"{key}: " if key else ""

@@ -12,6 +12,7 @@ rule fetch_weights:
     params:
         teacher=config["teacher"]["path"],
         models=config["score"]["models"],
+        compare=config.get("compare") or {},
     log:
         "logs/fetch_weights.log",
     shell:

@@ -40,6 +40,7 @@ rule report:
         plots=directory("results/plots"),
     params:
         report=config["report"],
+        compare=COMPARE,  # Table 1's protocol names each published model's recipe
         # What results/ablation.json must have run on for its verdicts to be shown.
         ablation_inputs=lambda wc: P.ablation_inputs(PARAMS),
     log:
