@@ -1,5 +1,5 @@
 """Stage sample: images of the evaluation pairs from the teacher (with or without CFG), a student
-or a published model of params `compare:` (cdm.backends.compare).
+or a published model of params `compare:` (cdm.baselines).
 
 `python src/sample.py --model MODEL --steps N [--shard i/n]` writes samples/<MODEL>/<N>/
 (PNGs named <pair>.png and index.parquet); with --shard, only pairs j with j % n == i, to

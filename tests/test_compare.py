@@ -16,8 +16,8 @@ from PIL import Image
 
 pytest.importorskip("peft")
 
+from cdm import baselines as C  # noqa: E402
 from cdm import params as P  # noqa: E402
-from cdm.backends import compare as C  # noqa: E402
 from cdm.cache import save_condition  # noqa: E402
 from cdm.conditioning import Condition  # noqa: E402
 from cdm.sampler import COLUMNS, prepare_set  # noqa: E402

@@ -214,7 +214,7 @@ PAPER_SCORERS: dict[str, dict[str, Any]] = {
 }
 
 
-class Lora(Section):
+class CompareLora(Section):
     """A published LoRA: a diffusers/kohya safetensors file (`format: diffusers`, loaded with
     the pipeline's load_lora_weights) or a PEFT adapter folder (`format: peft`, PeftModel)."""
 
@@ -239,7 +239,7 @@ class Compare(Section):
     loading recipe, sampled with the pipeline's own call at `steps` and `guidance`."""
 
     path: str | None = None  # the base pipeline (hub id or folder); None: the teacher
-    lora: Lora | None = None
+    lora: CompareLora | None = None
     scheduler: Component | None = None
     vae: Component | None = None
     steps: int = Field(gt=0)

@@ -33,7 +33,7 @@ from cdm.sampling import inference_sigmas, sample_euler
 from cdm.world.evaluate import EvalPairs
 
 if TYPE_CHECKING:
-    from cdm.backends.compare import CompareJob
+    from cdm.baselines import CompareJob
 
 TEACHERS = P.TEACHER_SETS
 INDEX = "index.parquet"
@@ -223,7 +223,7 @@ def prepare_set(
     device = sampling_device() if device is None else device
     dtype = sampling_dtype(device) if dtype is None else dtype
     if model in params.compare:  # a published model, sampled by its own pipeline call
-        from cdm.backends import compare
+        from cdm import baselines as compare
 
         prompts = cached_prompts(cache / "eval.safetensors")
         return compare.prepare(model, steps, params, prompts, pairs, teacher, device, dtype)

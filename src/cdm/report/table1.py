@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from cdm import params as P
-from cdm.backends.compare import RECIPE
+from cdm.baselines import RECIPE
 from cdm.report.published import METRICS, MODEL_NAMES, SOURCE, TABLE1, Row
 from cdm.world.evaluate import NOISE_SEED_BASE
 

@@ -75,7 +75,7 @@ def weight_hashes(path: Path) -> dict[str, str]:
     return {str(f.relative_to(path)): sha256_file(f) for f in files}
 
 
-def apply_lora(pipe: Any, lora: P.Lora) -> dict[str, Any]:
+def apply_lora(pipe: Any, lora: P.CompareLora) -> dict[str, Any]:
     """Load the recipe's LoRA into the pipeline's transformer at its scale (fused or not)."""
     if lora.format == "peft":
         from peft import PeftModel
