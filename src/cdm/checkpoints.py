@@ -3,9 +3,11 @@ written (atomically, with a manifest) and trusted (checked before a resume), and
 
 `checkpoints/<method>-<fingerprint>/` holds one run's `it-<iteration>` folders; the
 fingerprint hashes the params its student depends on (`cdm.params.student_inputs`), so a
-rerun with the same inputs resumes there. A folder is written as `.tmp-it-*` and renamed
-when complete; its manifest records every file's size (and the sha256 of the small ones),
-and a resume skips a folder that disagrees with it. Nothing removes a run automatically:
+rerun with the same inputs resumes there. One writer at a time: rank 0 holds the run
+folder's `.writer.lock` (`claim_run`), so a second distill of the same params stops in one
+line instead of sharing its checkpoints. A folder is written as `.tmp-it-<iteration>-<writer
+pid>` and renamed when complete; its manifest records every file's size (and the sha256 of
+the small ones), and a resume skips a folder that disagrees with it. Nothing removes a run automatically:
 `python -m cdm.checkpoints prune` deletes the runs that no method of the current
 params.yaml would resume (add --dry-run to list them first).
 """
@@ -13,15 +15,20 @@ params.yaml would resume (add --dry-run to list them first).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
+
 from cdm import params as P
+from cdm.lock import ProjectBusy
 
 if TYPE_CHECKING:
     from cdm.zero import PartitionedEMA
@@ -49,6 +56,51 @@ def completed(root: Path) -> list[Path]:
     """A run's complete `it-*` checkpoints (state.json is written last), oldest first."""
     done = [p for p in root.glob("it-*") if (p / "state.json").is_file()]
     return sorted(done, key=lambda p: int(p.name[3:]))
+
+
+# --- one writer per run ------------------------------------------------------------------
+
+WRITER = ".writer.lock"
+_held: dict[Path, int] = {}  # run folder -> the open, locked writer file (held until exit)
+
+
+class RunBusy(ProjectBusy):
+    """Another live process writes this run's checkpoints."""
+
+
+def claim_run(root: Path) -> None:
+    """Make this process (rank 0; other ranks return) the one writer of `root` until it exits.
+    The kernel drops the lock with the process, so a killed run never leaves it held."""
+    if int(os.environ.get("RANK", "0")) != 0 or root in _held:
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / WRITER, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunBusy(
+            f"another distill (pid {holder}) is writing {root}; wait for it to finish "
+            "(two runs of the same params would share its checkpoints)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _held[root] = fd
+
+
+def writer(root: Path) -> str:
+    """The pid of the run's writer (every rank reads it: their temporaries share one name)."""
+    try:
+        return (root / WRITER).read_text().strip() or str(os.getpid())
+    except OSError:
+        return str(os.getpid())
+
+
+def _stale(tmp: Path) -> bool:
+    """A temporary folder of a writer that no longer runs (an unnamed one is an old crash's)."""
+    parts = tmp.name.split("-")  # .tmp, it, <iteration>, <writer pid>
+    return not (len(parts) == 4 and parts[3].isdigit() and psutil.pid_exists(int(parts[3])))
 
 
 # --- trust: the manifest ----------------------------------------------------------------
@@ -103,7 +155,7 @@ def save(
 
     from cdm import zero
 
-    tmp = root / f".tmp-it-{iteration:07d}"
+    tmp = root / f".tmp-it-{iteration:07d}-{writer(root)}"  # unique per writer
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     zero.barrier()
@@ -151,7 +203,7 @@ def load_latest(root: Path, student, fake, ema: PartitionedEMA) -> int:
     from cdm import zero
 
     if zero.rank() == 0:  # a crash while saving leaves a temporary folder: never resume from it
-        for stale in root.glob(".tmp-it-*"):
+        for stale in filter(_stale, root.glob(".tmp-it-*")):
             shutil.rmtree(stale, ignore_errors=True)
     zero.barrier()
     folder = zero.from_rank0(newest_intact(root) if zero.rank() == 0 else None)

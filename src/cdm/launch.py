@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         code = subprocess.run(step).returncode
         return exit_code(code) if code else 0
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from cdm.lock import watch
@@ -43,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     args = launch_command_parser().parse_args(argv)
     watch()  # the launcher, too, ends with its orchestrator (its workers then with it)
     verbose = os.environ.get("CDM_VERBOSE") == "1"
-    if not verbose:  # torch elastic logs each failed rank as an ERROR record too
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    if not verbose:  # torch elastic logs each failed rank (and a Ctrl-C) as records too
+        quiet("torch.distributed.elastic")
     try:
         launch_command(args)
     except subprocess.CalledProcessError as exc:
@@ -55,7 +57,21 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             raise
         return exit_code(*(failure.exitcode for failure in exc.failures.values()))
+    except (KeyboardInterrupt, SignalException) as exc:
+        # Ctrl-C reaches the launcher with its workers, whose rank 0 says it in one line.
+        if verbose:
+            raise
+        return 128 + getattr(exc, "sigval", signal.SIGINT)
     return 0
+
+
+def quiet(prefix: str) -> None:
+    """Silence `prefix` and its modules' loggers, which set their own levels (LOGLEVEL)."""
+    import torch.distributed.run  # noqa: F401  (creates the elastic agent's loggers)
+
+    for name in [prefix, *logging.root.manager.loggerDict]:
+        if name == prefix or name.startswith(prefix + "."):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def exit_code(*codes: int) -> int:

@@ -16,7 +16,7 @@ rule fetch_weights:
     log:
         "logs/fetch_weights.log",
     shell:
-        "{PYTHON} -m cdm.fetch weights --params {PARAMS_FILE} --record {output} 2>&1 | tee {log}"
+        "{PYTHON} -m cdm.fetch weights --params {PARAMS_FILE} --record {output} 2>&1 | tee -i {log}"
 
 
 if not WORLD and PARAMS.prompts.eval_file:
@@ -32,7 +32,7 @@ if not WORLD and PARAMS.prompts.eval_file:
         log:
             "logs/fetch_prompts.log",
         shell:
-            "{PYTHON} -m cdm.fetch prompts --params {PARAMS_FILE} 2>&1 | tee {log}"
+            "{PYTHON} -m cdm.fetch prompts --params {PARAMS_FILE} 2>&1 | tee -i {log}"
 
 
 if not WORLD and PARAMS.prompts.dpg_file:
@@ -48,4 +48,4 @@ if not WORLD and PARAMS.prompts.dpg_file:
         log:
             "logs/fetch_dpg.log",
         shell:
-            "{PYTHON} -m cdm.fetch dpg --params {PARAMS_FILE} 2>&1 | tee {log}"
+            "{PYTHON} -m cdm.fetch dpg --params {PARAMS_FILE} 2>&1 | tee -i {log}"

@@ -55,7 +55,7 @@ if SHARDS == 1:
             "logs/sample/{model}_{steps}.log",
         shell:
             "OMP_NUM_THREADS={threads} {PYTHON} src/sample.py --model {wildcards.model} --steps {wildcards.steps}"
-            " --params {PARAMS_FILE} 2>&1 | tee {log}"
+            " --params {PARAMS_FILE} 2>&1 | tee -i {log}"
 
 else:
 
@@ -73,7 +73,7 @@ else:
             "logs/sample/{model}_{steps}_part{i}of{n}.log",
         shell:
             "OMP_NUM_THREADS={threads} {PYTHON} src/sample.py --model {wildcards.model} --steps {wildcards.steps}"
-            " --shard {wildcards.i}/{wildcards.n} --params {PARAMS_FILE} 2>&1 | tee {log}"
+            " --shard {wildcards.i}/{wildcards.n} --params {PARAMS_FILE} 2>&1 | tee -i {log}"
 
     rule sample:
         input:
@@ -84,4 +84,4 @@ else:
             "logs/sample/{model}_{steps}_merge.log",
         shell:
             "OMP_NUM_THREADS={threads} {PYTHON} src/sample.py merge --model {wildcards.model} --steps {wildcards.steps}"
-            " --parts {SHARDS} --params {PARAMS_FILE} 2>&1 | tee {log}"
+            " --parts {SHARDS} --params {PARAMS_FILE} 2>&1 | tee -i {log}"

@@ -22,7 +22,7 @@ rule score:
     log:
         "logs/score.log",
     shell:
-        "HF_HUB_OFFLINE=1 OMP_NUM_THREADS={threads} {PYTHON} src/score.py --params {PARAMS_FILE} 2>&1 | tee {log}"
+        "HF_HUB_OFFLINE=1 OMP_NUM_THREADS={threads} {PYTHON} src/score.py --params {PARAMS_FILE} 2>&1 | tee -i {log}"
 
 
 rule report:
@@ -46,4 +46,4 @@ rule report:
     log:
         "logs/report.log",
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} src/report.py --params {PARAMS_FILE} 2>&1 | tee {log}"
+        "OMP_NUM_THREADS={threads} {PYTHON} src/report.py --params {PARAMS_FILE} 2>&1 | tee -i {log}"
