@@ -47,8 +47,14 @@ include: "workflow/rules/score.smk"
 include: "workflow/rules/ablation.smk"
 
 
+# The students and their training logs are products too, not only inputs of the sample
+# sets: Snakemake does not rebuild a missing file whose consumers are up to date, so a
+# deleted student, or one a Ctrl-C removed with the failed job's outputs (when a params
+# change had started a new run), would never be rebuilt nor its newer checkpoints resumed.
 rule all:
     input:
         "results/teacher.json",
         "results/metrics.json",
         "results/report.html",
+        expand("models/students/{method}", method=METHODS),
+        expand("logs/{method}/train.csv", method=METHODS),

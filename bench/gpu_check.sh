@@ -3,11 +3,15 @@
 # most ~9 minutes, JSON under OUT (the device tool's $OUT, else bench/results/gpu/).
 #
 #   1. bench/scale.py at SD3-Medium's width (1536, 24 heads), 1024 px, ZeRO-2, gradient
-#      checkpointing, with as many of its 24 blocks as fit (24, else 12);
+#      checkpointing, with as many of its 24 blocks as fit (24, else 12); its JSON holds the
+#      start-up peak (peak.startup_measured_bytes, before the first step) beside the plan's
+#      (peak.startup_plan_bytes, cdm.plan.peaks);
 #   2. bench/sampling.py at SD3-Medium's full size: 4-step student vs 28 steps with CFG, at
 #      the sample stage's precision (transformer bf16, VAE decode fp32), and the decode in
 #      bf16 against fp32 (seconds, uint8 levels moved: whether the decode may go bf16);
-#   3. the embedded distill (shapes world, params.yaml's cdm and dmd2) for its it/s.
+#   3. the embedded distill (shapes world, params.yaml's cdm and dmd2) for its it/s;
+#   4. bench/scorers.py: the five scorers one at a time at their real sizes (HPSv3 at
+#      Qwen2-VL-2B size), random weights, bf16 on the GPU: images/s and peak memory each.
 #
 # On the device machine (no diffusers/deepspeed/pydantic there; ../shared/gpu/wheels.sh .whl
 # builds them here, carry .whl):
@@ -37,4 +41,6 @@ for method in cdm dmd2; do  # distill_seconds over 400 iterations: the engine's 
   timeout 90 python3 bench/distill_probe.py --method "$method" --pairs 64 \
     --set distill.iterations=400 --out "$out/probe-$method.json" > "$out/probe-$method.log" 2>&1
 done
+timeout 240 python3 bench/scorers.py --size full --device cuda --dtype bfloat16 --images 64 \
+  --out "$out/scorers-bf16.json" > "$out/scorers.log" 2>&1
 ls -la "$out"

@@ -264,6 +264,8 @@ def instrument(clock: Clock, velocity: torch.nn.Module) -> Patches:
     def first_iteration(*args, **kwargs):  # the loop's first line: setup ends here
         if clock.loop_start is None:
             clock.loop_start = clock.now()
+            if clock.cuda:  # the start-up peak: teacher, both engines, before any step
+                clock.startup_peak = torch.cuda.max_memory_allocated()
         return generator(*args, **kwargs)
 
     p.set(engine, "generator", first_iteration)
@@ -419,6 +421,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if not cuda:
         peak["measured_minus_before_bytes"] = peak["measured_bytes"] - rss_before
+    startup = "start-up peak per GPU (before the first step)"
+    peak["startup_measured_bytes"] = getattr(clock, "startup_peak", None)  # CUDA only
+    peak["startup_plan_bytes"] = plan.peaks(pm, 1, args.zero, weight_bytes)[startup]
 
     loop = t_end - clock.loop_start
     phases = dict(sorted(clock.seconds.items()))

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
+from cdm import lora, zero
 from cdm import params as P
-from cdm import zero
 from cdm.backends import backend_module
 from cdm.cache import open_condition
-from cdm.checkpoints import run_name
+from cdm.checkpoints import claim_run, run_name
 from cdm.cli import run_stage, stage_parser
 from cdm.engine import RunPaths, train
 from cdm.io import atomic_dir, atomic_write_text
@@ -62,6 +62,7 @@ def main() -> None:
     seed = params.seed if args.seed is None else args.seed
     resolved = P.student_inputs(params, args.method, seed)
     run_dir = Path(args.checkpoints) / run_name(args.method, resolved)  # resumed by a rerun
+    claim_run(run_dir)  # one writer per run, by hand too: a second one stops here in one line
     logs = Path(args.logs) / args.method
     preview = preview_writer(
         backend.load_decoder(args.teacher), train_cond.take(slice(0, cfg.preview_images)), shift,
@@ -84,7 +85,13 @@ def main() -> None:
         }  # fmt: skip
         with atomic_dir(Path(args.out) / args.method) as tmp:
             card = resolved | {"teacher": params.teacher.model_dump()}
+            if cfg.lora is not None:  # the adapter as a diffusers LoRA, then merged for the rest
+                lora.save_diffusers_lora(ema, tmp)
+                ema = lora.merged(ema)
             backend.export(ema, args.teacher, tmp, inference, card)
+            if cfg.lora is not None and (tmp / "README.md").is_file():
+                readme = tmp / "README.md"
+                readme.write_text(readme.read_text() + lora.card_section(params.teacher.path))
             (tmp / "params.json").write_text(json.dumps(resolved, indent=1))
         log.info("student written to %s", Path(args.out) / args.method)
     zero.barrier()

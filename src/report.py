@@ -21,6 +21,7 @@ from cdm import params as P
 from cdm.cli import run_stage, stage_parser
 from cdm.io import atomic_write_json, read_json
 from cdm.metrics import timings as T
+from cdm.report import table1 as T1
 from cdm.report.ablation import measured_on, mismatch
 from cdm.report.findings import findings
 from cdm.report.grid import grid_rows
@@ -94,7 +95,8 @@ def main() -> None:
     if not world:
         per_image = pd.read_parquet(read_path(results / "scores.parquet", "score"))
         found = real_findings(per_image, metrics, params.report.steps, params.score.n_boot)
-        md, page = real_report(results, shown, found, images, teacher, context)
+        table1 = (T1.table(metrics, params), T1.protocol(metrics, params, Path(args.samples)))
+        md, page = real_report(results, shown, found, images, teacher, context, table1)
         log.info("wrote %s and %s", md, page)
         return
     found = findings(metrics, steps=params.report.steps)

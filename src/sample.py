@@ -1,4 +1,5 @@
-"""Stage sample: images of the evaluation pairs from the teacher (with or without CFG) or a student.
+"""Stage sample: images of the evaluation pairs from the teacher (with or without CFG), a student
+or a published model of params `compare:` (cdm.baselines).
 
 `python src/sample.py --model MODEL --steps N [--shard i/n]` writes samples/<MODEL>/<N>/
 (PNGs named <pair>.png and index.parquet); with --shard, only pairs j with j % n == i, to
@@ -32,7 +33,9 @@ def positive_int(text: str, name: str) -> int:
 
 def sample(argv: list[str]) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="teacher_cfg, teacher_nocfg or a method")
+    parser.add_argument(
+        "--model", required=True, help="teacher_cfg, teacher_nocfg, a method or a compare entry"
+    )
     parser.add_argument("--steps", required=True, help="Euler steps (a positive integer)")
     parser.add_argument("--shard", help="i/n: only pairs j with j %% n == i (0-based i < n)")
     parser.add_argument("--out", default="samples")

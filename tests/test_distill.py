@@ -198,7 +198,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_for_the_last_intact_one(projec
     first = _student(work, "dmd2")
     newest = sorted(work.glob("checkpoints/dmd2-*/it-*"))[-1]
     assert newest.name == "it-0000020"
-    ema = newest / "ema.safetensors"
+    ema = newest / "ema/rank-00000.safetensors"
     with open(ema, "r+b") as f:
         f.truncate(ema.stat().st_size // 2)
     shutil.rmtree(work / "models/students/dmd2")

@@ -52,13 +52,14 @@ def _distill(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def digest(root: Path) -> dict[str, str]:
-    """sha256 of every file under the finished outputs (symlinks by their target path)."""
+    """sha256 of every file under the finished outputs (symlinks by their target path; not
+    the locks, which name their holder)."""
     out = {}
     for part in KEPT:
         for path in sorted((root / part).rglob("*")):
             if path.is_symlink():
                 out[str(path.relative_to(root))] = os.readlink(path)
-            elif path.is_file() and path.name != ".snakemake_timestamp":
+            elif path.is_file() and path.name not in (".snakemake_timestamp", ".writer.lock"):
                 out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
 

@@ -213,6 +213,11 @@ def test_default_weights_request_the_right_ids(cli, tmp_path: Path) -> None:
     assert [tuple(c) for c in rec.calls] == [
         ("snapshot", SD3, none),
         ("open_clip", "ViT-H-14", "laion2b_s32b_b79k", None),
+        (
+            "snapshot",
+            "openai/clip-vit-large-patch14",  # config, tokenizer, safetensors weights only
+            (("allow_patterns", ["*.json", "*.txt", "*.safetensors"]), ("cache_dir", None)),
+        ),
         ("snapshot", "yuvalkirstain/PickScore_v1", none),
         (
             "snapshot",
@@ -354,3 +359,24 @@ def test_fetched_weights_load_offline(
     for name, make in build.items():
         scores = make().score(IMAGES, PROMPTS)
         np.testing.assert_allclose(scores, local[name].score(IMAGES, PROMPTS), rtol=1e-5, atol=1e-5)
+
+
+def test_the_published_baselines_are_fetched_with_the_weights(tmp_path):
+    """compare: each hub LoRA (one file when named, else the repo) and VAE; local ones not."""
+    import yaml
+
+    from cdm.overlay import apply
+    from tests.conftest import ROOT
+
+    data = yaml.safe_load(
+        apply(ROOT / "configs/sd3-medium.yaml", ROOT / "params.yaml", write=False)
+    )
+    data["compare"]["mine"] = {"steps": 4, "lora": {"path": str(tmp_path)}}  # a local folder
+    plan, _ = fetch.weights_plan(P.parse(data))
+    got = {(d.kind, d.repo, d.name) for d in plan if d.what.startswith("compare")}
+    assert got == {
+        ("file", "ByteDance/Hyper-SD", "Hyper-SD3-8steps-CFG-lora.safetensors"),
+        ("snapshot", "jasperai/flash-sd3", None),
+        ("snapshot", "Luo-Yihong/TDM_sd3_lora", None),
+        ("snapshot", "madebyollin/taesd3", None),
+    }

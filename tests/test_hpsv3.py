@@ -194,3 +194,15 @@ def test_registry_builds_it_from_a_config(tiny) -> None:
     )
     assert isinstance(built, HPSv3Scorer) and built.batch_size == 2
     assert built.dtype == torch.float32 and built.head[0].weight.dtype == torch.float32
+
+
+def test_explicit_bf16_runs_the_model_in_bf16_and_the_head_in_fp32(tiny) -> None:
+    """The package's precision (bf16 model, fp32 rm_head), as on a GPU, at tiny size on the CPU."""
+    ims = images()
+    half = scorer(tiny, batch_size=3, dtype="bfloat16")
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in half.head.parameters()} == {torch.float32}
+    full = scorer(tiny, batch_size=3).score(ims, PROMPTS)
+    got = half.score(ims, PROMPTS)
+    assert np.isfinite(got).all() and not np.array_equal(got, full)
+    np.testing.assert_allclose(got, full, atol=0.05 * (np.abs(full).max() + 1))

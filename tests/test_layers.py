@@ -22,9 +22,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("cdm.world",),
     ("cdm.backends",),
     (
-        "cdm.engine", "cdm.checkpoints", "cdm.zero", "cdm.preemption", "cdm.runlog", "cdm.cache", "cdm.sampler",
-        "cdm.preview", "cdm.cli", "cdm.lock", "cdm.lifeline", "cdm.launch", "cdm.overlay",
-        "cdm.plan", "cdm.fetch", "cdm.validate", "cdm.publish",
+        "cdm.engine", "cdm.lora", "cdm.checkpoints", "cdm.zero", "cdm.preemption", "cdm.runlog",
+        "cdm.cache", "cdm.sampler", "cdm.baselines", "cdm.preview", "cdm.cli", "cdm.lock",
+        "cdm.lifeline", "cdm.launch", "cdm.nodes", "cdm.overlay", "cdm.plan", "cdm.fetch",
+        "cdm.validate", "cdm.publish",
     ),
     ("cdm.report",),
 )  # fmt: skip

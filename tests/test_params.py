@@ -69,3 +69,45 @@ def test_a_method_name_the_rules_cannot_match_is_refused():
     with pytest.raises(P.ParamsError, match="'cdm-v2' is not usable.*cdm_v2") as err:
         P.parse(data)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("compare", "backend", "message"),
+    [
+        ({"x": {"steps": 4, "lora": {"path": "a/b", "bogus": 1}}}, "sd3",
+         "unknown key 'compare.x.lora.bogus'; allowed keys here: path, file, format, scale, fuse"),
+        ({"x": {"steps": 4, "vae": {"class": "AutoencoderTiny"}}}, "sd3",
+         "compare.x: a compare vae needs `path`"),
+        ({"cdm": {"steps": 4}}, "sd3", "the name 'cdm' is already a method or teacher sample set"),
+        ({"teacher_cfg": {"steps": 4}}, "sd3", "already a method or teacher sample set"),
+        ({"a-b": {"steps": 4}}, "sd3", "the name 'a-b' is not usable in file and rule names"),
+        ({"x": {"guidance": 1.0}}, "sd3", "compare.x.steps: field required"),
+        ({"x": {"steps": 4}}, "longcat", "sampled with the sd3 pipeline only"),
+    ],
+)  # fmt: skip
+def test_a_bad_compare_entry_is_one_line_naming_it(compare, backend, message):
+    data = {
+        "teacher": {"backend": backend},
+        "prompts": {"train_file": "t.txt", "eval_file": "e.txt"},
+        "compare": compare,
+    }
+    with pytest.raises(P.ParamsError) as err:
+        P.parse(data)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_compare_entry_keeps_its_recipe():
+    data = {
+        "teacher": {"backend": "sd3"},
+        "prompts": {"train_file": "t.txt", "eval_file": "e.txt"},
+        "compare": {"tdm": {"steps": 4, "vae": {"class": "AutoencoderTiny", "path": "m/t",
+                                                "kwargs": {"shift_factor": 0.0}}}},
+    }  # fmt: skip
+    tdm = P.parse(data).compare["tdm"]
+    assert (tdm.vae.cls, tdm.vae.kwargs, tdm.guidance, tdm.lora) == (
+        "AutoencoderTiny",
+        {"shift_factor": 0.0},
+        1.0,
+        None,
+    )
+    assert P.parse({}).compare == {}  # the embedded world compares nothing

@@ -85,6 +85,34 @@ def test_sd3_medium_and_longcat_from_their_published_configs():
     assert 6.0e9 < lc.params < 6.5e9 and lc.blocks == 30 and lc.image_tokens == 4096  # "6B"
 
 
+def test_sd35_from_their_published_configs():
+    large, _ = plan.describe("sd3", "stabilityai/stable-diffusion-3.5-large", 1024)
+    assert 8.0e9 < large.params < 8.2e9  # "8.1B"
+    assert (large.blocks, large.hidden, large.image_tokens) == (38, 2432, 4096)
+    medium, _ = plan.describe("sd3", "stabilityai/stable-diffusion-3.5-medium", 1024)
+    sd3, _ = plan.describe("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", 1024)
+    # MMDiT-X: SD3-Medium's shape plus the image-only attention of blocks 0-12 (and QK norm)
+    assert (medium.blocks, medium.hidden) == (sd3.blocks, sd3.hidden)
+    assert sd3.params < medium.params < 2.5e9
+
+
+def test_sd35_large_overlay_needs_its_second_node():
+    """The overlay's 2 nodes x 8 GPUs at ZeRO-3 fit 80 GiB with room; ZeRO partitions over
+    every GPU of the job, so one node holds more of each partition."""
+    one, two = (
+        _total_gib(
+            plan.plan(
+                str(ROOT / "configs/sd35-large.yaml"), str(ROOT / "params.yaml"), 8, 3, 80.0,
+                nodes=nodes,
+            )
+        )
+        for nodes in (1, 2)
+    )  # fmt: skip
+    assert two < 0.8 * 80 < one  # the CUDA context and fragmentation need the headroom
+    out = plan.plan(str(ROOT / "configs/sd35-large.yaml"), str(ROOT / "params.yaml"), 8, None, 80.0)
+    assert "2 nodes x 8 = 16 GPUs, ZeRO-3" in out  # the overlay's own nodes and stage
+
+
 def test_zero3_shards_weights_and_checkpointing_shrinks_activations():
     model, _ = plan.describe("sd3", "stabilityai/stable-diffusion-3-medium-diffusers", 1024)
     two = plan.estimate(model, 16, 8, 2)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from cdm.metrics import conventions as conv
@@ -17,6 +18,7 @@ from cdm.metrics import preference as pref
 from cdm.metrics import scorers as registry
 from cdm.metrics.aesthetic import HEAD_FILE
 from cdm.metrics.bootstrap import bootstrap_ci
+from cdm.metrics.openclip import OpenClipEncoder
 from cdm.metrics.scorers import build_scorer
 from cdm.sampler import COLUMNS, png_name
 from tests.test_scorers import (  # noqa: F401  (tiny_clip, tiny_pick: fixtures)
@@ -43,7 +45,9 @@ def write_set(root: Path, model: str, steps: int, seed: int, dark: bool = False)
             image = Image.fromarray((np.asarray(image) // 4).astype(np.uint8))
         image.save(folder / png_name(pair), format="PNG")
         prompt = PROMPTS[pair % len(PROMPTS)]
-        rows.append([prompt, pair, 1000 + pair, model, steps, steps * 2, 0.25, png_name(pair)])
+        rows.append(
+            [prompt, pair, 1000 + pair, model, steps, steps * 2, 0.25, png_name(pair), "float32"]
+        )
     pd.DataFrame(rows[::-1], columns=COLUMNS).to_parquet(folder / "index.parquet", index=False)
     return folder
 
@@ -92,7 +96,7 @@ def own_scores(configs: dict[str, dict], folder: Path) -> dict[str, np.ndarray]:
     prompts = [PROMPTS[p % len(PROMPTS)] for p in range(N_PAIRS)]
     return {
         name: build_scorer(name, configs[name]).score(images, prompts)
-        for name in ("clip", "pickscore", "aesthetic")
+        for name in ("clip", "clip_vitl14", "pickscore", "aesthetic")
     }
 
 
@@ -102,7 +106,7 @@ def test_per_image_scores_are_the_scorers_own(
     sets: list[tuple[str, int, Path]],
 ) -> None:
     out, n_built = result
-    assert n_built == 3  # once each, reused across the three sets
+    assert n_built == 4  # once each, reused across the three sets
     table = out.per_image
     assert list(table.columns) == [
         "model",
@@ -110,6 +114,7 @@ def test_per_image_scores_are_the_scorers_own(
         "pair",
         "prompt",
         "clip",
+        "clip_vitl14",
         "pickscore",
         "aesthetic",
     ]
@@ -130,7 +135,7 @@ def test_means_intervals_and_set_facts(result: tuple[pref.PreferenceResult, int]
     for model, by_steps in out.metrics.items():
         for steps, entry in by_steps.items():
             rows = table[(table.model == model) & (table.steps == int(steps))]
-            for name in ("clip", "pickscore", "aesthetic"):
+            for name in ("clip", "clip_vitl14", "pickscore", "aesthetic"):
                 assert entry[name] == pytest.approx(rows[name].mean(), rel=1e-12)
                 low, high = entry[f"{name}_ci"]
                 assert low <= entry[name] <= high and low < high
@@ -184,7 +189,20 @@ def test_conventions_name_weights_preprocessing_and_formula(
     assert "L2-normalised CLIP ViT-L/14" in aes["formula"]
     head = Path(configs["aesthetic"]["head"]).read_bytes()
     assert aes["head_sha256"] == hashlib.sha256(head).hexdigest()
+    assert aes["head_file"] == HEAD_FILE
+    assert aes["authors_head"] == "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
     assert notes["ci"]["n_boot"] == 300 and notes["ci"]["level"] == 0.95
+    # Labels, and the metric of each Table 1 column (CLIPScore only with clip_vitl14 scored).
+    assert clip["label"].startswith(f"CLIPScore ({TINY_CLIP}") and clip["paper_column"] is None
+    assert aes["paper_column"] == "Aesthetic" and pick["paper_column"] == "PickScore"
+    assert notes["paper_table"] == {
+        "Aesthetic": "aesthetic",
+        "PickScore": "pickscore",
+        "CLIPScore": "clip_vitl14",
+    }
+    l14 = notes["clip_vitl14"]
+    assert "resize shorter side to 32 (bilinear, antialias=True)" in l14["preprocess"]
+    assert l14["text"] == "CLIP tokenizer, padded and truncated to 77 tokens"
     # From the configs alone (no scorer built) the preprocessing reads the same.
     static = conv.conventions(configs)
     for name in ("clip", "pickscore", "aesthetic"):
@@ -201,6 +219,11 @@ def test_defaults_describe_the_real_models_without_weights(tmp_path: Path) -> No
     assert notes["aesthetic"]["clip"]["pretrained"] == "openai"
     assert notes["aesthetic"]["model"] == f"camenduru/improved-aesthetic-predictor/{HEAD_FILE}"
     assert "not in the local cache" in notes["pickscore"]["preprocess"]
+    l14 = notes["clip_vitl14"]
+    assert l14["model"] == "openai/clip-vit-large-patch14" and l14["paper_column"] == "CLIPScore"
+    assert "bilinear" in l14["preprocess"] and "centre crop" in l14["preprocess"]
+    assert "(77)" in l14["text"] and l14["formula"].startswith("100 * cos, not clamped")
+    assert "ViT-H-14 laion2b_s32b_b79k" in notes["clip"]["label"] != l14["label"]
 
 
 def test_no_clip_scorer_or_no_reference_gives_nan_fd(
@@ -241,7 +264,9 @@ def test_unreadable_png_is_one_line_naming_the_file(
 
 
 def test_bad_inputs_are_one_line(configs: dict[str, dict], tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown metric 'hps'.*known: aesthetic, clip, hpsv3"):
+    with pytest.raises(
+        ValueError, match="unknown metric 'hps'.*known: aesthetic, clip, clip_vitl14"
+    ):
         pref.score_sets([("cdm", 1, tmp_path)], {"hps": {}})
     with pytest.raises(FileNotFoundError, match="no sample index"):
         pref.score_sets([("cdm", 1, tmp_path)], {})
@@ -249,6 +274,106 @@ def test_bad_inputs_are_one_line(configs: dict[str, dict], tmp_path: Path) -> No
         pref.score_sets([("cdm", 1, tmp_path), ("cdm", 1, tmp_path)], {})
     with pytest.raises(ValueError, match="no sample sets"):
         pref.score_sets([], {})
+
+
+def test_clip_image_encoder_runs_once_per_image(
+    configs: dict[str, dict], sets: list[tuple[str, int, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clip score and the FD features come from one pass of the image encoder (the
+    aesthetic scorer's own CLIP is a second encoder: once per image too), unchanged."""
+    seen: dict[int, int] = {}
+    images = OpenClipEncoder.images
+
+    def counting(self: OpenClipEncoder, ims: list) -> object:
+        seen[id(self)] = seen.get(id(self), 0) + len(ims)
+        return images(self, ims)
+
+    monkeypatch.setattr(OpenClipEncoder, "images", counting)
+    picked = {k: configs[k] for k in ("clip", "aesthetic")}
+    out = pref.score_sets(sets, picked, n_boot=50, chunk=3)
+    assert sorted(seen.values()) == [N_PAIRS * len(sets)] * 2
+    monkeypatch.setattr(OpenClipEncoder, "images", images)
+    clip = build_scorer("clip", configs["clip"])
+    own = {(m, s): clip.image_features(load(f)) for m, s, f in sets}
+    for (model, steps), features in own.items():
+        want = pref.fd(features, own[("teacher_cfg", 4)])
+        assert out.metrics[model][str(steps)]["fd_to_teacher_cfg"] == pytest.approx(want, abs=1e-9)
+
+
+def load(folder: Path) -> list[Image.Image]:
+    return [Image.open(folder / png_name(p)).convert("RGB") for p in range(N_PAIRS)]
+
+
+FAILING = (44, 36)  # pair 2's size in write_set: the image a flaky scorer fails on
+
+
+def flaky_clip(configs: dict[str, dict], how: str) -> object:
+    """The tiny clip scorer, failing on pair 2's image: raising, or giving NaN features."""
+    scorer = build_scorer("clip", configs["clip"])
+    images = scorer.encoder.images
+
+    def encode(ims: list) -> torch.Tensor:
+        bad = [im.size == FAILING for im in ims]
+        if how == "raise" and any(bad):
+            raise RuntimeError("cannot score this image\nsecond line")
+        if how == "all":
+            raise RuntimeError("broken")
+        out = images(ims)
+        return torch.where(torch.tensor(bad)[:, None], math.nan, out) if how == "nan" else out
+
+    scorer.encoder.images = encode
+    return scorer
+
+
+@pytest.mark.parametrize("how", ["raise", "nan"])
+def test_a_failed_image_is_nan_left_out_and_counted(
+    configs: dict[str, dict],
+    sets: list[tuple[str, int, Path]],
+    how: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clip = {"clip": configs["clip"]}
+    out = pref.score_sets(
+        sets, clip, n_boot=300, chunk=3, scorers={"clip": flaky_clip(configs, how)}
+    )
+    good = build_scorer("clip", configs["clip"])
+    table = out.per_image
+    for model, steps, folder in sets:
+        rows = table[(table.model == model) & (table.steps == steps)]
+        values = rows["clip"].to_numpy()
+        assert np.isnan(values[2]) and np.isfinite(np.delete(values, 2)).all()
+        ims = load(folder)
+        np.testing.assert_allclose(
+            np.delete(values, 2), np.delete(good.score(ims, rows["prompt"].tolist()), 2), atol=1e-4
+        )
+        entry = out.metrics[model][str(steps)]
+        assert entry["failed"] == {"clip": 1} and entry["n_images"] == N_PAIRS
+        assert entry["clip"] == pytest.approx(np.delete(values, 2).mean(), rel=1e-12)
+        kept = [p for i, p in enumerate(rows["prompt"]) if i != 2]
+        ci = bootstrap_ci(np.delete(values, 2), kept, n_boot=300, seed=0)
+        assert entry["clip_ci"] == [ci.low, ci.high]
+        assert math.isfinite(entry["fd_to_teacher_cfg"])
+    features = {(m, s): good.image_features(load(f)) for m, s, f in sets}
+    ref = np.delete(features[("teacher_cfg", 4)], 2, axis=0)
+    want = pref.fd(np.delete(features[("cdm", 1)], 2, axis=0), ref)
+    assert out.metrics["cdm"]["1"]["fd_to_teacher_cfg"] == pytest.approx(want, abs=1e-9)
+    reason = "RuntimeError: cannot score this image" if how == "raise" else "non-finite output"
+    assert f"clip failed on {png_name(2)} ({reason})" in caplog.text
+    # The paired comparison leaves out pairs failed in either set.
+    got = pref.compare(table, "clip", ("cdm", 1), ("teacher_cfg", 4), n_boot=50)
+    a, b = (
+        table[(table.model == m) & (table.steps == s)]["clip"]
+        for m, s in [("cdm", 1), ("teacher_cfg", 4)]
+    )
+    assert got.mean == pytest.approx(np.nanmean(a.to_numpy() - b.to_numpy()))
+
+
+def test_a_scorer_failing_on_every_image_stops_the_stage(
+    configs: dict[str, dict], sets: list[tuple[str, int, Path]]
+) -> None:
+    broken = {"clip": flaky_clip(configs, "all")}
+    with pytest.raises(ValueError, match=r"^clip failed on all 3 images \(RuntimeError: broken\)$"):
+        pref.score_sets(sets, {"clip": configs["clip"]}, chunk=3, scorers=broken)
 
 
 # ---------------------------------------------------------------- paired differences

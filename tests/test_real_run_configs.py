@@ -26,6 +26,13 @@ PRESETS = ROOT / "docs" / "method.md"
 PRESETS_HEADING = "## The authors' presets, value by value"
 COLUMNS = {"configs/sd3-medium.yaml": "SD3-Medium", "configs/longcat-image.yaml": "LongCat-Image"}
 CELL = re.compile(r"^`(.*)`$")
+# Keys the presets table leaves out: `compare` loads published baselines (their model cards'
+# recipes, held by test_sd3_overlay_names_the_papers_baselines), not the authors' training preset.
+NOT_PRESET = ("compare.",)
+
+
+def preset_leaves(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in leaves(data).items() if not k.startswith(NOT_PRESET)}
 
 
 def preset_table() -> dict[str, dict[str, Any]]:
@@ -53,7 +60,7 @@ def _table_end(lines: list[str]) -> int:
 
 def differences(overlay: Path, column: str) -> list[str]:
     """Every key whose value in the overlay file is not the table's, or that only one has."""
-    got, want = leaves(yaml.safe_load(overlay.read_text())), preset_table()[column]
+    got, want = preset_leaves(yaml.safe_load(overlay.read_text())), preset_table()[column]
     return [
         f"{key}: overlay {got.get(key, '(absent)')!r}, table {want.get(key, '(absent)')!r}"
         for key in sorted(got.keys() | want.keys())
@@ -97,7 +104,7 @@ def _mutated(value: Any) -> Any:
 def test_changing_any_one_overlay_value_is_caught(overlay, tmp_path):
     data = yaml.safe_load((ROOT / overlay).read_text())
     missed = []
-    for key in leaves(data):
+    for key in preset_leaves(data):
         *parents, last = key.split(".")
         copy = yaml.safe_load((ROOT / overlay).read_text())
         node = copy
@@ -133,6 +140,26 @@ def test_sd3_overlay_names_the_hub_model():
     assert data["teacher"]["path"] == "stabilityai/stable-diffusion-3-medium-diffusers"
 
 
+def test_sd3_overlay_names_the_papers_baselines():
+    """Hyper-SD, Flash-SD3 and TDM as the paper's Table 1 runs them (their model cards)."""
+    params = P.parse(yaml.safe_load(apply(ROOT / OVERLAYS[0], ROOT / "params.yaml", write=False)))
+    hyper, flash, tdm = (params.compare[n] for n in ("hyper_sd", "flash_sd3", "tdm"))
+    assert (hyper.lora.path, hyper.lora.file) == (
+        "ByteDance/Hyper-SD",
+        "Hyper-SD3-8steps-CFG-lora.safetensors",
+    )
+    assert hyper.lora.fuse and (hyper.steps, hyper.guidance) == (8, 5.0)
+    assert (flash.lora.path, flash.lora.format, flash.steps) == ("jasperai/flash-sd3", "peft", 4)
+    assert "text_encoder_3" in flash.drop and flash.guidance <= 1
+    assert (tdm.lora.path, tdm.lora.scale, tdm.steps) == ("Luo-Yihong/TDM_sd3_lora", 0.125, 4)
+    assert (tdm.vae.cls, tdm.vae.path) == ("AutoencoderTiny", "madebyollin/taesd3")
+    assert tdm.scheduler.cls == "DPMSolverMultistepScheduler"
+    assert tdm.scheduler.kwargs["flow_shift"] == 6.0
+    # The base row: the teacher at 50 steps with CFG 4.5.
+    assert (params.teacher.steps, params.teacher.cfg_scale) == (50, 4.5)
+    assert params.sample.teacher_steps == [50]
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_eight_gpu_accelerate_configs(stage):
     config = yaml.safe_load((ROOT / f"configs/accelerate/zero{stage}-8gpu.yaml").read_text())
@@ -160,6 +187,8 @@ def test_sd3_overlay_dry_runs_on_the_slurm_profile(tmp_path):
                  "distill", "score", "report"):  # fmt: skip
         assert f"rule {rule}:" in out, rule
     assert "samples/cdm/4/index.parquet" in out and "samples/teacher_cfg/50" in out
+    for published in ("hyper_sd/8", "flash_sd3/4", "tdm/4"):  # the paper's baselines
+        assert f"samples/{published}/index.parquet" in out, published
     assert "models/judge" not in out
     # DVC plans the same stages (a dry run must --force: DVC hashes the missing upstream
     # outputs of a fresh clone otherwise).
@@ -171,7 +200,8 @@ def test_sd3_overlay_dry_runs_on_the_slurm_profile(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     planned = set(re.findall(r"Running stage '([^']+)'", proc.stdout))
     assert {"fetch_weights", "prepare_teacher", "cache_teacher", "distill@dmd2", "distill@cdm",
-            "sample_student@cdm-4", "sample_teacher@teacher_cfg-50", "score", "report"} <= planned  # fmt: skip
+            "sample_student@cdm-4", "sample_teacher@teacher_cfg-50", "score", "report",
+            "sample_compare@hyper_sd", "sample_compare@flash_sd3", "sample_compare@tdm"} <= planned  # fmt: skip
     # The shapes DAG keeps its world metrics.
     shapes = _snakemake(copy_project(tmp_path / "shapes"))
     assert "rule score" in shapes and "rule report" in shapes

@@ -1,6 +1,8 @@
 """Both orchestrators over a real-run backend, end to end: tiny offline SD3 and LongCat-Image
 pipelines and tiny scorers of the real classes (weights in local files), run by `snakemake`
-and by `dvc repro` in scratch copies of the project, up to results/report.html."""
+and by `dvc repro` in scratch copies of the project, up to results/report.html. On SD3, tiny
+stand-ins of the three published baselines (params compare:) are sampled and scored too, and
+the report's Table 1 has every row and column of the paper's."""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cdm.report import published as PUB
+from cdm.report import table1 as T1
+from tests import tiny_pipelines as T
 from tests.conftest import copy_project
 from tests.test_hpsv3 import tiny, tiny_hpsv3_config  # noqa: F401
 from tests.test_orchestration import ENV
@@ -47,6 +52,9 @@ def real_project(request, tmp_path_factory, tiny_dirs, tiny_clip, tiny_pick, tin
     models["hpsv3"] = tiny_hpsv3_config(tiny)
     data["score"].update(models=models, n_boot=100)
     data["report"].update(grid_prompts=2)
+    if backend == "sd3":  # the paper's SD3 baselines, on stand-ins of their recipes
+        stand_ins = T.compare_stand_ins(path / "tiny_sd3", tmp_path_factory.mktemp("compare"))
+        data["compare"] = {name: make(stand_ins) for name, make in T.COMPARE_RECIPES.items()}
     (path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -63,9 +71,39 @@ def _check_report(path: Path) -> None:
     md = (path / "results/report.md").read_text()
     assert METRIC_HEADER in md and "Hessel" in md
     assert re.search(r"\| cdm \| 4 \| 4 \| [-\d.e]+ \[[-\d.e]+, [-\d.e]+\]", md), md[:3000]
+    _check_table1(path, metrics, md)
     page = (path / "results/report.html").read_text()
     assert page.count("data:image/png;base64,") >= 3  # loss panels, quality plots, the grid
     assert re.search(r"Samples: pairs \d+, \d+ \(prompt under each column\)", page)
+
+
+def _check_table1(path: Path, metrics: dict, md: str) -> None:
+    """Table 1 comes first, with every published row and column, ours measured where run."""
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    backend, compare = params["teacher"]["backend"], params.get("compare") or {}
+    assert md.index("## Table 1") < md.index("## Findings") < md.index("## Metrics")
+    table = md.split("## Table 1", 1)[1].split("Protocol:", 1)[0]
+    head = next(line for line in table.splitlines() if line.startswith("| Method"))
+    labels = [label for _, label in T1.metric_keys(metrics).values()]
+    assert [c.strip() for c in head.strip("|").split("|")] == [
+        "Method", "NFE", "NFE (paper)", *(c for label in labels for c in (label, T1.paper_label(label)))
+    ]  # fmt: skip
+    rows = table.splitlines()
+    lines = {
+        r.method: next(x for x in rows if x.startswith(f"| {r.method}"))
+        for r in PUB.TABLE1[backend]
+    }
+    for name in ("teacher_cfg", "cdm", *compare):  # run here: measured, with an interval
+        row = next(r for r in PUB.TABLE1[backend] if r.model == name)
+        assert re.search(r"\| [-\d.e]+ \[[-\d.e]+, [-\d.e]+\] \| " + re.escape(
+            f"{row.value('aesthetic'):.4g}"), lines[row.method]), lines[row.method]  # fmt: skip
+        assert metrics[name]  # a sample set of its own was scored
+    assert T1.NOT_RUN in lines["D-DMD"]  # no D-DMD preset here
+    if not any(T1.KEYS["dpg"] in e for by in metrics.values() for e in by.values()):
+        assert T1.NOT_MEASURED in lines["CDM"]  # DPG not scored: said, never a number
+    for name, recipe in compare.items():  # each published model's images and what loaded
+        loaded = json.loads((path / f"samples/{name}/{recipe['steps']}/recipe.json").read_text())
+        assert loaded["recipe"]["steps"] == recipe["steps"] and f"- `{name}`:" in md
 
 
 def test_snakemake_runs_a_real_backend_to_the_report(real_project, tmp_path):

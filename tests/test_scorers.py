@@ -24,9 +24,11 @@ from transformers import (
 )
 
 from cdm.metrics.aesthetic import HEAD_FILE, AestheticScorer
-from cdm.metrics.base import FETCH_COMMAND, Scorer
+from cdm.metrics.base import FETCH_COMMAND, Scorer, as_dtype
 from cdm.metrics.bootstrap import bootstrap_ci
 from cdm.metrics.clip_score import ClipScorer
+from cdm.metrics.clip_vitl14 import ClipVitL14Scorer
+from cdm.metrics.hpsv3 import HPSv3Scorer
 from cdm.metrics.pickscore import PickScorer
 from cdm.metrics.scorers import SCORERS, build_scorer
 
@@ -153,12 +155,34 @@ def test_real_open_clip_ids_missing_offline(tmp_path: Path) -> None:
     assert_missing(exc, str(tmp_path / "absent.pt"))
 
 
+def test_openai_torchscript_in_the_url_cache_is_the_fetch_error(
+    tiny_clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """~/.cache/clip/ViT-L-14.pt as the `clip` package leaves it (a TorchScript archive) is
+    refused by open_clip under weights_only: the one-line fetch error, not a crash; a plain
+    checkpoint there still loads."""
+    url = "https://openaipublic.azureedge.net/clip/models/0123/ViT-L-14.pt"
+    tag = {"url": url, "hf_hub": "timm/vit_large_patch14_clip_224.openai/"}
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda m, t: tag if t == "oai" else {})
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "ViT-L-14.pt")
+    with pytest.raises(FileNotFoundError) as exc:
+        ClipScorer(TINY_CLIP, "oai", cache_dir=str(tmp_path))
+    assert_missing(exc, f"{TINY_CLIP}/oai")
+    assert "TorchScript" in str(exc.value)
+    shutil.copy(tiny_clip, tmp_path / "ViT-L-14.pt")
+    plain = ClipScorer(TINY_CLIP, "oai", cache_dir=str(tmp_path), batch_size=2)
+    img, txt = hand_features(tiny_clip)
+    expected = 100 * np.maximum((img * txt).sum(-1).numpy(), 0)
+    np.testing.assert_allclose(plain.score(IMAGES, PROMPTS), expected, rtol=1e-4, atol=1e-4)
+
+
 def tiny_scorer_configs(clip: Path, pick: tuple[Path, Path], head_dir: Path) -> dict[str, dict]:
     """score.models for the tiny scorers: every real class, weights from local files."""
     head = head_dir / HEAD_FILE
     torch.save(random_head(16), head)
     return {
         "clip": {"model": TINY_CLIP, "pretrained": str(clip)},
+        "clip_vitl14": {"model": str(l14_folder(pick[0], head_dir / "clip_vitl14"))},
         "pickscore": {"model": str(pick[0]), "processor": str(pick[1])},
         "aesthetic": {"head": str(head), "clip_model": TINY_CLIP, "clip_pretrained": str(clip)},
     }  # hpsv3 has its own tiny model in tests/test_hpsv3.py
@@ -330,17 +354,124 @@ def test_pickscore_missing_offline(tiny_pick: tuple[Path, Path], tmp_path: Path)
     assert_missing(exc, str(tmp_path / "no" / "folder"))
 
 
+# ---------------------------------------------------------------- CLIPScore as the paper's code
+
+
+def l14_folder(pick_model: Path, folder: Path) -> Path:
+    """A repo-like folder: the tiny transformers CLIP (32 px, 77 positions) and its tokenizer,
+    as openai/clip-vit-large-patch14 holds both."""
+    CLIPModel.from_pretrained(pick_model).save_pretrained(folder)
+    clip_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_l14(tiny_pick: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return l14_folder(tiny_pick[0], tmp_path_factory.mktemp("clip_vitl14"))
+
+
+def code_preprocess(image: Image.Image, size: int) -> torch.Tensor:
+    """The authors' preprocessing written out: floats in [0, 1], the shorter side bilinearly
+    resized to `size` (antialiased), the centre `size` square, CLIP mean and std."""
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    h, w = x.shape[1:]
+    new = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    x = torch.nn.functional.interpolate(
+        x[None], size=new, mode="bilinear", align_corners=False, antialias=True
+    )[0]
+    top, left = int(round((new[0] - size) / 2)), int(round((new[1] - size) / 2))
+    x = x[:, top : top + size, left : left + size]
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    return (x - mean) / std
+
+
+def code_clip_scores(folder: Path, prompts: list[str], sign: int = 1) -> np.ndarray:
+    """100 * cos of the transformers CLIP, one pair at a time, text padded to 77 tokens."""
+    model = CLIPModel.from_pretrained(folder).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    out = []
+    with torch.no_grad():
+        for image, prompt in zip(IMAGES, prompts, strict=True):
+            i = model.get_image_features(pixel_values=code_preprocess(image, 32)[None])
+            tokens = tokenizer(
+                [prompt], padding="max_length", truncation=True, max_length=77, return_tensors="pt"
+            )
+            assert tokens["input_ids"].shape == (1, 77)
+            t = model.get_text_features(**tokens)
+            i, t = i.pooler_output[0].double(), sign * t.pooler_output[0].double()
+            out.append(100 * float(i @ t / (i.norm() * t.norm())))
+    return np.array(out)
+
+
+def test_clip_vitl14_matches_the_codes_preprocessing_and_formula(tiny_l14: Path) -> None:
+    prompts = [*PROMPTS[:4], "a very long prompt " * 40]  # past 77 tokens: truncated
+    expected = code_clip_scores(tiny_l14, prompts)
+    scorer = ClipVitL14Scorer(str(tiny_l14), batch_size=2)
+    assert (scorer.size, scorer.max_length) == (32, 77)
+    got = scorer.score(IMAGES, prompts)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert np.ptp(got) > 0.1
+    # Not clamped at 0, unlike `clip`: negated text features give the negated scores.
+    model = CLIPModel.from_pretrained(tiny_l14)
+    model.text_projection.weight.data.neg_()
+    negated = tiny_l14.parent / "clip_vitl14_negated"
+    model.save_pretrained(negated)
+    CLIPTokenizer.from_pretrained(tiny_l14).save_pretrained(negated)
+    np.testing.assert_allclose(
+        ClipVitL14Scorer(str(negated)).score(IMAGES, prompts), -expected, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_clip_vitl14_missing_offline(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as exc:
+        ClipVitL14Scorer(cache_dir=str(tmp_path))
+    assert_missing(exc, "openai/clip-vit-large-patch14")
+
+
+# ---------------------------------------------------------------- precision
+
+
+def test_dtype_defaults_follow_the_authors_on_cuda_and_fp32_on_cpu() -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert as_dtype(None, cuda, HPSv3Scorer.cuda_dtype) == torch.bfloat16  # the package's
+    for cls in (ClipScorer, ClipVitL14Scorer, PickScorer, AestheticScorer):
+        assert as_dtype(None, cuda, cls.cuda_dtype) == torch.float32
+    for cls in SCORERS.values():
+        assert as_dtype(None, cpu, cls.cuda_dtype) == torch.float32
+    assert as_dtype("bfloat16", cpu, torch.float32) == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype 'bf17' is no torch dtype"):
+        as_dtype("bf17", cpu, torch.float32)
+
+
+def test_explicit_bf16_runs_each_scorer_in_bf16(
+    tiny_clip: Path, tiny_pick: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """dtype='bfloat16' on the CPU, as on a GPU: the weights are bf16 and the scores stay near
+    fp32's (bf16 keeps 8 bits of mantissa)."""
+    configs = tiny_scorer_configs(tiny_clip, tiny_pick, tmp_path)
+    for name, config in configs.items():
+        full = build_scorer(name, config)
+        half = build_scorer(name, {**config, "dtype": "bfloat16"})
+        module = getattr(half, "model", None) or half.encoder.model
+        assert full.dtype == torch.float32 and half.dtype == torch.bfloat16
+        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}, name
+        a, b = full.score(IMAGES, PROMPTS), half.score(IMAGES, PROMPTS)
+        assert np.isfinite(b).all() and not np.array_equal(a, b), name
+        np.testing.assert_allclose(b, a, atol=0.05 * (np.abs(a).max() + 1), err_msg=name)
+
+
 # ---------------------------------------------------------------- registry
 
 
 def test_registry_builds_each_scorer_by_name(tiny_clip: Path) -> None:
-    assert set(SCORERS) == {"clip", "pickscore", "aesthetic", "hpsv3"}
+    assert set(SCORERS) == {"clip", "clip_vitl14", "pickscore", "aesthetic", "hpsv3"}
     assert all(issubclass(cls, Scorer) and cls.name == key for key, cls in SCORERS.items())
     scorer = build_scorer(
         "clip", {"model": TINY_CLIP, "pretrained": str(tiny_clip), "batch_size": 4}
     )
     assert isinstance(scorer, ClipScorer) and scorer.batch_size == 4
-    with pytest.raises(KeyError, match="known: aesthetic, clip, hpsv3, pickscore"):
+    with pytest.raises(KeyError, match="known: aesthetic, clip, clip_vitl14, hpsv3, pickscore"):
         build_scorer("hps")
     with pytest.raises(ValueError, match="batch_size"):
         build_scorer("clip", {"model": TINY_CLIP, "pretrained": str(tiny_clip), "batch_size": 0})

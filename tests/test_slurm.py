@@ -73,10 +73,10 @@ EXPECTED = {
     },
     "sample_part": {"-t 240", "--mem 64000", "--cpus-per-task=8", "--gres=gpu:1"},
     "sample": {"-t 30", "--mem 8000", "--ntasks=1", "--cpus-per-task=2"},  # merge of parts
-    "score": {"-t 120", "--mem 64000", "--ntasks=1", "--cpus-per-task=16"},
+    "score": {"-t 240", "--mem 96000", "--cpus-per-task=8", "--gres=gpu:1"},  # the scorers
     "report": {"-t 30", "--mem 8000", "--ntasks=1", "--cpus-per-task=2"},
 }
-GPUS = {"prepare_teacher": 1, "cache_teacher": 1, "distill": 8, "sample_part": 1}
+GPUS = {"prepare_teacher": 1, "cache_teacher": 1, "distill": 8, "sample_part": 1, "score": 1}
 PER_RUN = ("--job-name", "--output", "-D", "--comment")
 
 
@@ -225,3 +225,34 @@ def test_single_gpu_rules_are_one_task_with_one_gpu(submissions, rule):
         assert not any(o.startswith(("--ntasks", "-n ")) for o in options), options
         assert "--gres=gpu:1" in options and "--cpus-per-task=8" in options
         assert not any(o.startswith(("--gpus", "--cpus-per-gpu")) for o in options), options
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-node", "2-nodes"])
+def distill_job(request, tmp_path_factory) -> tuple[int, set[str]]:
+    """(nodes, distill's sbatch options) for the sd3 overlay with distill.nodes set."""
+    nodes, tmp = request.param, tmp_path_factory.mktemp(f"nodes{request.param}")
+    cluster = FakeCluster(tmp)
+    work = copy_project(tmp / "sd3")
+    apply(work / "configs/sd3-medium.yaml", work / "params.yaml")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["distill"]["nodes"] = nodes
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    _make(work, "models/weights.json", params["prompts"]["eval_file"])
+    _make(work, "models/teacher", "results/teacher.json", "cache/prompts")
+    (work / params["prompts"]["train_file"]).write_text("a cat\n")
+    [(rule, options)] = cluster.submit(work, "models/students/cdm")
+    assert rule == "distill"
+    return nodes, options
+
+
+def test_distill_asks_for_one_task_per_node(distill_job):
+    """N nodes: --nodes=N --ntasks=N (the plugin's `mpi` job: its step runs the rule in the
+    batch shell, whose cdm.launch runs srun), the node's GPUs and CPUs per task."""
+    nodes, options = distill_job
+    assert f"--nodes={nodes}" in options and "--gres=gpu:8" in options
+    assert "--cpus-per-task=64" in options  # per task: one task, one launcher per node
+    ntasks = {o for o in options if o.startswith(("--ntasks", "-n "))}
+    assert ntasks == (set() if nodes == 1 else {f"--ntasks={nodes}"})
+    assert sorted(options - ntasks) == sorted(
+        (COMMON | EXPECTED["distill"]) - {"--nodes=1"} | {f"--nodes={nodes}"}
+    )

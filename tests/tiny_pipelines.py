@@ -181,3 +181,83 @@ def longcat_pipeline(seed: int = 0):
 def save(pipeline, path: Path) -> Path:
     pipeline.save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------- published-model stand-ins
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _lora_transformer(folder: Path, rank: int, seed: int):
+    """The tiny SD3 transformer of `folder` with a LoRA of random (non-zero) A and B."""
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig, get_peft_model
+
+    transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer")
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=False
+    )
+    torch.manual_seed(seed)
+    return get_peft_model(transformer, config)
+
+
+def diffusers_lora(folder: Path, out: Path, rank: int = 2, seed: int = 1) -> Path:
+    """A diffusers-format LoRA file (`transformer.<module>.lora_A.weight`, as Hyper-SD and TDM
+    ship theirs) for the tiny SD3 pipeline in `folder`."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import get_peft_model_state_dict
+
+    model = _lora_transformer(folder, rank, seed)
+    state = {
+        k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(model).items()
+    }
+    StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=state)
+    return out / "pytorch_lora_weights.safetensors"
+
+
+def peft_lora(folder: Path, out: Path, rank: int = 2, seed: int = 2) -> Path:
+    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors, as Flash-SD3
+    ships its LoRA) for the tiny SD3 transformer in `folder`."""
+    _lora_transformer(folder, rank, seed).save_pretrained(out)
+    return out
+
+
+def tiny_taesd(out: Path, seed: int = 3) -> Path:
+    """An AutoencoderTiny with SD3's 16 latent channels and the tiny VAE's 2x factor."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny(
+        latent_channels=16, encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), upsampling_scaling_factor=2,
+    )  # fmt: skip
+    vae.save_pretrained(out)
+    return out
+
+
+def compare_stand_ins(sd3: Path, root: Path) -> dict[str, Path]:
+    """A diffusers LoRA file, a PEFT adapter folder and an AutoencoderTiny for `sd3`."""
+    return {
+        "lora": diffusers_lora(sd3, root / "lora"),
+        "peft": peft_lora(sd3, root / "peft"),
+        "taesd": tiny_taesd(root / "taesd"),
+    }
+
+
+# The three published SD3 recipes of configs/sd3-medium.yaml on the stand-ins, at 2 steps.
+COMPARE_RECIPES = {
+    # Hyper-SD's shape: a fused LoRA file, CFG above 1 (two passes a step).
+    "hyper_sd": lambda s: {"steps": 2, "guidance": 5.0,
+                        "lora": {"path": str(s["lora"]), "scale": 0.125, "fuse": True}},
+    # Flash-SD3's: a PEFT adapter, another scheduler, no T5.
+    "flash_sd3": lambda s: {"steps": 2, "lora": {"path": str(s["peft"]), "format": "peft"},
+                        "scheduler": {"class": "FlowMatchLCMScheduler"},
+                        "drop": ["text_encoder_3", "tokenizer_3"]},
+    # TDM's: a LoRA at scale 0.125, the tiny VAE, DPM-Solver with flow shift 6.
+    "tdm": lambda s: {"steps": 2, "lora": {"path": str(s["lora"]), "scale": 0.125},
+                      "vae": {"class": "AutoencoderTiny", "path": str(s["taesd"]),
+                              "kwargs": {"shift_factor": 0.0}},
+                      "scheduler": {"class": "DPMSolverMultistepScheduler",
+                                    "kwargs": {"use_flow_sigmas": True, "flow_shift": 6.0,
+                                               "prediction_type": "flow_prediction"}}},
+}  # fmt: skip

@@ -13,10 +13,11 @@ tests/test_layers.py), so each layer reads without the ones above it:
    metrics of sample sets, built on the statistics of `metrics`).
 5. `backends`: the model families behind one interface (shapes wraps the world's teacher;
    sd3 and longcat load diffusers pipelines and export students).
-6. the run machinery: `engine` (the iteration and the loop), `checkpoints` (the checkpoint
-   store), `preemption` (signals and the SLURM deadline), `runlog`, `zero`, `cache`, `sampler`,
-   `preview`, `cli`, `lock`, `lifeline`, `launch`, `overlay`, `plan`, `fetch`, `validate`,
-   `publish`.
+6. the run machinery: `engine` (the iteration and the loop), `lora` (LoRA mode: two
+   adapters on one frozen base), `checkpoints` (the checkpoint store), `preemption` (signals
+   and the SLURM deadline), `runlog`, `zero`, `cache`, `sampler`, `baselines` (the published
+   models of `compare:`), `preview`, `cli`, `lock`, `lifeline`, `launch`, `nodes` (one
+   launcher per node under srun), `overlay`, `plan`, `fetch`, `validate`, `publish`.
 7. `report`: findings, tables, plots and pages from the measured metrics.
 
 The stage scripts (`src/*.py`) sit on top and may import any layer.

@@ -328,6 +328,15 @@ class StreamedCondition:
             done += got
 
 
+def cached_prompts(path: str | Path) -> list[str]:
+    """The prompts of a cache file or sharded folder, without reading its tensors."""
+    path = Path(path)
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            return json.loads(f.metadata()["prompts"])
+    return load_condition(path)[1]  # a sharded folder streams: its tensors stay on disk
+
+
 def load_condition(path: str | Path) -> tuple[Condition | StreamedCondition, list[str]]:
     """A cache file in memory, or a sharded cache folder streamed from disk (also where `path`
     names `<name>.safetensors` and only the folder `<name>/` exists)."""

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -81,9 +82,14 @@ def run_stage(main: Callable[[], None]) -> None:
             raise
         print(f"error: {first_line(exc)}", file=sys.stderr)
         sys.exit(2)
-    except StageFailure as exc:  # the run went wrong, not its input: still one line
+    except (StageFailure, ProjectBusy) as exc:  # the run went wrong, not its input: one line
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        # Ctrl-C reaches every rank of a launched run: one line (rank 0's), no traceback each.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {interrupted()}", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except Exception as exc:
         if verbose():
             raise
@@ -91,6 +97,16 @@ def run_stage(main: Callable[[], None]) -> None:
         hint = f" (traceback: {where})" if where else " (rerun with --verbose for the traceback)"
         print(f"error: {fault_line(exc)}{hint}", file=sys.stderr)
         sys.exit(1)
+
+
+def interrupted() -> str:
+    stage = Path(sys.argv[0]).stem or "stage"
+    if stage == "distill":
+        return (
+            "distill interrupted (Ctrl-C); its checkpoints stay: rerun to resume from the "
+            "newest one"
+        )
+    return f"{stage} interrupted (Ctrl-C); rerun it to finish"
 
 
 def first_line(exc: BaseException) -> str:

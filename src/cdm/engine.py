@@ -14,7 +14,6 @@ checkpoint store (`cdm.checkpoints`), stopping for a signal or the SLURM time li
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cdm import checkpoints, zero
+from cdm import checkpoints, lora, zero
 from cdm.cli import StageFailure
 from cdm.conditioning import Condition
 from cdm.ema import ema_decay
@@ -192,6 +191,11 @@ class RunPaths:
 Preview = Callable[[int, torch.nn.Module], None]  # (student step, EMA) -> writes a grid
 
 
+def weights_dtype(device: torch.device) -> torch.dtype:
+    """The networks' weights: bf16 on GPUs (fp32 masters in the optimizers), fp32 on CPUs."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def train(
     teacher_model: torch.nn.Module,  # velocity(x, sigma, cond) of the frozen teacher
     train_cond: Condition,  # cached prompt embeddings (N, ...) on CPU
@@ -206,29 +210,46 @@ def train(
     ds_base: dict | None = None,  # DeepSpeed settings when accelerate did not launch with any
     stop_after: int | None = None,  # stop early (tests); the run resumes from its checkpoint
     preview: Preview | None = None,  # called every cfg.preview_every student steps
-) -> torch.nn.Module:
-    """Distil `teacher_model` into a few-step student; returns the student EMA (fp32 module)."""
-    rank, _, launched = zero.init_distributed(device)
-    bf16 = device.type == "cuda"
-    teacher = (
-        teacher_model.to(device, torch.bfloat16 if bf16 else torch.float32)
-        .eval()
-        .requires_grad_(False)
-    )
-    # Student and fake score start from the teacher.
-    student_model = copy.deepcopy(teacher_model).float().requires_grad_(True).train()
-    fake_model = copy.deepcopy(teacher_model).float().requires_grad_(True).train()
-    if cfg.gradient_checkpointing:
-        for m in (student_model, fake_model):
-            m.transformer.enable_gradient_checkpointing()
+) -> torch.nn.Module | None:
+    """Distil `teacher_model` into a few-step student; returns the student EMA (an fp32 module
+    on the CPU) on rank 0, None on the other ranks."""
+    rank, _, launched = zero.init_distributed(device, cfg.process_group_timeout)
+    dtype = weights_dtype(device)
+    bf16 = dtype == torch.bfloat16
+    teacher = teacher_model.to(device, dtype).eval().requires_grad_(False)
+    if cfg.lora is not None:  # LoRA: G and F are two adapters on the teacher's own module
+        teacher, student_model, fake_model = lora.networks(
+            teacher, cfg.lora, seed, cfg.gradient_checkpointing
+        )
     conf = zero.ds_config(cfg.batch_size, cfg.zero_stage, bf16, cfg.grad_clip, launched or ds_base)
     opt = dict(
         warmup=cfg.warmup, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.adam_eps
     )
-    student = zero.make_engine(student_model, cfg.lr_student, config=conf, **opt)
-    fake = zero.make_engine(fake_model, cfg.lr_fake, config=conf, **opt)
+
+    def trainee(lr: float):
+        """Student and fake score start from the teacher: one copy at a time, built on the
+        CPU (ZeRO-3: partitioned as built), on the device only once in its engine."""
+        model = zero.trainable_copy(teacher, dtype, conf)
+        if cfg.gradient_checkpointing:
+            model.transformer.enable_gradient_checkpointing()
+        return zero.make_engine(model, lr, config=conf, **opt)
+
+    if cfg.lora is None:
+        student = trainee(cfg.lr_student)
+        fake = trainee(cfg.lr_fake)
+    else:  # only the adapters' weights are in the engines (sharded, blended, checkpointed)
+        student = zero.make_engine(student_model, cfg.lr_student, config=conf, **opt)
+        fake = zero.make_engine(fake_model, cfg.lr_fake, config=conf, **opt)
     # The student EMA, sharded like the optimizer state (the student starts at the teacher).
     ema = zero.PartitionedEMA(student)
+
+    def ema_student() -> torch.nn.Module | None:
+        """The student EMA as an fp32 module on rank 0's CPU, None on the other ranks;
+        collective."""
+        if cfg.lora is None:
+            return ema.module(teacher_model)
+        state = ema.state_dict()  # the adapter's weights only: small
+        return lora.student_module(teacher_model, state, student.module) if rank == 0 else None
 
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
     start = checkpoints.load_latest(paths.checkpoints, student, fake, ema)
@@ -280,7 +301,8 @@ def train(
             loss_f = fake_score_step_loss(fake, roll, cond, cfg, gen)
             finite = zero.all_finite(loss_f)
             if finite:  # a non-finite loss skips the update: the weights stay the last good ones
-                fake.backward(loss_f)
+                with lora.engine_adapter(fake):  # LoRA: a recomputed checkpoint runs F
+                    fake.backward(loss_f)
                 fake.step()
                 zero.blend_engines_(fake, student, cfg.fake_blend)
             row |= {
@@ -299,7 +321,8 @@ def train(
                 n_nonfinite = out.n_nonfinite
                 row |= out.stats
                 if zero.all_finite(out.total):
-                    student.backward(out.total)
+                    with lora.engine_adapter(student):
+                        student.backward(out.total)
                     student.step()
                     ema.update(ema_decay(student_step, cfg.ema_max))
                     row["grad_norm_student"] = _grad_norm(student)
@@ -326,7 +349,7 @@ def train(
             if streak >= cfg.max_nonfinite:
                 raise _diverged(streak, it + 1, cfg.max_nonfinite, paths.checkpoints)
             if updated and preview is not None and student_step % cfg.preview_every == 0:
-                _preview(preview, student_step, ema, teacher_model, rank)
+                _preview(preview, student_step, ema_student, device)
             # No checkpoint during a non-finite streak: the kept ones stay the last good states.
             if streak == 0 and updated and student_step % cfg.checkpoint_every == 0:
                 checkpoint(it + 1)
@@ -339,7 +362,7 @@ def train(
                 )
     if end > start:
         checkpoint(end, once=True)
-    return ema.module(teacher_model)
+    return ema_student()  # rank 0: for the export; the other ranks hold none
 
 
 def _diverged(streak: int, iteration: int, limit: int, root: Path) -> TrainingDiverged:
@@ -353,12 +376,17 @@ def _diverged(streak: int, iteration: int, limit: int, root: Path) -> TrainingDi
 
 
 def _preview(
-    preview: Preview, student_step: int, ema: zero.PartitionedEMA, like: torch.nn.Module, rank: int
+    preview: Preview,
+    student_step: int,
+    ema_student: Callable[[], torch.nn.Module | None],
+    device: torch.device,
 ) -> None:
     """Draw a preview grid of the student EMA; the full EMA is freed when this returns."""
-    full = ema.module(like)  # gathered on every rank (collective), drawn on rank 0
-    if rank == 0:
-        preview(student_step, full)
+    full = ema_student()  # gathered to rank 0's CPU (collective), drawn there
+    if full is not None:
+        # On a GPU in bf16 (2 P bytes on rank 0 alone), as the student samples; fp32 on CPU.
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        preview(student_step, full.to(device, dtype))
 
 
 def _grad_norm(engine) -> float:

@@ -5,7 +5,8 @@
 
 `weights` downloads the teacher when `teacher.path` is a hub id (snapshot_download into the
 hub cache) and every scorer's weights (`score.models`, name -> constructor kwargs, or the
-scorers' defaults): open_clip tags through open_clip's own download, transformers ids with
+scorers' defaults), and the published models of `compare:` (base pipeline, LoRA, VAE):
+open_clip tags through open_clip's own download, transformers ids with
 snapshot_download, the LAION aesthetic head with hf_hub_download. Gated repos need a token
 (`huggingface-cli login` or HF_TOKEN). The scorers then load them offline from the same caches.
 
@@ -14,6 +15,12 @@ Pick-a-Pic test prompts, the unique captions of the Pick-a-Pic v1 test split
 (yuvalkirstain/pickapic_v1) the paper evaluates on, one per line, UTF-8. Any copy is accepted
 only if its bytes hash to the pinned sha256 below (2,048 lines); the shared data folder holds
 one such copy (DEFAULT_SOURCE). It also checks that `prompts.train_file`, when set, exists.
+
+`dpg` puts DPG-Bench's question graphs (ELLA's dpg_bench/dpg_bench.csv: 1,065 prompts and
+their questions) at `prompts.dpg_file` (or --out), from `prompts.dpg_source`, --source or
+ELLA's repository at a fixed commit. A copy is accepted only if its git blob id (SHA-1 of
+"blob <size>\\0" + bytes, what `git hash-object` prints) is the pinned one: the id ELLA's and
+the CDM authors' repositories both list for the file; its sha256 is logged once verified.
 """
 
 from __future__ import annotations
@@ -42,7 +49,14 @@ PROMPTS_LINES = 2048
 DEFAULT_SOURCE = "../shared/data/pickscore_test_prompts.txt"  # relative to the project root
 # The processor's files only: the laion CLIP-H repo also holds four copies of the weights.
 PROCESSOR_FILES = ["*.json", "*.txt"]
+# A transformers model's config, tokenizer and safetensors weights, not its TF/Flax/.bin copies.
+SAFETENSORS_MODEL_FILES = [*PROCESSOR_FILES, "*.safetensors"]
 URL_TIMEOUT_S = 60
+DPG_GIT_BLOB = "98457fc9901943f51ff9a30367250fc292533bed"
+DPG_SOURCE = (
+    "https://raw.githubusercontent.com/TencentQQGYLab/ELLA/"
+    "3c228f1dc6c4d3cad0a47493816151a419f14db3/dpg_bench/dpg_bench.csv"
+)
 
 
 # ---------------------------------------------------------------- weights
@@ -117,6 +131,10 @@ def scorer_plan(name: str, config: Mapping[str, Any] | None) -> list[Download]:
     cache = cfg.get("cache_dir")
     if name == "clip":
         return open_clip_plan("clip", cfg["model"], cfg["pretrained"], cache)
+    if name == "clip_vitl14":
+        return repo_plan(
+            "clip ViT-L/14", cfg["model"], cache, allow_patterns=tuple(SAFETENSORS_MODEL_FILES)
+        )
     if name == "pickscore":
         return repo_plan("pickscore", cfg["model"], cache) + repo_plan(
             "pickscore processor", cfg["processor"], cache, allow_patterns=tuple(PROCESSOR_FILES)
@@ -139,6 +157,20 @@ def scorer_plan(name: str, config: Mapping[str, Any] | None) -> list[Download]:
             "hpsv3 base processor", cfg["base"], cache, allow_patterns=tuple(PROCESSOR_FILES)
         )
     raise ValueError(f"no download recipe for scorer '{name}'; add one to cdm.fetch")
+
+
+def compare_plan(name: str, recipe: P.Compare) -> list[Download]:
+    """A published model's base pipeline, LoRA and VAE (local paths are skipped)."""
+    plan = repo_plan(f"compare {name}", recipe.path, None) if recipe.path else []
+    lora = recipe.lora
+    if lora is not None and is_hub_id(lora.path):
+        if lora.file:
+            plan.append(Download("file", f"compare {name} LoRA", lora.path, lora.file, None))
+        else:
+            plan += repo_plan(f"compare {name} LoRA", lora.path, None)
+    if recipe.vae is not None and recipe.vae.path:
+        plan += repo_plan(f"compare {name} VAE", recipe.vae.path, None)
+    return plan
 
 
 def scorer_configs(params: P.Params) -> dict[str, Any]:
@@ -164,6 +196,8 @@ def weights_plan(params: P.Params) -> tuple[list[Download], dict[str, str]]:
                 f"teacher.path '{path}' is neither a local folder nor a hub id; fix it in params"
             )
         plan += repo_plan("teacher", path, None)
+    for name, recipe in getattr(params, "compare", {}).items():  # as score.models: optional
+        plan += compare_plan(name, recipe)
     skipped = {}
     for name, config in scorer_configs(params).items():
         reason = unavailable_reason(name)
@@ -219,7 +253,15 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_source(source: str) -> bytes:
+def git_blob_id(data: bytes) -> str:
+    """What `git hash-object` prints for these bytes."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+Digest = Callable[[bytes], str]
+
+
+def read_source(source: str, expected: str = PROMPTS_SHA256, digest: Digest = sha256) -> bytes:
     """The bytes of a local file or an http(s) URL."""
     if source.startswith(("http://", "https://")):
         try:
@@ -231,16 +273,18 @@ def read_source(source: str) -> bytes:
     if not path.is_file():
         raise FileNotFoundError(
             f"prompts source {source} does not exist; pass --source PATH_OR_URL of a copy "
-            f"with sha256 {PROMPTS_SHA256}"
+            f"with {digest.__name__} {expected}"
         )
     return path.read_bytes()
 
 
-def verified(data: bytes, source: str, expected: str = PROMPTS_SHA256) -> bytes:
-    got = sha256(data)
+def verified(
+    data: bytes, source: str, expected: str = PROMPTS_SHA256, digest: Digest = sha256
+) -> bytes:
+    got = digest(data)
     if got != expected:
         raise ValueError(
-            f"prompts from {source} have sha256 {got}, expected {expected}; not written"
+            f"prompts from {source} have {digest.__name__} {got}, expected {expected}; not written"
         )
     return data
 
@@ -260,15 +304,26 @@ def eval_prompts_path(params: P.Params, out: str | None) -> Path:
     return Path(target)
 
 
-def fetch_prompts(source: str, out: Path, expected: str = PROMPTS_SHA256) -> bool:
+def fetch_prompts(
+    source: str, out: Path, expected: str = PROMPTS_SHA256, digest: Digest = sha256
+) -> bool:
     """Put the verified prompts at `out`; False when a verified copy is already there."""
-    if out.is_file() and sha256(out.read_bytes()) == expected:
-        log.info("%s: already the pinned prompts (sha256 %s)", out, expected)
+    if out.is_file() and digest(out.read_bytes()) == expected:
+        log.info("%s: already the pinned prompts (%s %s)", out, digest.__name__, expected)
         return False
-    data = verified(read_source(source), source, expected)
+    data = verified(read_source(source, expected, digest), source, expected, digest)
     write_atomic(out, data)
     log.info("%s: %d prompts from %s", out, data.count(b"\n"), source)
+    if digest is not sha256:  # a pin by another digest: say the sha256 too
+        log.info("%s: sha256 %s", out, sha256(data))
     return True
+
+
+def dpg_path(params: P.Params, out: str | None) -> Path:
+    target = out or params.prompts.dpg_file
+    if target is None:
+        raise ValueError("prompts.dpg_file is null (no DPG-Bench); set it in params or pass --out")
+    return Path(target)
 
 
 def check_train_prompts(params: P.Params) -> Path | None:
@@ -305,6 +360,10 @@ def parser() -> argparse.ArgumentParser:
         help=f"a local file or http(s) URL (default: prompts.eval_source, else {DEFAULT_SOURCE})",
     )
     prompts.add_argument("--out", help="where to write them (default: prompts.eval_file)")
+    dpg = sub.add_parser("dpg", parents=[common], help="the DPG-Bench questions (dpg_bench.csv)")
+    dpg.add_argument("--source", help="a local file or http(s) URL (default: prompts.dpg_source, "
+                     "else ELLA's file at a fixed commit)")  # fmt: skip
+    dpg.add_argument("--out", help="where to write it (default: prompts.dpg_file)")
     return top
 
 
@@ -317,6 +376,9 @@ def main(argv: list[str] | None = None, hub: Hub | None = None) -> None:
             record = {"backend": params.teacher.backend, "fetched": [asdict(d) for d in plan]}
             with atomic_file(Path(args.record)) as tmp:
                 tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    elif args.what == "dpg":
+        source = args.source or params.prompts.dpg_source or DPG_SOURCE
+        fetch_prompts(source, dpg_path(params, args.out), DPG_GIT_BLOB, git_blob_id)
     else:
         source = args.source or params.prompts.eval_source or DEFAULT_SOURCE
         fetch_prompts(source, eval_prompts_path(params, args.out))

@@ -6,18 +6,38 @@ CalledProcessError, or torch elastic's ChildFailedError), burying the worker's `
 Here the launcher exits with the worker's code and prints nothing more; CDM_VERBOSE=1 keeps
 accelerate's traceback. The workers tie their lives to this process (cdm.lifeline), so
 killing it never leaves a worker writing checkpoints afterwards.
+
+A leading `--nodes N` (distill.nodes; `--num_processes` then counts the GPUs of one node)
+with N > 1 runs one such launcher per node of the SLURM allocation under srun (cdm.nodes).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
+import signal
 import subprocess
 import sys
 
+from cdm.nodes import NodesError, require_allocation, split_nodes, srun_command
+
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        nodes, argv = split_nodes(sys.argv[1:] if argv is None else argv)
+        if nodes > 1:
+            require_allocation(nodes)
+            step = srun_command(nodes, argv)
+    except NodesError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if nodes > 1:
+        print("+", shlex.join(step), file=sys.stderr, flush=True)  # the job log shows it
+        code = subprocess.run(step).returncode
+        return exit_code(code) if code else 0
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from cdm.lock import watch
@@ -25,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     args = launch_command_parser().parse_args(argv)
     watch()  # the launcher, too, ends with its orchestrator (its workers then with it)
     verbose = os.environ.get("CDM_VERBOSE") == "1"
-    if not verbose:  # torch elastic logs each failed rank as an ERROR record too
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    if not verbose:  # torch elastic logs each failed rank (and a Ctrl-C) as records too
+        quiet("torch.distributed.elastic")
     try:
         launch_command(args)
     except subprocess.CalledProcessError as exc:
@@ -37,7 +57,21 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             raise
         return exit_code(*(failure.exitcode for failure in exc.failures.values()))
+    except (KeyboardInterrupt, SignalException) as exc:
+        # Ctrl-C reaches the launcher with its workers, whose rank 0 says it in one line.
+        if verbose:
+            raise
+        return 128 + getattr(exc, "sigval", signal.SIGINT)
     return 0
+
+
+def quiet(prefix: str) -> None:
+    """Silence `prefix` and its modules' loggers, which set their own levels (LOGLEVEL)."""
+    import torch.distributed.run  # noqa: F401  (creates the elastic agent's loggers)
+
+    for name in [prefix, *logging.root.manager.loggerDict]:
+        if name == prefix or name.startswith(prefix + "."):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def exit_code(*codes: int) -> int:

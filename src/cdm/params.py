@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ruamel.yaml import YAML
@@ -60,6 +60,9 @@ class Prompts(Section):
     # Where `python -m cdm.fetch prompts` gets eval_file (a file or URL; sha256-checked)
     eval_source: str | None = None
     eval_pairs: int = Field(2048, gt=0)  # prompt/seed pairs of the evaluation
+    # DPG-Bench's question graphs (dpg_bench.csv); None: no DPG sample sets nor dpg_score
+    dpg_file: str | None = None
+    dpg_source: str | None = None  # where `python -m cdm.fetch dpg` gets dpg_file (pinned)
 
 
 class CacheTeacher(Section):
@@ -91,13 +94,40 @@ DEFAULT_METHODS = {
 }
 
 
+MIXED_KEYS = ("student_only", "fake_only", "student", "fake_score", "fake", "networks")
+
+
+class Lora(Section):
+    """LoRA distillation (cdm.lora): the student and the fake score are two adapters on one
+    frozen copy of the teacher. The authors' settings are the defaults."""
+
+    rank: int = Field(64, gt=0)
+    alpha: float = Field(128.0, gt=0)  # adapter scale alpha / rank
+    include_ff: bool = True  # the feed-forward linears too, beside the attention's
+    targets: list[str] | None = Field(None, min_length=1)  # name suffixes; None: the family's
+    init: Literal["gaussian"] = "gaussian"  # A ~ N(0, 1/rank), B = 0: starts at the teacher
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_mixed(cls, data: Any) -> Any:
+        mixed = [k for k in MIXED_KEYS if isinstance(data, dict) and k in data]
+        if mixed:
+            raise ValueError(
+                f"'{mixed[0]}': a mixed LoRA/full setting is not supported; LoRA trains both "
+                "the student and the fake score as adapters (set distill.lora: null for full "
+                "fine-tuning of both)"
+            )
+        return data
+
+
 class Distill(Section):
     """CDM distillation (docs/method.md); the defaults fit the shapes world on a CPU."""
 
     methods: list[str] = ["dmd2", "cdm"]  # which presets of `methods` the pipeline runs
     iterations: int = Field(400, gt=0)  # fake-score updates; the student gets 1/update_ratio
     batch_size: int = Field(32, gt=0)  # per process
-    num_processes: int = Field(1, gt=0)  # accelerate processes (GPUs) of the distill job
+    num_processes: int = Field(1, gt=0)  # accelerate processes (GPUs) on each node of the job
+    nodes: int = Field(1, gt=0)  # SLURM nodes of the distill job, one launcher on each
     update_ratio: int = Field(2, gt=0)  # fake-score updates per student update
     lr_student: float = Field(1e-5, gt=0)
     lr_fake: float = Field(1e-3, gt=0)
@@ -125,8 +155,12 @@ class Distill(Section):
     max_nonfinite: int = Field(20, gt=0)
     # Seconds before a SLURM job's end time at which distill checkpoints and exits for a retry.
     stop_before_limit: int = Field(600, ge=0)
+    # Seconds a collective waits for ranks busy alone (rank 0 writing a checkpoint: 8 P bytes,
+    # 64 GB at 8B parameters, takes ~11 min at 100 MB/s) before the run fails.
+    process_group_timeout: int = Field(1800, gt=0)
     preview_every: int = Field(50, gt=0)  # student steps between logs/<method>/previews/ grids
     preview_images: int = Field(8, gt=0)  # fixed training prompts (and noise) per grid
+    lora: Lora | None = None  # None: full fine-tuning of student and fake score (the paper's)
 
     @model_validator(mode="after")
     def _ranges(self) -> Distill:
@@ -141,6 +175,11 @@ class Distill(Section):
             raise ValueError(f"inference_sigmas must start at 1.0 and lie in (0, 1], got {raw}")
         if any(b >= a for a, b in zip(raw, raw[1:], strict=False)):
             raise ValueError(f"inference_sigmas must be strictly decreasing, got {raw}")
+        if self.lora is not None and self.zero_stage != 2:
+            raise ValueError(
+                "lora: LoRA distillation runs under ZeRO-2 (its adapters are small); "
+                "set distill.zero_stage: 2"
+            )
         return self
 
 
@@ -157,6 +196,7 @@ class Sample(Section):
 
 PAPER_SCORERS: dict[str, dict[str, Any]] = {
     "clip": {"model": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"},
+    "clip_vitl14": {"model": "openai/clip-vit-large-patch14"},  # the paper's code's CLIPScore
     "pickscore": {
         "model": "yuvalkirstain/PickScore_v1",
         "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
@@ -172,6 +212,46 @@ PAPER_SCORERS: dict[str, dict[str, Any]] = {
         "batch_size": 8,
     },
 }
+
+
+class CompareLora(Section):
+    """A published LoRA: a diffusers/kohya safetensors file (`format: diffusers`, loaded with
+    the pipeline's load_lora_weights) or a PEFT adapter folder (`format: peft`, PeftModel)."""
+
+    path: str  # hub id or local file / folder
+    file: str | None = None  # the weight file inside `path` (diffusers format)
+    format: Literal["diffusers", "peft"] = "diffusers"
+    scale: float = 1.0  # the LoRA's weight (set_adapters); fused at this scale when `fuse`
+    fuse: bool = False  # fuse_lora into the transformer (then the adapter is unloaded)
+
+
+class Component(Section):
+    """A diffusers class in place of the base pipeline's: a scheduler (built from the base's
+    scheduler config and `kwargs`) or a VAE (from `path`, its config updated by `kwargs`)."""
+
+    cls: str = Field(alias="class", pattern=r"^[A-Za-z][A-Za-z0-9_]*$")  # in `diffusers`
+    path: str | None = None  # hub id or local folder (a VAE); a scheduler takes none
+    kwargs: dict[str, Any] = {}
+
+
+class Compare(Section):
+    """A published model sampled and scored beside our students: the base pipeline with its
+    loading recipe, sampled with the pipeline's own call at `steps` and `guidance`."""
+
+    path: str | None = None  # the base pipeline (hub id or folder); None: the teacher
+    lora: CompareLora | None = None
+    scheduler: Component | None = None
+    vae: Component | None = None
+    steps: int = Field(gt=0)
+    guidance: float = Field(1.0, ge=0)  # the pipeline's guidance_scale (> 1: CFG)
+    # Pipeline components loaded as None, e.g. [text_encoder_3, tokenizer_3] (no T5)
+    drop: list[str] = []
+
+    @model_validator(mode="after")
+    def _vae_weights(self) -> Compare:
+        if self.vae is not None and self.vae.path is None:
+            raise ValueError("a compare vae needs `path` (hub id or folder of its weights)")
+        return self
 
 
 class Score(Section):
@@ -247,6 +327,8 @@ class Params(Section):
     ablation: Ablation = Ablation()
     world_teacher: WorldTeacher = WorldTeacher()
     world_judge: WorldJudge = WorldJudge()
+    # name -> published model sampled beside our students (sd3); empty in the embedded world
+    compare: dict[str, Compare] = {}
 
     @model_validator(mode="after")
     def _known_methods(self) -> Params:
@@ -274,6 +356,7 @@ class Params(Section):
                 f"prompts.eval_pairs ({self.prompts.eval_pairs}) must be above score.k "
                 f"({self.score.k}): precision/recall take each sample's k nearest neighbours"
             )
+        self._check_compare()
         unknown = [m for m in self.distill.methods if m not in self.methods]
         ablated = [m for m in self.ablation.methods if m not in self.methods]
         if ablated:
@@ -295,13 +378,33 @@ class Params(Section):
             )
         return self
 
+    def _check_compare(self) -> None:
+        if self.compare and self.teacher.backend != "sd3":
+            raise ValueError(
+                f"compare: published models are sampled with the sd3 pipeline only (teacher."
+                f"backend is '{self.teacher.backend}'); remove the compare section"
+            )
+        for name in self.compare:
+            if not METHOD_NAME.fullmatch(name):
+                raise ValueError(
+                    f"compare: the name '{name}' is not usable in file and rule names; use "
+                    "letters, digits and underscores (e.g. hyper_sd)"
+                )
+            if name in self.methods or name in TEACHER_SETS:
+                raise ValueError(
+                    f"compare: the name '{name}' is already a method or teacher sample set; "
+                    "choose another"
+                )
+
+
+TEACHER_SETS = ("teacher_cfg", "teacher_nocfg")  # the teacher's sample sets (cdm.sampler)
 
 # distill keys that shape no student: which methods run, how often to checkpoint, when to
 # give up. Changing them must not restart a finished or half-finished run.
 BOOKKEEPING = frozenset(
     {
         "methods", "checkpoint_every", "keep_checkpoints", "max_nonfinite", "preview_every",
-        "preview_images", "stop_before_limit",
+        "preview_images", "stop_before_limit", "process_group_timeout",
     }
 )  # fmt: skip
 DYNAMIC_ONLY = frozenset({"k_min", "k_max", "u_min", "u_max"})  # the fixed schedule ignores them
@@ -315,11 +418,13 @@ def sample_sets(
 ) -> list[tuple[str, int]]:
     """(model, steps) of every sample set the params define: the teacher with and without
     CFG at sample.teacher_steps, then each method (default distill.methods) at `steps`
-    (default sample.student_steps). Score and report read these and nothing else on disk."""
+    (default sample.student_steps), then (by default) each published model of `compare` at its
+    own steps. Score and report read these and nothing else on disk."""
+    compared = [(n, c.steps) for n, c in params.compare.items()] if methods is None else []
     methods = params.distill.methods if methods is None else methods
     steps = params.sample.student_steps if steps is None else steps
     teacher = [(m, s) for m in TEACHER_SETS for s in params.sample.teacher_steps]
-    return teacher + [(m, s) for m in methods for s in steps]
+    return teacher + [(m, s) for m in methods for s in steps] + compared
 
 
 def student_inputs(params: Params, method: str, seed: int | None = None) -> dict[str, Any]:
@@ -331,7 +436,12 @@ def student_inputs(params: Params, method: str, seed: int | None = None) -> dict
         drop |= DYNAMIC_ONLY
     if not preset.ca:
         drop.add("guidance")
+    if params.distill.lora is None:
+        drop.add("lora")  # full fine-tuning keeps the fingerprints it had before LoRA existed
     distill = {k: v for k, v in params.distill.model_dump().items() if k not in drop}
+    # The student depends on the world size, not on its split over nodes: 2 nodes of 1
+    # process resume 1 node of 2 (and one node keeps its fingerprint).
+    distill["num_processes"] = distill.pop("nodes") * distill["num_processes"]
     seed = params.seed if seed is None else seed
     return {"method": preset.model_dump(), "distill": distill, "seed": seed}
 
@@ -356,14 +466,28 @@ def ablation_inputs(params: Params) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The section a key path lands in, through named entries (methods.<name>,
+    compare.<name>) and optional subsections (compare.<name>.lora)."""
+    node: Any = Params
+    for part in loc:
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            fields = {f.alias or n: f for n, f in node.model_fields.items()}
+            node = fields[str(part)].annotation
+        else:  # a dict[str, Section]: `part` is an entry's name
+            node = get_args(node)[-1]
+        models = [a for a in get_args(node) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if get_origin(node) is not dict and models:  # Section | None
+            node = models[0]
+    return node
+
+
 def _describe(err: dict[str, Any], source: str) -> str:
     key = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
-        parent = Params
-        for part in err["loc"][:-1]:
-            parent = parent.model_fields[str(part)].annotation  # type: ignore[assignment]
-        allowed = ", ".join(parent.model_fields)  # type: ignore[union-attr]
+        parent = _section_at(err["loc"][:-1])
+        allowed = ", ".join(f.alias or n for n, f in parent.model_fields.items())
         return f"{source}: unknown key '{key}'; allowed keys here: {allowed}"
     if kind == "value_error":  # a cross-field rule: its message names the keys
         where = f"{key}: " if key else ""

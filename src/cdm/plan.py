@@ -1,6 +1,8 @@
 """Per-GPU memory plan of a distillation run: `python -m cdm.plan OVERLAY --gpus N --zero {2,3}`.
 
-Example: `python -m cdm.plan configs/sd3-medium.yaml --gpus 8 --zero 2`.
+Example: `python -m cdm.plan configs/sd3-medium.yaml --gpus 8 --zero 2`; several nodes:
+`python -m cdm.plan configs/sd35-large.yaml --gpus 8 --nodes 2 --zero 3` (N below is then
+every GPU of the job, nodes x GPUs per node).
 
 The overlay is merged onto params.yaml (nothing is written). The transformer's parameter
 count P comes from its config, instantiated on the meta device (no weights): the config of
@@ -25,6 +27,12 @@ in fp32 on CPUs; N = GPUs):
   stays on disk in shards the engine reads batch by batch (its size is printed, not counted)
 - latents and loss tensors (fp32): ~24 latent-sized tensors of B_s samples
 Not counted: the CUDA context and allocator fragmentation (keep a few GiB free).
+
+LoRA mode (`--lora`, or distill.lora set; cdm.lora): one frozen base w P shared by teacher,
+student and fake score; each adapter's A parameters (rank r on every target linear,
+r (in + out) each) take the place of P in the weights, EMA, optimizer and gradient rows.
+Activations are the full mode's (the backward still runs through the frozen base). With
+--lora the plan also prints the largest batch on one GPU of 24, 48 and 80 GiB.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from cdm import params as P
 from cdm.overlay import apply
@@ -65,6 +75,48 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         },  # fmt: skip
         "vae_factor": 8,
     },
+    # SD3.5 (MMDiT with QK RMS-norm; served by StableDiffusion3Pipeline like SD3): Large is
+    # depth 38 (38 heads x 64 = 2432 wide), Medium is MMDiT-X: depth 24 with a second,
+    # image-only attention in blocks 0-12 and position embeddings up to 384 patches a side.
+    "stabilityai/stable-diffusion-3.5-large": {
+        "backend": "sd3",
+        "transformer": {
+            "_class_name": "SD3Transformer2DModel",
+            "sample_size": 128,
+            "patch_size": 2,
+            "in_channels": 16,
+            "out_channels": 16,
+            "num_layers": 38,
+            "attention_head_dim": 64,
+            "num_attention_heads": 38,
+            "joint_attention_dim": 4096,
+            "caption_projection_dim": 2432,
+            "pooled_projection_dim": 2048,
+            "pos_embed_max_size": 192,
+            "qk_norm": "rms_norm",
+        },  # fmt: skip
+        "vae_factor": 8,
+    },
+    "stabilityai/stable-diffusion-3.5-medium": {
+        "backend": "sd3",
+        "transformer": {
+            "_class_name": "SD3Transformer2DModel",
+            "sample_size": 128,
+            "patch_size": 2,
+            "in_channels": 16,
+            "out_channels": 16,
+            "num_layers": 24,
+            "attention_head_dim": 64,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 4096,
+            "caption_projection_dim": 1536,
+            "pooled_projection_dim": 2048,
+            "pos_embed_max_size": 384,
+            "qk_norm": "rms_norm",
+            "dual_attention_layers": list(range(13)),
+        },  # fmt: skip
+        "vae_factor": 8,
+    },
     "meituan-longcat/LongCat-Image": {
         "backend": "longcat",
         "transformer": {
@@ -88,6 +140,7 @@ PUBLISHED: dict[str, dict[str, Any]] = {
 BLOCK_UNITS = 18.1
 STASH_UNITS = 1.09
 TEACHER_UNITS = 20.0
+LORA_GPUS = (24, 48, 80)  # one-GPU sizes the LoRA plan reports (GiB)
 SD3_TEXT_TOKENS = 77 + 256  # CLIP tokens + T5 max_sequence_length of StableDiffusion3Pipeline
 LONGCAT_TEXT_TOKENS = 512  # LongCatImagePipeline.tokenizer_max_length
 
@@ -105,22 +158,38 @@ class Model:
     text_tokens: int
     text_width: int
     latent_numel: int  # C x h x w of one latent
+    adapter: int = 0  # A, one LoRA adapter's parameters (0: full fine-tuning)
 
 
-def count_parameters(backend: str, config: dict[str, Any]) -> tuple[int, int, int]:
-    """(P, largest block's parameters, blocks) of the transformer built on the meta device."""
+def _meta_model(backend: str, config: dict[str, Any]) -> torch.nn.Module:
     from accelerate import init_empty_weights
     from diffusers import LongCatImageTransformer2DModel, SD3Transformer2DModel
 
     cls = SD3Transformer2DModel if backend == "sd3" else LongCatImageTransformer2DModel
     with init_empty_weights():
-        model = cls.from_config(config)
+        return cls.from_config(config)
+
+
+def count_parameters(backend: str, config: dict[str, Any]) -> tuple[int, int, int]:
+    """(P, largest block's parameters, blocks) of the transformer built on the meta device."""
+    model = _meta_model(backend, config)
     blocks = list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", []))
     sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
     return sum(p.numel() for p in model.parameters()), max(sizes), len(blocks)
 
 
-def describe(backend: str, path: str, resolution: int | None) -> tuple[Model, str]:
+def adapter_parameters(backend: str, config: dict[str, Any], cfg: P.Lora) -> int:
+    """A: one LoRA adapter's parameters, r (in + out) on each target linear (cdm.lora)."""
+    from cdm.lora import targets
+
+    model = _meta_model(backend, config)
+    linears = [model.get_submodule(name) for name in targets(model, cfg)]
+    return sum(cfg.rank * (m.in_features + m.out_features) for m in linears)
+
+
+def describe(
+    backend: str, path: str, resolution: int | None, lora_cfg: P.Lora | None = None
+) -> tuple[Model, str]:
     """The teacher's Model and where its config came from."""
     if backend not in ("sd3", "longcat"):
         raise ValueError(f"the memory plan covers the sd3 and longcat backends, not '{backend}'")
@@ -141,6 +210,7 @@ def describe(backend: str, path: str, resolution: int | None) -> tuple[Model, st
             f"stored for it; known: {', '.join(PUBLISHED)}"
         )
     params, block, blocks = count_parameters(backend, config)
+    adapter = adapter_parameters(backend, config, lora_cfg) if lora_cfg is not None else 0
     hidden = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
     if backend == "sd3":
         size = resolution // factor if resolution else int(config["sample_size"])
@@ -150,7 +220,7 @@ def describe(backend: str, path: str, resolution: int | None) -> tuple[Model, st
         tokens, text, channels = (size // 2) ** 2, LONGCAT_TEXT_TOKENS, config["in_channels"] // 4
     model = Model(
         config["_class_name"], params, block, blocks, hidden, tokens, text,
-        int(config["joint_attention_dim"]), channels * size * size,
+        int(config["joint_attention_dim"]), channels * size * size, adapter,
     )  # fmt: skip
     return model, source
 
@@ -176,7 +246,33 @@ def estimate(
         activations = max(student_activations(m, grad_batch, True, w), teacher_set)
     else:
         activations = student_activations(m, grad_batch, False, w) + teacher_set
-    rows = {
+    if m.adapter:
+        rows = _lora_rows(m, n, w, reduce_bucket)
+    else:
+        rows = _full_rows(m, n, w, reduce_bucket, weights)
+    rows |= {
+        "activations": activations,
+        "latents and loss tensors (fp32)": 24 * 4 * m.latent_numel * grad_batch,
+    }
+    rows["prompt embeddings (one batch + null; cache on disk)"] = cache_bytes(m, batch + 1, w)
+    return rows
+
+
+def _lora_rows(m: Model, n: int, w: int, reduce_bucket: int) -> dict[str, float]:
+    a = m.adapter
+    return {
+        "base (frozen; teacher, student and fake score share it)": w * m.params,
+        "adapter weights (student + fake score)": 2 * w * a,
+        "student EMA (fp32 adapter, partitioned)": 4 * a / n,
+        "optimizer states (fp32 master + AdamW m, v; 2 adapters)": 2 * 12 * a / n,
+        "gradients (partitioned + bucket; 2 adapters)": 2 * (w * a / n + w * min(a, reduce_bucket))
+        + 4 * a / n,
+    }
+
+
+def _full_rows(m: Model, n: int, w: int, reduce_bucket: int, weights: float) -> dict[str, float]:
+    p = m.params
+    return {
         "teacher (frozen, replicated)": w * p,
         "student weights": weights,
         "fake score weights": weights,
@@ -184,11 +280,36 @@ def estimate(
         "optimizer states (fp32 master + AdamW m, v; 2 engines)": 2 * 12 * p / n,
         "gradients (partitioned + bucket; 2 engines)": 2 * (w * p / n + w * reduce_bucket)
         + 4 * p / n,
-        "activations": activations,
-        "latents and loss tensors (fp32)": 24 * 4 * m.latent_numel * grad_batch,
     }
-    rows["prompt embeddings (one batch + null; cache on disk)"] = cache_bytes(m, batch + 1, w)
-    return rows
+
+
+def peaks(m: Model, gpus: int, zero: int, weight_bytes: int = 2) -> dict[str, float]:
+    """Bytes of the moments outside the steady state (cdm.engine, cdm.zero).
+
+    Start-up, per GPU: the teacher (w P), then the student and the fake score each built on
+    the CPU in bf16 and moved into its engine one at a time (ZeRO-2: w P each, plus w P while
+    DeepSpeed flattens one engine's weights into its groups; ZeRO-3: partitioned as built,
+    w P / N each plus one block whole) and their fp32 master partitions (2 x 4 P / N).
+    Host, per process: the teacher read in fp32 (4 P) before it moves to the GPU.
+    Preview (and export), rank 0 only: the EMA gathered parameter by parameter into an fp32
+    CPU copy (4 P host) drawn on the GPU in bf16 (+w P); the other ranks hold one gathered
+    tensor at a time (at most a block)."""
+    w, p, n = weight_bytes, m.params, gpus
+    block = m.block_params * w
+    engines = 2 * w * p + w * p if zero == 2 else 2 * w * p / n + block
+    return {
+        "start-up peak per GPU (before the first step)": w * p + engines + 2 * 4 * p / n,
+        "start-up host RAM per process (teacher read in fp32)": 4 * p,
+        "preview / export peak on rank 0: GPU (+bf16 EMA)": w * p,
+        "preview / export peak on rank 0: host (fp32 EMA)": 4 * p,
+        "preview / export peak on other ranks: GPU (one block)": 4 * m.block_params,
+    }
+
+
+def checkpoint_bytes(m: Model, weight_bytes: int = 2) -> float:
+    """One checkpoint on disk: per engine its weights (w P) and the fp32 master + AdamW m, v
+    (12 P, the ranks' partitions together), and the EMA's partitions (4 P): 32 P in bf16."""
+    return 2 * (weight_bytes * m.params + 12 * m.params) + 4 * m.params
 
 
 def cache_bytes(m: Model, prompts: int, weight_bytes: int = 2) -> float:
@@ -232,16 +353,23 @@ def _count_lines(path: str | None) -> int | None:
 def plan(
     overlay: str,
     params_path: str,
-    gpus: int,
+    gpus: int | None,
     zero: int | None,
     memory_gib: float,
     train_prompts: int | None = None,
+    nodes: int | None = None,
+    lora: bool = False,
 ) -> str:
+    """The table for `gpus` GPUs on each of `nodes` nodes (default: distill.nodes); ZeRO
+    partitions over all of them."""
     merged = P.parse_yaml(apply(overlay, params_path, write=False))
     params = P.parse(merged, f"{params_path} + {overlay}")
     cfg, teacher = params.distill, params.teacher
-    zero = zero or cfg.zero_stage
-    model, source = describe(teacher.backend, teacher.path, teacher.resolution)
+    zero, nodes = zero or cfg.zero_stage, nodes or cfg.nodes
+    lora_cfg = cfg.lora or (P.Lora() if lora else None)  # --lora: the authors' settings
+    per_node = gpus or (cfg.num_processes if lora_cfg is not None else 8)
+    gpus = per_node * nodes
+    model, source = describe(teacher.backend, teacher.path, teacher.resolution, lora_cfg)
     cdm = any(params.methods[m].cdm for m in cfg.methods)
     # The training prompts: the file's where it is here, else the count given (--train-prompts).
     prompts = _count_lines(params.prompts.train_file) or train_prompts
@@ -254,29 +382,54 @@ def plan(
     lines = [
         f"memory plan: {teacher.backend} {teacher.path}",
         f"  {model.name}: {model.params:,} parameters ({source}, built on the meta device)",
-        f"  {gpus} GPUs, ZeRO-{zero}, bf16; batch {cfg.batch_size} per GPU; "
+        f"  {f'{nodes} nodes x {per_node} = ' if nodes > 1 else ''}{gpus} GPUs, ZeRO-{zero}, "
+        f"bf16; batch {cfg.batch_size} per GPU; "
         f"{model.image_tokens} image tokens ({side}x{side}) + {model.text_tokens} text tokens; "
         f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}",
         "",
         f"  {'per GPU':<58}{'GiB':>8}",
     ]
+    if lora_cfg is not None:
+        lines.insert(
+            3,
+            f"  LoRA: rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g}, include_ff "
+            f"{str(lora_cfg.include_ff).lower()}; {model.adapter:,} parameters per adapter "
+            f"({model.adapter / model.params:.2%} of the transformer)",
+        )
     lines += [f"  {name:<58}{value / GIB:>8.2f}" for name, value in rows.items()]
     disk = "-" if prompts is None else f"{cache_bytes(model, prompts) / GIB:.2f}"
     label = f"train prompt cache, {prompts or '?'} prompts (disk; not counted)"
     lines.append(f"  {label:<58}{disk:>8}")
     verdict = "fits" if total / GIB <= memory_gib else "does NOT fit"
-    fitting = [
-        b
-        for b in range(1, 257)
-        if sum(estimate(model, b, gpus, zero, cfg.gradient_checkpointing, cdm,
-                        reduce_bucket=_reduce_bucket(zero)).values())
-        <= memory_gib * GIB
-    ]  # fmt: skip
+
+    def largest(gib: float) -> int | str:
+        fitting = [
+            b
+            for b in range(1, 257)
+            if sum(estimate(model, b, gpus, zero, cfg.gradient_checkpointing, cdm,
+                            reduce_bucket=_reduce_bucket(zero)).values())
+            <= gib * GIB
+        ]  # fmt: skip
+        return max(fitting) if fitting else "none"
+
     lines += [
         f"  {'total':<58}{total / GIB:>8.2f}",
         f"  {verdict} in {memory_gib:g} GiB (not counted: CUDA context, fragmentation); "
-        f"largest batch per GPU that fits: {max(fitting) if fitting else 'none'}",
+        f"largest batch per GPU that fits: {largest(memory_gib)}",
     ]
+    if lora_cfg is None:  # full fine-tuning: start-up, preview and checkpoint peaks
+        lines += [""] + [f"  {k:<58}{v / GIB:>8.2f}" for k, v in peaks(model, gpus, zero).items()]
+        one = checkpoint_bytes(model)
+        alive = cfg.keep_checkpoints + 1  # the kept ones and the one being written
+        lines += [
+            f"  {'one checkpoint (disk)':<58}{one / GIB:>8.2f}",
+            f"  {f'checkpoint disk per method ({alive} alive at a time)':<58}{alive * one / GIB:>8.2f}",
+            f"  {f'checkpoint disk, {len(cfg.methods)} methods':<58}"
+            f"{len(cfg.methods) * alive * one / GIB:>8.2f}",
+        ]
+    if lora_cfg is not None:
+        sizes = ", ".join(f"{g} GiB: {largest(g)}" for g in LORA_GPUS)
+        lines.append(f"  largest batch per GPU on {gpus} GPU(s) of {sizes}")
     return "\n".join(lines)
 
 
@@ -284,7 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overlay", help="params overlay, e.g. configs/sd3-medium.yaml")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument(
+        "--gpus", type=int, help="GPUs per node (default: 8; with LoRA distill.num_processes)"
+    )
+    parser.add_argument("--nodes", type=int, help="default: distill.nodes of the overlay")
+    parser.add_argument(
+        "--lora", action="store_true", help="LoRA mode, the authors' settings unless set"
+    )
     parser.add_argument("--zero", type=int, choices=(2, 3), help="default: distill.zero_stage")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (H100: 80)")
     parser.add_argument(
@@ -292,14 +451,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        if args.gpus < 1:
+        if args.gpus is not None and args.gpus < 1:
             raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
         if args.train_prompts is not None and args.train_prompts < 1:
             raise ValueError(f"--train-prompts must be >= 1, got {args.train_prompts}")
+        if args.nodes is not None and args.nodes < 1:
+            raise ValueError(f"--nodes must be >= 1, got {args.nodes}")
         print(
             plan(
                 args.overlay, args.params, args.gpus, args.zero, args.gpu_memory,
-                args.train_prompts,
+                args.train_prompts, args.nodes, args.lora,
             )
         )  # fmt: skip
     except (P.ParamsError, FileNotFoundError, ValueError) as exc:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -26,12 +27,15 @@ from tqdm import tqdm
 from cdm import params as P
 from cdm.backends import backend_module
 from cdm.backends.few_step import exported_sigmas
-from cdm.cache import load_condition
+from cdm.cache import cached_prompts, load_condition
 from cdm.conditioning import Condition
 from cdm.sampling import inference_sigmas, sample_euler
 from cdm.world.evaluate import EvalPairs
 
-TEACHERS = ("teacher_cfg", "teacher_nocfg")
+if TYPE_CHECKING:
+    from cdm.baselines import CompareJob
+
+TEACHERS = P.TEACHER_SETS
 INDEX = "index.parquet"
 COLUMNS = ["prompt", "pair", "seed", "model", "steps", "nfe", "seconds", "file", "dtype"]
 
@@ -103,8 +107,8 @@ def load_sampler(
         return Sampler(velocity, shift, shape, guidance)
     if model not in params.methods:
         raise ValueError(
-            f"unknown model '{model}'; choose {', '.join(TEACHERS)} or a method of "
-            f"params.yaml ({', '.join(params.methods)})"
+            f"unknown model '{model}'; choose {', '.join(TEACHERS)}, a method of "
+            f"params.yaml ({', '.join(params.methods)}) or a compare entry"
         )
     folder = students / model
     if not (folder / "inference.json").is_file():
@@ -213,11 +217,16 @@ def prepare_set(
     cache: Path,
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
-) -> SampleJob:
+) -> SampleJob | CompareJob:
     """Read every input of a set (prompt cache, model, decoder) before anything is written.
     `device` defaults to a GPU when there is one, `dtype` to `sampling_dtype(device)`."""
     device = sampling_device() if device is None else device
     dtype = sampling_dtype(device) if dtype is None else dtype
+    if model in params.compare:  # a published model, sampled by its own pipeline call
+        from cdm import baselines as compare
+
+        prompts = cached_prompts(cache / "eval.safetensors")
+        return compare.prepare(model, steps, params, prompts, pairs, teacher, device, dtype)
     cond, prompts = load_condition(cache / "eval.safetensors")
     null, _ = load_condition(cache / "null.safetensors")
     sampler = load_sampler(model, params, teacher, students, dtype)

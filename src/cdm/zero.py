@@ -13,7 +13,8 @@ import copy
 import os
 import socket
 from collections.abc import Iterator
-from typing import Any
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import deepspeed
 import torch
@@ -31,22 +32,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device: torch.device) -> tuple[int, int, dict[str, Any] | None]:
+def init_distributed(
+    device: torch.device, timeout_s: float = 1800
+) -> tuple[int, int, dict[str, Any] | None]:
     """Join the process group accelerate launched (NCCL on GPU, gloo on CPU), or create a
     one-process group when run alone. Returns (rank, world size, accelerate's DeepSpeed
-    config if it launched with one)."""
+    config if it launched with one).
+
+    `timeout_s` (distill.process_group_timeout): how long a collective waits for a rank
+    busy alone, e.g. rank 0 writing a checkpoint's manifest, before the run fails."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
     plugin = None
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():  # started by a launcher
-        kwargs = InitProcessGroupKwargs(backend=backend)
+        kwargs = InitProcessGroupKwargs(backend=backend, timeout=timeout)
         plugin = getattr(Accelerator(kwargs_handlers=[kwargs]).state, "deepspeed_plugin", None)
     if not dist.is_initialized():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ["MASTER_PORT"] = str(_free_port())
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), plugin.deepspeed_config if plugin else None
 
 
@@ -180,6 +187,19 @@ class PartitionedEMA:
             for t, s in zip(live, saved, strict=True):
                 t.copy_(s)
 
+    def partitions(self) -> dict[str, torch.Tensor]:
+        """This rank's EMA partitions on the CPU, what a checkpoint stores per rank (4 P / N
+        bytes; nothing gathered); local."""
+        return {f"group-{i}": p.detach().cpu().clone() for i, p in enumerate(self.parts)}
+
+    @torch.no_grad()
+    def load_partitions(self, state: dict[str, torch.Tensor]) -> None:
+        """This rank's partitions back from `partitions()` of a run of the same world size."""
+        if len(state) != len(self.parts):
+            raise ValueError(f"{len(state)} EMA partitions saved, {len(self.parts)} expected")
+        for i, part in enumerate(self.parts):
+            part.copy_(state[f"group-{i}"])
+
     @torch.no_grad()
     def state_dict(self) -> dict[str, torch.Tensor]:
         """{parameter name: full fp32 tensor on the CPU}; collective."""
@@ -201,13 +221,52 @@ class PartitionedEMA:
             self.parts = [t.clone() for t in live]
 
     @torch.no_grad()
-    def module(self, template: torch.nn.Module) -> torch.nn.Module:
-        """A full fp32 copy of `template` holding the EMA weights (preview, export); collective."""
-        state = self.state_dict()
-        out = copy.deepcopy(template).float().requires_grad_(False).eval()
-        for name, p in out.named_parameters():
-            p.copy_(state[name])
+    def module(self, template: torch.nn.Module) -> torch.nn.Module | None:
+        """The EMA weights in an fp32 copy of `template` on the CPU, on rank 0 only (preview,
+        export); None on the other ranks. Collective: parameter by parameter, so no rank
+        holds more than one full tensor on its device at a time, and only rank 0 keeps any
+        (4 P bytes of its host memory)."""
+        out = cpu_fp32_copy(template).requires_grad_(False).eval() if rank() == 0 else None
+        into = dict(out.named_parameters()) if out is not None else {}
+        with self._in_engine():
+            for name, full in full_fp32_params(self.engine):
+                if out is not None:
+                    into[name].copy_(full)
         return out
+
+
+def cpu_fp32_copy(template: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `template` on the CPU with fp32 parameters left to fill (its buffers copied)."""
+    return _cpu_copy(template, torch.float32, values=False)
+
+
+def trainable_copy(
+    teacher: torch.nn.Module, dtype: torch.dtype, config: dict[str, Any]
+) -> torch.nn.Module:
+    """A trainable copy of the teacher (the student, the fake score), built on the CPU in
+    `dtype`: bf16 on GPUs, the dtype DeepSpeed casts the module to anyway, so no device ever
+    holds an fp32 copy (DeepSpeed's fp32 masters come from these bf16 weights, as before).
+    At ZeRO-3 it is partitioned as it is built (deepspeed.zero.Init, one parameter at a
+    time): no rank holds it whole on its device."""
+    model = _cpu_copy(teacher, dtype, values=True).requires_grad_(True).train()
+    if config["zero_optimization"]["stage"] == 3:
+        # mem_efficient_linear=False: leave torch's linear alone (the teacher runs outside ZeRO).
+        deepspeed.zero.Init(module=model, config_dict_or_path=config, mem_efficient_linear=False)
+    return model
+
+
+def _cpu_copy(template: torch.nn.Module, dtype: torch.dtype, values: bool) -> torch.nn.Module:
+    """`template` copied onto the CPU in `dtype`, its weights wherever they live (maybe a
+    GPU) never duplicated there; `values=False` leaves the parameters to fill."""
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        kind = dtype if t.is_floating_point() else t.dtype
+        return t.detach().to("cpu", kind, copy=True) if values else torch.empty(t.shape, dtype=kind)
+
+    memo: dict[int, Any] = {id(p): torch.nn.Parameter(cast(p)) for p in template.parameters()}
+    for b in template.buffers():
+        memo[id(b)] = b.detach().to("cpu", dtype if b.is_floating_point() else b.dtype, copy=True)
+    return copy.deepcopy(template, memo)
 
 
 def all_reduce_max(value: int, device: torch.device) -> int:
@@ -235,6 +294,20 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+T = TypeVar("T")
+
+
+def from_rank0(value: T) -> T:
+    """Rank 0's `value` on every rank. Decisions read from a shared filesystem (which
+    checkpoint to resume, whether one is still to write) are rank 0's alone: another rank's
+    listing may be stale, and ranks that disagree on a collective hang in it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -242,6 +315,10 @@ def barrier() -> None:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def local_rank() -> int:

@@ -34,7 +34,7 @@ rule ablation_distill:
         " --num_processes {NPROC} --main_process_port {params.port}"
         " src/distill.py --method {wildcards.method} --seed {wildcards.seed} --params {PARAMS_FILE}"
         " --out ablation/models/seed{wildcards.seed} --checkpoints ablation/checkpoints/seed{wildcards.seed}"
-        " --logs ablation/logs/seed{wildcards.seed} 2>&1 | tee {log}"
+        " --logs ablation/logs/seed{wildcards.seed} 2>&1 | tee -i {log}"
 
 
 rule ablation_sample:
@@ -51,7 +51,7 @@ rule ablation_sample:
     shell:
         "OMP_NUM_THREADS={threads} {PYTHON} src/sample.py --model {wildcards.method} --steps {wildcards.steps}"
         " --students ablation/models/seed{wildcards.seed} --out ablation/samples/seed{wildcards.seed}"
-        " --params {PARAMS_FILE} 2>&1 | tee {log}"
+        " --params {PARAMS_FILE} 2>&1 | tee -i {log}"
 
 
 rule ablation_score:
@@ -71,7 +71,7 @@ rule ablation_score:
     shell:
         "OMP_NUM_THREADS={threads} {PYTHON} src/score.py --samples ablation/samples/seed{wildcards.seed}"
         " --teachers samples --out ablation/scores/seed{wildcards.seed} --timings {output.timings}"
-        " --params {PARAMS_FILE} 2>&1 | tee {log}"
+        " --params {PARAMS_FILE} 2>&1 | tee -i {log}"
 
 
 rule ablation:
@@ -87,4 +87,4 @@ rule ablation:
     log:
         "logs/ablation/summary.log",
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} src/ablation.py --params {PARAMS_FILE} 2>&1 | tee {log}"
+        "OMP_NUM_THREADS={threads} {PYTHON} src/ablation.py --params {PARAMS_FILE} 2>&1 | tee -i {log}"

@@ -17,4 +17,4 @@ rule cache_teacher:
     log:
         "logs/cache_teacher.log",
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} src/cache_teacher.py --params {PARAMS_FILE} 2>&1 | tee {log}"
+        "OMP_NUM_THREADS={threads} {PYTHON} src/cache_teacher.py --params {PARAMS_FILE} 2>&1 | tee -i {log}"

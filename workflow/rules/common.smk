@@ -9,6 +9,12 @@ PYTHON = "python"
 # Processes per distill job: distill.num_processes (8 GPUs of one node in the real-run
 # overlays; one launcher per node starts them all).
 NPROC = PARAMS.distill.num_processes
+# Nodes per distill job (distill.nodes): above one, cdm.launch starts one launcher per node
+# under srun, and the job is a multi-task one: the SLURM plugin's `mpi` resource runs the
+# rule in the batch shell (no `srun -n1` around it) and asks for one task per node.
+NODES = PARAMS.distill.nodes
+NODES_ARG = f"--nodes {NODES} " if NODES > 1 else ""
+MULTINODE = {"mpi": "srun", "tasks": NODES} if NODES > 1 else {}
 METHODS = config["distill"]["methods"]
 # The shapes world is scored by its judge; sd3 / longcat by the paper's preference scorers,
 # whose weights (and a hub teacher) fetch_weights downloads first on the login node.

@@ -24,11 +24,16 @@ rule distill:
         resolution=RESOLUTION,
         port=distill_port,
     threads: 1  # per process; the other cores sample the teacher meanwhile
+    resources:
+        nodes=NODES,
+        **MULTINODE,
     benchmark:
         "benchmarks/distill_{method}.tsv"
     log:
         "logs/distill_{method}.log",
+    # tee -i (every rule): a Ctrl-C reaches tee with the job's process group, and a tee that
+    # died of it would swallow the stage's one `error:` line saying so.
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} -m cdm.launch --config_file configs/accelerate/zero{params.zero}{ACCELERATE_SUFFIX}.yaml"
+        "OMP_NUM_THREADS={threads} {PYTHON} -m cdm.launch {NODES_ARG}--config_file configs/accelerate/zero{params.zero}{ACCELERATE_SUFFIX}.yaml"
         " --num_processes {NPROC} --main_process_port {params.port}"
-        " src/distill.py --method {wildcards.method} --params {PARAMS_FILE} 2>&1 | tee {log}"
+        " src/distill.py --method {wildcards.method} --params {PARAMS_FILE} 2>&1 | tee -i {log}"

@@ -12,10 +12,11 @@ rule fetch_weights:
     params:
         teacher=config["teacher"]["path"],
         models=config["score"]["models"],
+        compare=config.get("compare") or {},
     log:
         "logs/fetch_weights.log",
     shell:
-        "{PYTHON} -m cdm.fetch weights --params {PARAMS_FILE} --record {output} 2>&1 | tee {log}"
+        "{PYTHON} -m cdm.fetch weights --params {PARAMS_FILE} --record {output} 2>&1 | tee -i {log}"
 
 
 if not WORLD and PARAMS.prompts.eval_file:
@@ -31,4 +32,20 @@ if not WORLD and PARAMS.prompts.eval_file:
         log:
             "logs/fetch_prompts.log",
         shell:
-            "{PYTHON} -m cdm.fetch prompts --params {PARAMS_FILE} 2>&1 | tee {log}"
+            "{PYTHON} -m cdm.fetch prompts --params {PARAMS_FILE} 2>&1 | tee -i {log}"
+
+
+if not WORLD and PARAMS.prompts.dpg_file:
+
+    localrules:
+        fetch_dpg,
+
+    rule fetch_dpg:
+        output:
+            PARAMS.prompts.dpg_file,
+        params:
+            source=PARAMS.prompts.dpg_source,
+        log:
+            "logs/fetch_dpg.log",
+        shell:
+            "{PYTHON} -m cdm.fetch dpg --params {PARAMS_FILE} 2>&1 | tee -i {log}"

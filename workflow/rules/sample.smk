@@ -6,24 +6,34 @@ SHARDS = int(config.get("shards", 1))
 TEACHER_MODELS = ["teacher_cfg", "teacher_nocfg"]
 
 
+# Published models sampled beside the students, each at its recipe's steps (params compare:).
+COMPARE = config.get("compare") or {}
+
+
 def sample_sets():
     """samples/<model>/<steps>/index.parquet of every set the pipeline evaluates."""
     teacher = [(m, s) for m in TEACHER_MODELS for s in config["sample"]["teacher_steps"]]
     students = [(m, s) for m in METHODS for s in config["sample"]["student_steps"]]
-    return [f"samples/{m}/{s}/index.parquet" for m, s in teacher + students]
+    published = [(m, c["steps"]) for m, c in COMPARE.items()]
+    return [f"samples/{m}/{s}/index.parquet" for m, s in teacher + students + published]
 
 
 def sample_inputs(wildcards):
     inputs = {"cache": "cache/prompts", "teacher": "models/teacher"}
-    if wildcards.model not in TEACHER_MODELS:
+    if wildcards.model in COMPARE:  # its LoRA and VAE: fetched on the login node
+        inputs["weights"] = "models/weights.json"
+    elif wildcards.model not in TEACHER_MODELS:
         inputs["student"] = f"models/students/{wildcards.model}"
     return inputs
 
 
 def sample_params(wildcards):
-    """The params a set depends on: the teacher's CFG, or the student's own method."""
+    """The params a set depends on: the teacher's CFG, the student's own method, or a
+    published model's recipe."""
     if wildcards.model in TEACHER_MODELS:
         return {"cfg_scale": config["teacher"]["cfg_scale"]}
+    if wildcards.model in COMPARE:
+        return {"compare": COMPARE[wildcards.model]}
     return {"method": config["methods"][wildcards.model]}
 
 
@@ -45,7 +55,7 @@ if SHARDS == 1:
             "logs/sample/{model}_{steps}.log",
         shell:
             "OMP_NUM_THREADS={threads} {PYTHON} src/sample.py --model {wildcards.model} --steps {wildcards.steps}"
-            " --params {PARAMS_FILE} 2>&1 | tee {log}"
+            " --params {PARAMS_FILE} 2>&1 | tee -i {log}"
 
 else:
 
@@ -63,7 +73,7 @@ else:
             "logs/sample/{model}_{steps}_part{i}of{n}.log",
         shell:
             "OMP_NUM_THREADS={threads} {PYTHON} src/sample.py --model {wildcards.model} --steps {wildcards.steps}"
-            " --shard {wildcards.i}/{wildcards.n} --params {PARAMS_FILE} 2>&1 | tee {log}"
+            " --shard {wildcards.i}/{wildcards.n} --params {PARAMS_FILE} 2>&1 | tee -i {log}"
 
     rule sample:
         input:
@@ -74,4 +84,4 @@ else:
             "logs/sample/{model}_{steps}_merge.log",
         shell:
             "OMP_NUM_THREADS={threads} {PYTHON} src/sample.py merge --model {wildcards.model} --steps {wildcards.steps}"
-            " --parts {SHARDS} --params {PARAMS_FILE} 2>&1 | tee {log}"
+            " --parts {SHARDS} --params {PARAMS_FILE} 2>&1 | tee -i {log}"

@@ -22,7 +22,7 @@ rule score:
     log:
         "logs/score.log",
     shell:
-        "HF_HUB_OFFLINE=1 OMP_NUM_THREADS={threads} {PYTHON} src/score.py --params {PARAMS_FILE} 2>&1 | tee {log}"
+        "HF_HUB_OFFLINE=1 OMP_NUM_THREADS={threads} {PYTHON} src/score.py --params {PARAMS_FILE} 2>&1 | tee -i {log}"
 
 
 rule report:
@@ -40,9 +40,10 @@ rule report:
         plots=directory("results/plots"),
     params:
         report=config["report"],
+        compare=COMPARE,  # Table 1's protocol names each published model's recipe
         # What results/ablation.json must have run on for its verdicts to be shown.
         ablation_inputs=lambda wc: P.ablation_inputs(PARAMS),
     log:
         "logs/report.log",
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} src/report.py --params {PARAMS_FILE} 2>&1 | tee {log}"
+        "OMP_NUM_THREADS={threads} {PYTHON} src/report.py --params {PARAMS_FILE} 2>&1 | tee -i {log}"

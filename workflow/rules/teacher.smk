@@ -22,4 +22,4 @@ rule prepare_teacher:
     log:
         "logs/prepare_teacher.log",
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} src/prepare_teacher.py --params {PARAMS_FILE} 2>&1 | tee {log}"
+        "OMP_NUM_THREADS={threads} {PYTHON} src/prepare_teacher.py --params {PARAMS_FILE} 2>&1 | tee -i {log}"

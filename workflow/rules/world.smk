@@ -10,7 +10,7 @@ rule world_judge:
     log:
         "logs/world_judge.log",
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} src/train_world.py judge --params {PARAMS_FILE} 2>&1 | tee {log}"
+        "OMP_NUM_THREADS={threads} {PYTHON} src/train_world.py judge --params {PARAMS_FILE} 2>&1 | tee -i {log}"
 
 
 rule world_teacher:
@@ -22,4 +22,4 @@ rule world_teacher:
     log:
         "logs/world_teacher.log",
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} src/train_world.py teacher --params {PARAMS_FILE} 2>&1 | tee {log}"
+        "OMP_NUM_THREADS={threads} {PYTHON} src/train_world.py teacher --params {PARAMS_FILE} 2>&1 | tee -i {log}"

@@ -72,10 +72,14 @@ class AestheticScorer(Scorer):
         cache_dir: str | None = None,
         batch_size: int = 32,
         device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> None:
-        super().__init__(batch_size, device)
+        super().__init__(batch_size, device, dtype)
         path = resolve_head(head, cache_dir)  # before the CLIP: fail fast on a missing head
-        self.encoder = OpenClipEncoder(clip_model, clip_pretrained, self.device, cache_dir)
+        self.path = path  # the file actually loaded (its sha256 goes to the conventions)
+        self.encoder = OpenClipEncoder(
+            clip_model, clip_pretrained, self.device, cache_dir, self.dtype
+        )
         state = torch.load(path, map_location="cpu", weights_only=True)
         width = state["layers.0.weight"].shape[1]
         if width != self.encoder.embed_dim:
@@ -85,7 +89,7 @@ class AestheticScorer(Scorer):
             )
         self.head = AestheticHead(width)
         self.head.load_state_dict(state)
-        self.head.to(self.device).eval()
+        self.head.to(self.device).eval()  # fp32: it reads the features as float32
 
     def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
         return self.head(self.encoder.images(images))

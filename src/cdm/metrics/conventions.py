@@ -1,6 +1,7 @@
 """What stands behind each number of metrics.json: per metric, the model id, the weights'
 revision (the hub commit where cached), the preprocessing as applied, and the score formula;
-per Fréchet distance, its reference set and formula. `cdm.metrics.preference` records them
+per Fréchet distance, its reference set and formula; a label per metric, and which metric
+fills each column of the paper's Table 1 (`paper_table`). `cdm.metrics.preference` records them
 beside the scores; built scorers supply the preprocessing they apply, otherwise it is rebuilt
 from the configs alone (no weights needed), so a record can be made before anything is fetched.
 """
@@ -13,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
 from cdm.hub import HUB_ID, hub_commit
 from cdm.metrics.aesthetic import AestheticScorer, resolve_head
 from cdm.metrics.base import Scorer
 from cdm.metrics.clip_score import ClipScorer
+from cdm.metrics.clip_vitl14 import ClipVitL14Scorer
 from cdm.metrics.openclip import architecture, resolve_weights
 from cdm.metrics.pickscore import PickScorer
 from cdm.metrics.scorers import ScorerConfigs, resolved_config, unavailable_reason
@@ -30,7 +33,33 @@ FORMULAS = {
     "image and prompt embeddings of the PickScore CLIP",
     "aesthetic": "LAION improved aesthetic MLP on L2-normalised CLIP ViT-L/14 image features "
     "(prompt ignored)",
+    "clip_vitl14": "100 * cos, not clamped (the paper's released evaluation code); cos of "
+    "L2-normalised transformers CLIP image and prompt embeddings",
 }
+# The paper's Table 1 column each metric fills. CLIPScore: the variant its code computes.
+PAPER_COLUMNS = {
+    "aesthetic": "Aesthetic",
+    "pickscore": "PickScore",
+    "hpsv3": "HPSv3",
+    "clip_vitl14": "CLIPScore",
+}
+# The aesthetic head the authors' code loads, to compare with `head_sha256` of ours.
+AUTHORS_HEAD = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
+
+
+def label(name: str, config: Mapping[str, Any] | None) -> str:
+    """A metric's name for tables: the two CLIP scores carry their model."""
+    cfg = resolved_config(name, config)
+    if name == "clip":
+        return f"CLIPScore ({cfg['model']} {cfg['pretrained']}, the paper's text)"
+    if name == "clip_vitl14":
+        return f"CLIPScore ({cfg['model']}, the paper's code)"
+    return {"pickscore": "PickScore", "aesthetic": "Aesthetic", "hpsv3": "HPSv3"}.get(name, name)
+
+
+def paper_table(scored: list[str]) -> dict[str, str]:
+    """Table 1 column -> the metric key that fills it, for the metrics scored."""
+    return {PAPER_COLUMNS[n]: n for n in PAPER_COLUMNS if n in scored}
 
 
 def describe_transform(transform: Any) -> str:
@@ -159,8 +188,10 @@ def pickscore_conventions(config: Mapping[str, Any], scorer: Scorer | None) -> d
 def aesthetic_conventions(config: Mapping[str, Any], scorer: Scorer | None) -> dict[str, Any]:
     cfg = resolved_config("aesthetic", config)
     cache = cfg.get("cache_dir")
-    try:
-        head = resolve_head(cfg["head"], cache)
+    try:  # the file the live scorer loaded, else the one it would load
+        head = (
+            scorer.path if isinstance(scorer, AestheticScorer) else resolve_head(cfg["head"], cache)
+        )
         head_sha = hashlib.sha256(head.read_bytes()).hexdigest()  # a small file: pin its bytes
     except FileNotFoundError:
         head, head_sha = None, None
@@ -170,15 +201,34 @@ def aesthetic_conventions(config: Mapping[str, Any], scorer: Scorer | None) -> d
     return {
         "model": cfg["head"],
         "revision": hub_commit(head),
-        "head_sha256": head_sha,
+        "head_file": head.name if head else Path(cfg["head"]).name,
+        "head_sha256": head_sha,  # compare with the sha256 of the authors' copy:
+        "authors_head": AUTHORS_HEAD,  # the file their code loads
         "clip": {k: clip[k] for k in ("model", "pretrained", "source", "revision")},
         "preprocess": describe_transform(transform),
         "formula": FORMULAS["aesthetic"],
     }
 
 
+def clip_vitl14_conventions(config: Mapping[str, Any], scorer: Scorer | None) -> dict[str, Any]:
+    cfg = resolved_config("clip_vitl14", config)
+    live = scorer if isinstance(scorer, ClipVitL14Scorer) else None
+    size = live.size if live else "the vision tower's image_size (224 for ViT-L/14)"
+    length = live.max_length if live else "the text tower's positions (77)"
+    return {
+        "model": cfg["model"],
+        "revision": hub_revision(cfg["model"], cfg.get("cache_dir")),
+        "preprocess": f"RGB as floats in [0, 1] -> resize shorter side to {size} (bilinear, "
+        f"antialias={cfg['antialias']}) -> centre crop {size} -> normalize "
+        f"mean={list(OPENAI_DATASET_MEAN)} std={list(OPENAI_DATASET_STD)}",
+        "text": f"CLIP tokenizer, padded and truncated to {length} tokens",
+        "formula": FORMULAS["clip_vitl14"],
+    }
+
+
 CONVENTIONS = {
     "clip": clip_conventions,
+    "clip_vitl14": clip_vitl14_conventions,
     "pickscore": pickscore_conventions,
     "aesthetic": aesthetic_conventions,
 }
@@ -190,16 +240,29 @@ def conventions(
     """Per metric: model id, weights revision (hub commit where cached), preprocessing and
     score formula. Built scorers, when given, supply the preprocessing they actually apply;
     otherwise it is rebuilt from the configs (no weights needed)."""
-    out: dict[str, dict[str, Any]] = {}
-    for name, config in scorer_configs.items():
-        reason = unavailable_reason(name)
-        if reason is not None:
-            out[name] = {"skipped": reason}
-        elif name in CONVENTIONS:
-            out[name] = CONVENTIONS[name](config or {}, (scorers or {}).get(name))
-        else:  # a registered scorer this module does not describe yet
-            out[name] = {"config": resolved_config(name, config)}
-    return out
+    return {
+        name: scorer_conventions(name, config, (scorers or {}).get(name))
+        for name, config in scorer_configs.items()
+    }
+
+
+def scorer_conventions(
+    name: str, config: Mapping[str, Any] | None, scorer: Scorer | None = None
+) -> dict[str, Any]:
+    """One metric's record (see `conventions`)."""
+    reason = unavailable_reason(name)
+    if reason is not None:
+        return {"skipped": reason}
+    described = (
+        CONVENTIONS[name](config or {}, scorer)
+        if name in CONVENTIONS
+        else {"config": resolved_config(name, config)}  # a scorer not described here yet
+    )
+    return {
+        "label": label(name, config),
+        "paper_column": PAPER_COLUMNS.get(name),
+        **described,
+    }
 
 
 def fd_conventions(refs: Mapping[str, tuple[str, int] | None], have_clip: bool) -> dict[str, Any]:

@@ -148,17 +148,12 @@ def split_checkpoint(
     return model, head
 
 
-def as_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:  # the package runs in bf16; a CPU computes in fp32
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
 class HPSv3Scorer(Scorer):
     """HPSv3's mu of each (image, prompt): Qwen2-VL built from `base`'s config and processor,
     every weight from `checkpoint` (a hub repo, a folder or the file itself)."""
 
     name = "hpsv3"
+    cuda_dtype = torch.bfloat16  # the package runs the model in bf16 (its head in fp32)
 
     def __init__(
         self,
@@ -171,9 +166,8 @@ class HPSv3Scorer(Scorer):
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
     ) -> None:
-        super().__init__(batch_size, device)
+        super().__init__(batch_size, device, dtype)
         path = resolve_checkpoint(checkpoint, checkpoint_file, cache_dir)  # fail fast
-        self.dtype = as_dtype(dtype, self.device)
         self.processor = load_pretrained(Qwen2VLProcessor, base, "HPSv3 processor", cache_dir)
         # The PIL backend is the 4.45 "slow" processor the package used (numpy rescale/normalise).
         self.processor.image_processor = load_pretrained(

@@ -3,12 +3,17 @@
 `pretrained` is a weights file or an open_clip tag. A tag is resolved here against the local
 caches only (open_clip would download a missing file), trying the files open_clip itself
 would fetch, in its order; the tag's preprocessing and QuickGELU setting are then applied,
-which open_clip skips when it is handed a file path.
+which open_clip skips when it is handed a file path. The URL fallback (`~/.cache/clip`, where
+the `clip` package keeps OpenAI's TorchScript archives such as ViT-L-14.pt) is taken only when
+the file there is a plain checkpoint: open_clip loads under weights_only, which refuses a
+TorchScript archive, so such a file counts as absent and `cdm.fetch weights` fetches the tag's
+hub weights instead.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +47,14 @@ def _cached_hub_file(repo: str, names: Sequence[str], cache_dir: str | None) -> 
     return None
 
 
+def is_torchscript(path: Path) -> bool:
+    """A TorchScript archive: a zip holding `<name>/constants.pkl` and compiled code."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("/constants.pkl") for n in archive.namelist())
+
+
 def resolve_weights(
     model: str, pretrained: str, cache_dir: str | None = None
 ) -> tuple[str, dict[str, Any]]:
@@ -58,6 +71,10 @@ def resolve_weights(
         path = _cached_hub_file(repo, _hub_names(name), cache_dir)
     if path is None and cfg.get("url"):  # open_clip's own download folder for URL weights
         local = Path(cache_dir or "~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
+        if local.is_file() and is_torchscript(local):
+            raise missing_weights(
+                what, model_id, f"{local} is a TorchScript archive open_clip refuses"
+            )
         path = str(local) if local.is_file() else None
     if path is None:
         raise missing_weights(what, model_id)
@@ -82,6 +99,7 @@ class OpenClipEncoder:
         pretrained: str,
         device: torch.device,
         cache_dir: str | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         model = architecture(model)
         checkpoint, cfg = resolve_weights(model, pretrained, cache_dir)
@@ -95,14 +113,16 @@ class OpenClipEncoder:
             image_interpolation=cfg.get("interpolation"),
             image_resize_mode=cfg.get("resize_mode"),
         )
-        self.model.eval()
+        self.model.to(dtype).eval()
+        self.dtype = dtype
         self.tokenizer = open_clip.get_tokenizer(model)  # context length from the model config
         self.device = device
         self.embed_dim = int(open_clip.get_model_config(model)["embed_dim"])
 
     def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images])
-        return F.normalize(self.model.encode_image(pixels.to(self.device)).float(), dim=-1)
+        pixels = pixels.to(self.device, self.dtype)
+        return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
 
     def texts(self, prompts: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenizer(list(prompts)).to(self.device)

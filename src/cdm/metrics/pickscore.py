@@ -23,11 +23,11 @@ class PickScorer(Scorer):
         cache_dir: str | None = None,
         batch_size: int = 32,
         device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> None:
-        super().__init__(batch_size, device)
-        self.model = (
-            load_pretrained(CLIPModel, model, "PickScore", cache_dir).to(self.device).eval()
-        )
+        super().__init__(batch_size, device, dtype)
+        loaded = load_pretrained(CLIPModel, model, "PickScore", cache_dir)
+        self.model = loaded.to(self.device, self.dtype).eval()
         self.processor = load_pretrained(CLIPProcessor, processor, "PickScore processor", cache_dir)
         # Prompts longer than the text tower's positions are cut, as PickScore's own code does.
         self.max_length = self.model.config.text_config.max_position_embeddings
@@ -44,8 +44,8 @@ class PickScorer(Scorer):
         out = self.model(
             input_ids=text["input_ids"].to(self.device),
             attention_mask=text["attention_mask"].to(self.device),
-            pixel_values=pixels["pixel_values"].to(self.device),
+            pixel_values=pixels["pixel_values"].to(self.device, self.dtype),
         )
         # image_embeds and text_embeds come out L2-normalised; the pairs are row-aligned.
-        cos = (out.image_embeds * out.text_embeds).sum(-1)
-        return self.model.logit_scale.exp() * cos
+        cos = (out.image_embeds.float() * out.text_embeds.float()).sum(-1)
+        return self.model.logit_scale.float().exp() * cos

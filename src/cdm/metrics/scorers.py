@@ -10,15 +10,18 @@ from typing import Any
 from cdm.metrics.aesthetic import AestheticScorer
 from cdm.metrics.base import Scorer
 from cdm.metrics.clip_score import ClipScorer
+from cdm.metrics.clip_vitl14 import ClipVitL14Scorer
 from cdm.metrics.hpsv3 import HPSv3Scorer
 from cdm.metrics.pickscore import PickScorer
 
 SCORERS: dict[str, type[Scorer]] = {
-    cls.name: cls for cls in (ClipScorer, PickScorer, AestheticScorer, HPSv3Scorer)
+    cls.name: cls
+    for cls in (ClipScorer, ClipVitL14Scorer, PickScorer, AestheticScorer, HPSv3Scorer)
 }
-# The paper's metrics.
+# The paper's metrics (CLIP score twice: ViT-H-14 as its text says, ViT-L/14 as its code does).
 DEFAULT_SCORER_CONFIGS: dict[str, dict[str, Any]] = {
     "clip": {},
+    "clip_vitl14": {},
     "pickscore": {},
     "aesthetic": {},
     "hpsv3": {},
@@ -49,6 +52,14 @@ def resolved_config(name: str, config: Mapping[str, Any] | None) -> dict[str, An
     return {**defaults, **(config or {})}
 
 
+def build_one(name: str, config: Mapping[str, Any] | None, batch_size: int | None) -> Scorer:
+    """The scorer of one `score.models` entry; `batch_size` applies where it names none."""
+    kwargs = dict(config or {})
+    if batch_size is not None:
+        kwargs.setdefault("batch_size", batch_size)
+    return build_scorer(name, kwargs)
+
+
 def build_scorers(
     configs: ScorerConfigs, batch_size: int | None = None
 ) -> tuple[dict[str, Scorer], dict[str, str]]:
@@ -60,8 +71,5 @@ def build_scorers(
         if reason is not None:
             skipped[name] = reason
             continue
-        kwargs = dict(config or {})
-        if batch_size is not None:
-            kwargs.setdefault("batch_size", batch_size)
-        scorers[name] = build_scorer(name, kwargs)
+        scorers[name] = build_one(name, config, batch_size)
     return scorers, skipped

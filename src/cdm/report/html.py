@@ -329,6 +329,9 @@ def write_report(
     return md_path, html_path
 
 
+TABLE1_TITLE = "Table 1: the paper's main table, ours beside the authors' published values"
+
+
 def real_report(
     out_dir: Path,
     metrics: dict,
@@ -336,8 +339,10 @@ def real_report(
     images: dict[str, Path],
     teacher: dict | None,
     context: dict | None = None,
+    table1: tuple[pd.DataFrame, list[str]] | None = None,
 ) -> tuple[Path, Path]:
-    """report.md and a self-contained report.html of an sd3 / longcat run (cdm.report.preference)."""
+    """report.md and a self-contained report.html of an sd3 / longcat run (cdm.report.preference);
+    `table1` (cdm.report.table1: the table and its protocol lines) comes first."""
     from cdm.report import preference as R
 
     table = R.metrics_frame(metrics)
@@ -349,7 +354,14 @@ def real_report(
         f"Findings rule: {R.RULE}. Numbers of two runs compare only when the conventions below "
         "match (`metrics.json` keeps them beside every entry)."
     )
-    md = [f"# {TITLE}", "", *provenance_lines(context), "", intro, "", "## Findings", ""]
+    md = [f"# {TITLE}", "", *provenance_lines(context), "", intro, ""]
+    first: list[str] = []  # the HTML of Table 1
+    if table1 is not None:
+        frame, protocol = table1
+        md += [f"## {TABLE1_TITLE}", "", to_markdown(frame), "Protocol:", "", *protocol, ""]
+        first = [f"<h2>{TABLE1_TITLE}</h2>", to_html(frame), "<p>Protocol:</p><ul>"]
+        first += [f"<li>{_inline(line[2:])}</li>" for line in protocol] + ["</ul>"]
+    md += ["## Findings", ""]
     for f in findings:
         md += [f"- **({f['id']}) {f['verdict']}**: {f['claim']}  ", f"  {f['text']}"]
     md += ["", "## Metrics", "", to_markdown(table), *since_markdown(context)]
@@ -359,6 +371,7 @@ def real_report(
         *_html_head(),
         *_html_provenance(context),
         f"<p>{_inline(intro)}</p>",
+        *first,
         "<h2>Findings</h2>",
     ]
     for f in findings:

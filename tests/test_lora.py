@@ -1,0 +1,299 @@
+"""LoRA distillation (cdm.lora): the teacher is the shared base with its adapters disabled, only
+adapter weights train, a mixed setting is refused, each family's target list covers its
+attention and feed-forward linears, and a run goes end to end on the tiny world."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cdm import engine, lora, plan
+from cdm import params as P
+from cdm.backends.shapes import load_velocity
+from cdm.conditioning import Condition
+from cdm.velocity import LongCatVelocity, TransformerVelocity
+from tests import tiny_pipelines
+from tests.conftest import PYTHON, ROOT
+from tests.test_distill import ACCELERATE, ENV, _clone, _max_diff, _run, _student, project
+
+__all__ = ["project"]  # the scratch project fixture of tests/test_distill.py, shared
+
+LORA = P.Lora(rank=4, alpha=8.0)
+SD3_ATTENTION = {
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+}  # fmt: skip
+
+
+def _sample(velocity, shape, n: int = 3):
+    width = velocity.transformer.config.joint_attention_dim
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, *shape, generator=gen)
+    cond = Condition(torch.randn(n, 5, width, generator=gen), torch.randn(n, width, generator=gen))
+    return x, torch.rand(n, generator=gen), cond
+
+
+def _relative(names: list[str]) -> set[str]:
+    return {".".join(n.split(".")[2:]) for n in names}
+
+
+def test_teacher_with_adapters_disabled_is_the_bare_teacher_bit_for_bit(tiny_teacher_dir):
+    velocity, _, shape = load_velocity(tiny_teacher_dir)
+    bare = copy.deepcopy(velocity)
+    teacher, student, fake = lora.networks(velocity, LORA, seed=0, checkpointing=False)
+    with torch.no_grad():  # non-zero B: the adapters now change the output
+        for view in (student, fake):
+            for name, p in zip(view.names, view.weights, strict=True):
+                if "lora_B" in name:
+                    p.normal_()
+        x, s, cond = _sample(bare, shape)
+        assert torch.equal(teacher(x, s, cond), bare(x, s, cond))
+        out_g, out_f = student(x, s, cond), fake(x, s, cond)
+        assert not torch.equal(out_g, bare(x, s, cond))
+        assert not torch.equal(out_g, out_f)
+        assert torch.equal(teacher(x, s, cond), bare(x, s, cond))  # switched back cleanly
+
+
+def test_only_adapter_weights_train_and_the_base_stays_bitwise(tiny_teacher_dir, tmp_path):
+    """One iteration (update_ratio 2): a fake-score step and the blend, no student step."""
+    velocity, shift, shape = load_velocity(tiny_teacher_dir)
+    base = {n: p.detach().clone() for n, p in velocity.named_parameters()}
+    cfg = P.load(ROOT / "params.yaml").distill.model_copy(
+        update={"batch_size": 3, "k_max": 4, "warmup": 1, "iterations": 1, "lora": LORA}
+    )
+    width = velocity.transformer.config.joint_attention_dim
+    gen = torch.Generator().manual_seed(0)
+    cond = Condition(torch.randn(6, 5, width, generator=gen), torch.randn(6, width, generator=gen))
+    null = Condition(torch.zeros(1, 5, width), torch.zeros(1, width))
+    paths = engine.RunPaths(tmp_path / "ckpt", tmp_path / "ckpt" / "train.csv")
+    method = P.load(ROOT / "params.yaml").methods["cdm"]
+    fresh, *_ = load_velocity(tiny_teacher_dir)
+    _, g0, f0 = lora.networks(fresh, LORA, seed=0, checkpointing=False)  # the same draws
+    engine.train(velocity, cond, null, shift, shape, method, cfg, paths, 0, torch.device("cpu"))
+
+    after = {n.replace(".base_layer", ""): p for n, p in velocity.named_parameters()}
+    for name, value in base.items():
+        assert torch.equal(after[name], value), f"base weight {name} changed"
+    student, fake = (
+        lora.adapter_params(velocity, lora.STUDENT),
+        lora.adapter_params(velocity, lora.FAKE),
+    )
+    assert set(after) == set(base) | set(student) | set(fake)  # nothing else was added
+    # No student step yet: G is its initial draw; F took a step, then 0.1% of G.
+    for (n, p), p0 in zip(student.items(), g0.state().values(), strict=True):
+        assert torch.equal(p, p0), n
+    moved = [n for (n, p), p0 in zip(fake.items(), f0.state().values(), strict=True)
+             if not torch.equal(p, p0)]  # fmt: skip
+    # Every A moved (the blend mixes in G's other draw); B moved wherever a gradient reaches
+    # it (the last block's add_q_proj feeds only the discarded context output: B stays 0).
+    assert {n for n in fake if "lora_A" in n} <= set(moved)
+    assert any("lora_B" in n for n in moved)
+
+
+@pytest.mark.parametrize(
+    "lora_value, message",
+    [
+        ({"student_only": True}, "mixed LoRA/full setting is not supported"),
+        ({"fake_score": None}, "mixed LoRA/full setting is not supported"),
+        ({"rank": 0}, "distill.lora.rank"),
+    ],
+)
+def test_bad_lora_settings_are_refused_in_one_line(lora_value, message):
+    with pytest.raises(P.ParamsError) as err:
+        P.parse({"distill": {"lora": lora_value}})
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_lora_under_zero3_is_refused_naming_zero2():
+    with pytest.raises(P.ParamsError, match="set distill.zero_stage: 2"):
+        P.parse({"distill": {"lora": {}, "zero_stage": 3}})
+
+
+def test_lora_enters_the_fingerprint_and_null_keeps_the_old_one():
+    plain = P.parse({})
+    inputs = P.student_inputs(plain, "cdm")
+    assert "lora" not in inputs["distill"]  # runs from before LoRA keep their folders
+    tuned = P.student_inputs(P.parse({"distill": {"lora": {"rank": 8}}}), "cdm")
+    other = P.student_inputs(P.parse({"distill": {"lora": {"rank": 16}}}), "cdm")
+    assert tuned["distill"]["lora"]["rank"] == 8
+    assert len({str(inputs), str(tuned), str(other)}) == 3
+
+
+def test_sd3_targets_are_the_authors_list():
+    transformer = tiny_pipelines.sd3_pipeline().transformer
+    joint = _relative(lora.targets(transformer, P.Lora(include_ff=False)))
+    assert joint == SD3_ATTENTION & {
+        ".".join(n.split(".")[2:]) for n, _ in transformer.named_modules()
+    }
+    with_ff = _relative(lora.targets(transformer, P.Lora()))
+    ff = {r for r in with_ff if r.startswith(("ff.", "ff_context."))}
+    assert with_ff == joint | ff and {"ff.net.0.proj", "ff.net.2"} <= ff
+
+
+def test_longcat_targets_cover_its_attention_and_feed_forward_linears():
+    pipe = tiny_pipelines.longcat_pipeline()
+    transformer = pipe.transformer
+    names = set(lora.targets(transformer, P.Lora()))
+    linears = {n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name in linears:
+        parts = name.split(".")
+        if parts[0] not in lora.BLOCKS:
+            assert name not in names, name  # embedders, final norm and projection stay frozen
+            continue
+        rel = ".".join(parts[2:])
+        wanted = rel.startswith(("attn.", "ff.", "ff_context.")) or rel in ("proj_mlp", "proj_out")
+        assert (name in names) == wanted, name
+    assert any(n.startswith("single_transformer_blocks") and "attn.to_q" in n for n in names)
+    assert any(n.startswith("transformer_blocks") and "attn.add_q_proj" in n for n in names)
+    # Adapters attach to the wrapped LongCat model and leave the disabled teacher alone.
+    velocity = LongCatVelocity(transformer, text_tokens=8)
+    teacher, student, _ = lora.networks(velocity, P.Lora(rank=2, alpha=4.0), 0, False)
+    assert len(student.names) == 2 * len(names)  # lora_A and lora_B per target
+
+
+# --- whole runs on the tiny world (src/distill.py, as tests/test_distill.py drives them) ---
+
+LORA_RUN = {"rank": 4, "alpha": 8.0}
+
+
+def test_a_lora_run_goes_end_to_end_and_exports_a_full_student(project, tmp_path):
+    work = _clone(project, tmp_path, iterations=10, lora=LORA_RUN)
+    _run(work, "distill.py", "--method", "cdm")
+    assert len((work / "logs/cdm/train.csv").read_text().splitlines()) == 11
+    student = _student(work, "cdm")
+    teacher = load_file(work / "models/teacher/transformer/diffusion_pytorch_model.safetensors")
+    assert set(student) == set(teacher)  # merged: the teacher's architecture, no adapter keys
+    assert max((student[k] - teacher[k]).abs().max().item() for k in teacher) > 0
+    # Only adapters are checkpointed: the student's state is a small fraction of the teacher.
+    state = next(work.glob("checkpoints/cdm-*/it-*/ema.safetensors"))
+    assert sum(v.numel() for v in load_file(state).values()) < sum(
+        v.numel() for v in teacher.values()
+    )
+    folder = work / "models/students/cdm"
+    assert json.loads((folder / "params.json").read_text())["distill"]["lora"]["rank"] == 4
+    # The adapter beside the merged transformer, in diffusers LoRA keys.
+    adapter = load_file(folder / lora.LORA_FILE)
+    assert adapter and all(k.startswith("transformer.") and ".lora_" in k for k in adapter)
+
+
+def test_lora_with_gradient_checkpointing_gives_the_same_student(project, tmp_path):
+    """The recomputation in backward runs the engine's own adapter (lora.engine_adapter)."""
+    plain = _clone(project, tmp_path / "plain", iterations=6, lora=LORA_RUN)
+    _run(plain, "distill.py", "--method", "cdm")
+    ckpt = _clone(
+        project, tmp_path / "ckpt", iterations=6, lora=LORA_RUN, gradient_checkpointing=True
+    )
+    _run(ckpt, "distill.py", "--method", "cdm")
+    assert _max_diff(_student(plain, "cdm"), _student(ckpt, "cdm")) <= 1e-6
+
+
+def test_lora_sigkill_then_rerun_equals_an_uninterrupted_run(project, tmp_path):
+    straight = _clone(project, tmp_path / "straight", iterations=20, lora=LORA_RUN)
+    _run(straight, "distill.py", "--method", "cdm")
+    crashed = _clone(project, tmp_path / "crashed", iterations=20, lora=LORA_RUN)
+    cmd = [PYTHON, str(ROOT / "src/distill.py"), "--method", "cdm"]
+    proc = subprocess.Popen(
+        cmd, cwd=crashed, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 600
+    while not list(crashed.glob("checkpoints/cdm-*/it-0000010/state.json")):
+        assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _run(crashed, "distill.py", "--method", "cdm")
+    assert _max_diff(_student(straight, "cdm"), _student(crashed, "cdm")) <= 1e-6
+
+
+def test_lora_with_two_processes_under_zero2(project, tmp_path):
+    work = _clone(project, tmp_path, iterations=10, lora=LORA_RUN)
+    launcher = [
+        ACCELERATE, "launch", "--config_file", str(ROOT / "configs/accelerate/zero2.yaml"),
+        "--num_processes", "2", "--main_process_port", "29721",
+    ]  # fmt: skip
+    _run(work, "distill.py", "--method", "cdm", launcher=launcher)
+    shards = list(work.glob("checkpoints/cdm-*/it-*/student/state/*optim_states.pt"))
+    assert {p.name.split("_")[3] for p in shards} == {"0", "1"}  # both ranks hold a shard
+    assert all(torch.isfinite(v).all() for v in _student(work, "cdm").values())
+
+
+# --- the memory plan in LoRA mode -----------------------------------------------------------
+
+
+def test_the_plans_adapter_count_is_what_peft_builds():
+    pipe = tiny_pipelines.sd3_pipeline()
+    cfg = P.Lora(rank=4, alpha=8.0)
+    counted = plan.adapter_parameters("sd3", dict(pipe.transformer.config), cfg)
+    velocity = TransformerVelocity(pipe.transformer)
+    lora.add_adapters(velocity, cfg, seed=0)
+    built = sum(p.numel() for p in lora.adapter_params(velocity, lora.STUDENT).values())
+    assert counted == built > 0
+
+
+@pytest.mark.parametrize(
+    "overlay, gib, at_least",
+    [("configs/sd3-medium-lora.yaml", 24, 2), ("configs/longcat-image-lora.yaml", 80, 1)],
+)
+def test_the_lora_configs_fit_one_gpu_by_the_plan(overlay, gib, at_least):
+    cmd = [PYTHON, "-m", "cdm.plan", overlay]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "1 GPUs, ZeRO-2" in out and "rank 64, alpha 128" in out
+    assert "base (frozen; teacher, student and fake score share it)" in out
+    fits = re.search(rf"{gib} GiB: (\d+)", out)
+    assert fits and int(fits.group(1)) >= at_least, out
+    full = subprocess.run(
+        [PYTHON, "-m", "cdm.plan", overlay.replace("-lora", ""), "--gpus", "1", "--zero", "2"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    total = lambda text: float(re.search(r"^  total\s+([0-9.]+)$", text, re.M).group(1))  # noqa: E731
+    assert total(out) < total(full.stdout) / 2  # one base instead of three, small optimizers
+
+
+# --- export as a diffusers LoRA ---------------------------------------------------------------
+
+
+def test_the_exported_lora_loads_on_the_stock_sd3_pipeline_and_gives_the_student(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from cdm.backends import sd3
+
+    teacher_dir = tiny_pipelines.save(tiny_pipelines.sd3_pipeline(), tmp_path / "teacher")
+    velocity, _, shape = sd3.load_velocity(teacher_dir, 16)
+    velocity.float()
+    _, view, _ = lora.networks(velocity, P.Lora(rank=4, alpha=8.0), 0, False)
+    with torch.no_grad():
+        for p in view.weights:
+            p.normal_(std=0.1)  # a student away from the teacher
+    ema = {f"weights.{i}": p.detach().clone() for i, p in enumerate(view.weights)}
+    student = lora.student_module(velocity, ema, view)
+    path = lora.save_diffusers_lora(student, tmp_path / "student")
+    assert path.is_file()
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(teacher_dir, torch_dtype=torch.float32)
+    bare = TransformerVelocity(copy.deepcopy(pipe.transformer))
+    pipe.load_lora_weights(tmp_path / "student")
+    stock = TransformerVelocity(pipe.transformer)
+    x, s, cond = _sample(stock, shape)
+    width = pipe.transformer.config.joint_attention_dim
+    gen = torch.Generator().manual_seed(2)
+    cond = Condition(
+        torch.randn(3, 5, width, generator=gen),
+        torch.randn(3, pipe.transformer.config.pooled_projection_dim, generator=gen),
+    )
+    with torch.no_grad():
+        want, got = student(x, s, cond), stock(x, s, cond)
+        assert (want - got).abs().max().item() <= 1e-5
+        assert (want - bare(x, s, cond)).abs().max().item() > 1e-3  # the adapter matters
+        merged = lora.merged(student)(x, s, cond)  # the project's own full student
+        assert (want - merged).abs().max().item() <= 1e-5
+    assert not lora.is_lora(student)

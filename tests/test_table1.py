@@ -1,0 +1,104 @@
+"""The report's Table 1 (cdm.report.table1): the paper's rows and columns, ours with intervals
+beside the published values, unmeasured metrics and unrun sets said as such, and the protocol."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import yaml
+
+from cdm import params as P
+from cdm.overlay import apply
+from cdm.report import published as PUB
+from cdm.report import table1 as T1
+from tests.conftest import ROOT
+
+
+def _sd3_params() -> P.Params:
+    return P.parse(yaml.safe_load(apply(ROOT / "configs/sd3-medium.yaml", ROOT / "params.yaml",
+                                        write=False)))  # fmt: skip
+
+
+def _entry(base: float, nfe: int, **extra: float) -> dict:
+    out: dict = {"nfe": nfe}
+    for key, value in {"aesthetic": base, "pickscore": base + 15, "hpsv3": base + 2,
+                       "clip": base + 20, **extra}.items():  # fmt: skip
+        out |= {key: value, f"{key}_ci": [value - 0.01, value + 0.01]}
+    return out
+
+
+def _metrics() -> dict:
+    return {
+        "teacher_cfg": {"50": _entry(5.5, 100)},
+        "teacher_nocfg": {"50": _entry(4.0, 50)},
+        "hyper_sd": {"8": _entry(5.1, 16)},
+        "flash_sd3": {"4": _entry(5.2, 4)},
+        "tdm": {"4": _entry(5.3, 4)},
+        "dmd2": {"4": _entry(5.6, 4)},
+        "cdm": {"4": _entry(5.7, 4)},
+    }
+
+
+def test_every_published_row_and_column_with_ours_beside_the_paper():
+    params, metrics = _sd3_params(), _metrics()
+    frame = T1.table(metrics, params)
+    assert [m.split(" (")[0] for m in frame["Method"]] == [r.method for r in PUB.TABLE1["sd3"]]
+    labels = ["Aesthetic", "DPGBench", "PickScore", "HPSv3", "CLIPScore (ViT-H-14)"]
+    assert list(frame.columns) == ["Method", "NFE", "NFE (paper)",
+                                   *(c for label in labels for c in (label, T1.paper_label(label)))]  # fmt: skip
+    assert "CLIPScore (paper)" in frame
+    cdm = frame.iloc[-1]
+    assert cdm["Method"] == "CDM (`cdm`)" and cdm["NFE"] == 4 and cdm["NFE (paper)"] == 4
+    assert cdm["PickScore"] == "20.7 [20.69, 20.71]" and cdm["PickScore (paper)"] == "21.95"
+    assert cdm["CLIPScore (ViT-H-14)"] == "25.7 [25.69, 25.71]"
+    # DPG not scored in this run: said so, never a number; D-DMD has no set here.
+    assert set(frame["DPGBench"]) == {T1.NOT_MEASURED, T1.NOT_RUN}
+    ddmd = frame[frame["Method"] == "D-DMD"].iloc[0]
+    assert ddmd["Aesthetic"] == T1.NOT_RUN and ddmd["Aesthetic (paper)"] == "6.038"
+    base = frame.iloc[0]  # the teacher at its own 50 steps, CFG 4.5: 100 NFE like the paper's
+    assert base["NFE"] == 100 and base["Aesthetic"].startswith("5.5 [")
+    hyper = frame[frame["Method"].str.startswith("Hyper-SD")].iloc[0]
+    assert hyper["NFE"] == 16 and hyper["NFE (paper)"] == 8  # CFG: two passes a step
+
+
+def test_the_clip_column_reads_the_papers_variant_and_dpg_when_scored():
+    metrics = _metrics()
+    for by in metrics.values():
+        for e in by.values():
+            e |= _entry(70.0, e["nfe"], clip_vitl14=27.5, dpg_score=84.0)
+    frame = T1.table(metrics, _sd3_params())
+    assert "CLIPScore (ViT-L/14)" in frame and "CLIPScore (ViT-H-14)" not in frame
+    assert set(frame["CLIPScore (ViT-L/14)"]) == {"27.5 [27.49, 27.51]", T1.NOT_RUN}
+    assert set(frame["DPGBench"]) == {"84 [83.99, 84.01]", T1.NOT_RUN}
+
+
+def test_sets_the_paper_has_no_row_for_follow_and_longcat_has_its_own_rows():
+    params = _sd3_params()
+    params = params.model_copy(update={"distill": params.distill.model_copy(
+        update={"methods": ["dmd2", "cdm", "dynamic"]})})  # fmt: skip
+    frame = T1.table(_metrics(), params)
+    assert frame.iloc[-1]["Method"] == "dynamic" and frame.iloc[-1]["Aesthetic (paper)"] == "-"
+    assert frame.iloc[-1]["Aesthetic"] == T1.NOT_RUN  # no dynamic@4 in these metrics
+    longcat = P.parse(yaml.safe_load(apply(ROOT / "configs/longcat-image.yaml",
+                                           ROOT / "params.yaml", write=False)))  # fmt: skip
+    frame = T1.table(_metrics(), longcat)
+    assert [m.split(" (")[0] for m in frame["Method"]] == ["Base", "DMD2", "D-DMD", "CDM"]
+    assert frame.iloc[-1]["HPSv3 (paper)"] == "10.65"
+
+
+def test_the_protocol_names_steps_prompts_seeds_and_weight_hashes(tmp_path):
+    params, metrics = _sd3_params(), _metrics()
+    folder = tmp_path / "tdm" / "4"
+    folder.mkdir(parents=True)
+    (folder / "recipe.json").write_text(
+        json.dumps({"lora": {"commit": "abc123", "sha256": {"lora.safetensors": "f00d"}}})
+    )
+    text = "\n".join(T1.protocol(metrics, params, tmp_path))
+    assert "50 steps with CFG 4.5" in text and "2048 prompt/seed pairs" in text
+    assert "resolution 1024 px" in text and "seed 1,000,000 + j" in text
+    tdm = next(line for line in text.splitlines() if line.startswith("- `tdm`"))
+    assert "scale 0.125" in tdm and "commit abc123" in tdm and "lora.safetensors sha256 f00d" in tdm
+    assert "AutoencoderTiny `madebyollin/taesd3`" in tdm and "flow_shift=6.0" in tdm
+    assert re.search(r"DPGBench: key `dpg_score` \(not measured", text)
+    assert "ViT-L/14 variant not measured" in text
