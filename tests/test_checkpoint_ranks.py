@@ -16,7 +16,7 @@ from tests.conftest import PYTHON, ROOT
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu"}
 
 
-def run_worker(mode: str, stage: int, out: Path, port: int, timeout: int = 30) -> dict:
+def run_worker(mode: str, stage: int, out: Path, port: int, timeout: int = 120) -> dict:
     cmd = [
         PYTHON, "-m", "accelerate.commands.launch",
         "--config_file", str(ROOT / f"configs/accelerate/zero{stage}.yaml"),

@@ -149,13 +149,15 @@ def save(
     root: Path, iteration: int, student, fake, ema: PartitionedEMA, keep: int, rank: int
 ) -> None:
     """One atomic folder: both engines (weights, optimizer, scheduler), the EMA (one file of
-    partitions per rank: a resume needs the same number of processes), the step and a manifest of every file's size and hash (checked before a resume); keeps the newest
-    `keep` checkpoints."""
+    partitions per rank: a resume needs the same number of processes), the step and a
+    manifest of every file's size and hash (checked before a resume); keeps the newest `keep`
+    checkpoints."""
     from safetensors.torch import save_file
 
     from cdm import zero
 
-    tmp = root / f".tmp-it-{iteration:07d}-{writer(root)}"  # unique per writer
+    # Unique per writer, one name for all ranks: rank 0's (its lock's pid, or its own).
+    tmp = root / f".tmp-it-{iteration:07d}-{zero.from_rank0(writer(root))}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     zero.barrier()
