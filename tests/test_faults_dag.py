@@ -260,6 +260,6 @@ def test_provenance_counts_code_and_params_not_the_runs_own_outputs(tmp_path, mo
     params = P.load("params.yaml")
     for name in ("results/metrics.json", "dvc.lock"):  # what the run itself rewrote
         (tmp_path / name).write_text("2\n")
-    assert provenance("params.yaml", params, tmp_path / "none")["dirty"] is False
+    assert provenance("params.yaml", params, tmp_path / "none", {})["dirty"] is False
     (tmp_path / "code.py").write_text("2\n")
-    assert provenance("params.yaml", params, tmp_path / "none")["dirty"] is True
+    assert provenance("params.yaml", params, tmp_path / "none", {})["dirty"] is True

@@ -99,13 +99,18 @@ def _options(argv: list[str]) -> tuple[str, set[str]]:
     return rule, options
 
 
+PLACEHOLDER = {".json": b"{}\n", ".parquet": b"PAR1PAR1"}
+
+
 def _make(root: Path, *paths: str) -> None:
-    """Outputs of jobs the fake cluster 'ran': a folder, or an empty file if it has a suffix."""
+    """Outputs of jobs the fake cluster 'ran': a folder, or a file if it has a suffix; a .json
+    holds an empty object and a .parquet its magic bytes, which `cdm.validate` checks of the
+    finished results before every run."""
     for name in paths:
         path = root / name
         if path.suffix:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
+            path.write_bytes(PLACEHOLDER.get(path.suffix, b""))
         else:
             path.mkdir(parents=True, exist_ok=True)
 
