@@ -95,8 +95,8 @@ def test_a_stage_dies_with_dvc_repro_on_sigterm(finished, tmp_path):
         time.sleep(0.2)
     tree = psutil.Process(dvc.pid).children(recursive=True)
     dvc.send_signal(signal.SIGTERM)
-    dvc.wait(timeout=60)
-    _, alive = psutil.wait_procs(tree, timeout=10)
+    dvc.wait(timeout=120)
+    _, alive = psutil.wait_procs(tree, timeout=30)  # the watch polls twice a second
     assert not alive, [p.cmdline() for p in alive]
     snapshot = digest(work)
     time.sleep(2)
