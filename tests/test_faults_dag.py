@@ -75,23 +75,26 @@ def test_a_knowable_fault_is_refused_before_any_output_is_removed(work, fault, o
 # ------------------------------------------------------------- case 4: no orphan, no free lock
 
 
-def test_a_stage_dies_with_dvc_repro_on_sigterm(finished, tmp_path):
+@pytest.mark.parametrize("shell", ["/bin/bash", None])  # bash execs the stage, dash forks it
+def test_a_stage_dies_with_dvc_repro_on_sigterm(finished, tmp_path, shell):
     """SIGTERM of `dvc repro` (not of its group) during a stage: the stage ends with it and
-    writes nothing more. (DVC itself removes the stage's outs when it starts it.)"""
+    writes nothing more. (DVC itself removes the stage's outs when it starts it.) DVC runs
+    the command in $SHELL, or in /bin/sh where SHELL is unset (as under CI): dash forks the
+    stage instead of exec'ing it, so the stage is the process that claimed the lock."""
     work = tmp_path / "p"
     shutil.copytree(finished, work, symlinks=True)
     assert _run(work, "git", "init", "-q").returncode == 0
     assert _run(work, "dvc", "init", "-q", "--force").returncode == 0
     edit_params(work / "params.yaml", prepare_teacher={"n_pairs": 100000})  # a long stage
-    dvc = subprocess.Popen(["dvc", "repro", "prepare_teacher"], cwd=work, env=_env(),
+    env = {k: v for k, v in _env().items() if k != "SHELL"} | ({"SHELL": shell} if shell else {})
+    dvc = subprocess.Popen(["dvc", "repro", "prepare_teacher"], cwd=work, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline, stage = time.time() + 300, []
-    while not stage:
-        assert dvc.poll() is None and time.time() < deadline, "the stage never started"
+    while not stage:  # it has claimed the lock: main() runs
+        assert dvc.poll() is None and time.time() < deadline, "the stage never claimed the lock"
+        claimed = _stage_pids(work)
         stage = [p for p in psutil.Process(dvc.pid).children(recursive=True) if _runs(p)]
-        time.sleep(0.2)
-    while stage[0].pid not in _stage_pids(work):  # it has claimed the lock: main() runs
-        assert stage[0].is_running() and time.time() < deadline, "the stage never claimed"
+        stage = [p for p in stage if p.pid in claimed]
         time.sleep(0.2)
     tree = psutil.Process(dvc.pid).children(recursive=True)
     dvc.send_signal(signal.SIGTERM)
