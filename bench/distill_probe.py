@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--method", default="cdm")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--pairs", type=int, default=512, help="evaluation prompt/seed pairs")
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, nargs="+", default=[4], help="step counts sampled")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
@@ -75,8 +75,10 @@ def main() -> None:
 
         stage("cache_teacher.py")
         seconds = stage("distill.py", "--method", args.method)
-        for model in (args.method, "teacher_cfg"):
-            stage("sample.py", "--model", model, "--steps", str(args.steps))
+        for steps in args.steps:
+            stage("sample.py", "--model", args.method, "--steps", str(steps))
+        # The reference: the teacher with CFG at the most steps asked for.
+        stage("sample.py", "--model", "teacher_cfg", "--steps", str(max(args.steps)))
         stage("score.py")
         metrics = json.loads((work / "results" / "metrics.json").read_text())
 
@@ -93,8 +95,8 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    row = {m: {k: round(v, 3) for k, v in r[str(args.steps)].items() if k in ("alignment", "fd")}
-           for m, r in metrics.items()}  # fmt: skip
+    row = {f"{m}@{n}": {k: round(v, 3) for k, v in r[str(n)].items() if k in ("alignment", "fd")}
+           for m, r in metrics.items() for n in args.steps if str(n) in r}  # fmt: skip
     print(json.dumps(row))
 
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (issue on real scale), for the device tool's lent machine: at
-# most ~9 minutes, JSON under OUT (the device tool's $OUT, else bench/results/gpu/).
+# The one prepared GPU check (issue on real scale), for the device tool's lent machine:
+# about 10 minutes (each step under its own timeout), JSON under OUT (the device tool's
+# $OUT, else bench/results/gpu/).
 #
 #   1. bench/scale.py at SD3-Medium's width (1536, 24 heads), 1024 px, ZeRO-2, gradient
 #      checkpointing, with as many of its 24 blocks as fit (24, else 12); its JSON holds the
 #      start-up peak (peak.startup_measured_bytes, before the first step) beside the plan's
 #      (peak.startup_plan_bytes, cdm.plan.peaks);
+#      the same in LoRA mode (rank 64, alpha 128, the authors'): phases, peak, trained fraction;
 #   2. bench/sampling.py at SD3-Medium's full size: 4-step student vs 28 steps with CFG, at
 #      the sample stage's precision (transformer bf16, VAE decode fp32), and the decode in
 #      bf16 against fp32 (seconds, uint8 levels moved: whether the decode may go bf16);
@@ -35,6 +37,9 @@ for layers in 24 12; do
 done
 timeout 120 python3 bench/scale.py --model sd3 --layers 24 --resolution 1024 --iterations 2 \
   --batch 1 --zero 2 --out "$out/scale-sd3-nockpt.json" > "$out/scale-nockpt.log" 2>&1
+timeout 150 python3 bench/scale.py --model sd3 --layers 24 --resolution 1024 --iterations 6 \
+  --batch 2 --zero 2 --gradient-checkpointing --lora 64 \
+  --out "$out/scale-sd3-lora64.json" > "$out/scale-lora.log" 2>&1
 timeout 150 python3 bench/sampling.py --model sd3 --resolution 1024 --images 8 --repeats 2 \
   --compare-decode --out "$out/sampling-sd3.json" > "$out/sampling.log" 2>&1
 for method in cdm dmd2; do  # distill_seconds over 400 iterations: the engine's it/s

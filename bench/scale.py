@@ -5,6 +5,7 @@ authors' 50 forward-equivalents. Writes JSON.
 
     python bench/scale.py --model sd3 --layers 2 --width 64 --heads 2 --resolution 64 \\
         --iterations 4 --batch 2 --out bench/results/scale-sd3-tiny.json
+    python bench/scale.py ... --lora 4     # LoRA mode (rank 4, alpha 8) at the same size
 
 What it runs: the teacher transformer (SD3Transformer2DModel / LongCatImageTransformer2DModel
 from the config stored in `cdm.plan.PUBLISHED`, `--layers/--width/--heads` overriding depth,
@@ -50,7 +51,7 @@ from typing import Any
 
 import torch
 
-from cdm import checkpoints, engine, plan, zero
+from cdm import checkpoints, engine, lora, plan, zero
 from cdm import params as P
 from cdm.backends import few_step
 from cdm.conditioning import Condition
@@ -152,9 +153,12 @@ def _conditions(text: int, width: int, pooled: int, seed: int) -> tuple[Conditio
     return cond, null
 
 
-def plan_model(model: str, config: dict[str, Any], resolution: int) -> plan.Model:
+def plan_model(
+    model: str, config: dict[str, Any], resolution: int, lora_cfg: P.Lora | None = None
+) -> plan.Model:
     """cdm.plan.Model of the cut config, built as `cdm.plan.describe` builds it from a path."""
     backend = model
+    adapter = plan.adapter_parameters(backend, config, lora_cfg) if lora_cfg is not None else 0
     params, block, blocks = plan.count_parameters(backend, config)
     factor = plan.PUBLISHED[HUB[model]]["vae_factor"]
     hidden = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
@@ -166,7 +170,7 @@ def plan_model(model: str, config: dict[str, Any], resolution: int) -> plan.Mode
         channels = int(config["in_channels"]) // 4
     return plan.Model(
         config["_class_name"], params, block, blocks, hidden, tokens, text,
-        int(config["joint_attention_dim"]), channels * size * size,
+        int(config["joint_attention_dim"]), channels * size * size, adapter,
     )  # fmt: skip
 
 
@@ -289,7 +293,7 @@ def instrument(clock: Clock, velocity: torch.nn.Module) -> Patches:
     velocity._bench_role = "teacher"
 
     def counted(self, x, sigma, cond):
-        role = getattr(self, "_bench_role", "teacher")
+        role = _lora_role(self) or getattr(self, "_bench_role", "teacher")
         grad = torch.is_grad_enabled()
         clock.evals[f"{role}_{'grad' if grad else 'nograd'}"] += x.shape[0]
         if role == "teacher":
@@ -302,6 +306,23 @@ def instrument(clock: Clock, velocity: torch.nn.Module) -> Patches:
 
     p.set(cls, "forward", counted)
     return p
+
+
+def _bucket_numel(pm: plan.Model, bucket: int) -> int:
+    """The reduce bucket's elements as the plan counts them: in LoRA mode no bigger than the
+    adapter it reduces."""
+    return min(pm.adapter, bucket) if pm.adapter else bucket
+
+
+def _lora_role(module: torch.nn.Module) -> str | None:
+    """LoRA mode: teacher, student and fake score are one module; the adapter switched on
+    (none: the teacher) says which network runs. None outside LoRA mode."""
+    layer = next(lora._tuner_layers(module), None)
+    if layer is None:
+        return None
+    if layer.disable_adapters:
+        return "teacher"
+    return {lora.STUDENT: "student", lora.FAKE: "fake"}[layer.active_adapters[0]]
 
 
 def forward_equivalents(evals: dict[str, int]) -> dict[str, float]:
@@ -352,6 +373,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--k-max", type=int, help="dynamic schedule K ~ U{k_min..k_max}")
     parser.add_argument("--zero", type=int, choices=(2, 3), default=2)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--lora", type=int, metavar="RANK",
+        help="LoRA mode (distill.lora) at this rank, alpha 2 x rank as the authors' 64/128",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--workdir", help="checkpoints and logs (default: a temporary folder)")
@@ -367,6 +392,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "gradient_checkpointing": args.gradient_checkpointing, "warmup": 1,
         "preview_every": 10**9,
     }  # fmt: skip
+    if args.lora is not None:
+        update["lora"] = P.Lora(rank=args.lora, alpha=2.0 * args.lora)
     if args.k_max is not None:
         update["k_max"] = args.k_max
         update["k_min"] = min(params.distill.k_min, args.k_max)
@@ -382,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     velocity, shift, shape, cond, null, tokens = build_teacher(
         args.model, config, args.resolution, args.seed
     )
-    pm = plan_model(args.model, config, args.resolution)
+    pm = plan_model(args.model, config, args.resolution, cfg.lora)
     weight_bytes = 2 if cuda else 4
     bucket = int(
         ds_base.get("zero_optimization", {}).get(
@@ -423,7 +450,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         peak["measured_minus_before_bytes"] = peak["measured_bytes"] - rss_before
     startup = "start-up peak per GPU (before the first step)"
     peak["startup_measured_bytes"] = getattr(clock, "startup_peak", None)  # CUDA only
-    peak["startup_plan_bytes"] = plan.peaks(pm, 1, args.zero, weight_bytes)[startup]
+    # The plan's start-up peak is full fine-tuning's (LoRA starts with the base and two adapters).
+    peak["startup_plan_bytes"] = (
+        plan.peaks(pm, 1, args.zero, weight_bytes)[startup] if cfg.lora is None else None
+    )
 
     loop = t_end - clock.loop_start
     phases = dict(sorted(clock.seconds.items()))
@@ -458,6 +488,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "gradient_checkpointing": cfg.gradient_checkpointing,
             "dtype": "bf16" if cuda else "fp32",
             "shift": shift,
+            "training": P.training_mode(cfg.lora),
+            # per network (student, fake score): what its optimizer trains
+            "trained_parameters": pm.adapter if cfg.lora is not None else pm.params,
+            "trained_fraction": round(pm.adapter / pm.params, 5) if cfg.lora is not None else 1.0,
         },  # fmt: skip
         "device": _device(cuda),
         "setup_seconds": round(clock.loop_start - t_start, 4),
@@ -483,7 +517,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "rows_bytes": {k: int(v) for k, v in predicted.items()},
             "total_bytes": int(sum(predicted.values())),
             "total_without_reduce_bucket_bytes": int(
-                sum(predicted.values()) - 2 * weight_bytes * bucket
+                sum(predicted.values()) - 2 * weight_bytes * _bucket_numel(pm, bucket)
             ),
         },  # fmt: skip
         "evaluations": {

@@ -56,6 +56,31 @@ def test_scale_reports_phases_memory_and_evaluations(tmp_path, model):
     assert r["peak_memory"]["measured_bytes"] > 0
 
 
+def test_scale_in_lora_mode_counts_each_network_and_the_trained_fraction(tmp_path):
+    """One shared module in LoRA mode: the adapter switched on names the network, so the
+    wrappers' counts still match the engine's own per network."""
+    out = tmp_path / "scale-lora.json"
+    _run(
+        "scale.py", "--model", "sd3", *TINY, "--iterations", "2", "--batch", "2",
+        "--k-max", "3", "--lora", "2", "--workdir", str(tmp_path), "--out", str(out),
+    )  # fmt: skip
+    r = json.loads(out.read_text())
+    settings = r["settings"]
+    assert settings["training"].startswith("LoRA adapters (rank 2, alpha 4")
+    assert 0 < settings["trained_parameters"] < settings["parameters"]
+    assert settings["trained_fraction"] == round(
+        settings["trained_parameters"] / settings["parameters"], 5
+    )
+    seen, csv = r["evaluations"]["sample_evaluations"], r["evaluations"]["engine_csv_totals"]
+    assert seen["student_nograd"] + seen["student_grad"] == csv["n_student_evals"] > 0
+    assert seen["teacher_nograd"] == csv["n_teacher_evals"] > 0
+    assert seen["fake_grad"] + seen["fake_nograd"] == csv["n_fake_evals"] > 0
+    assert "base (frozen; teacher, student and fake score share it)" in r["plan"]["rows_bytes"]
+    assert r["peak_memory"]["startup_plan_bytes"] is None
+    plan = r["plan"]  # the bucket is the adapter's size, not DeepSpeed's 5e8 elements
+    assert 0 < plan["total_without_reduce_bucket_bytes"] < plan["total_bytes"]
+
+
 def test_sampling_student_is_faster_than_the_teacher(tmp_path):
     out = tmp_path / "sampling-sd3.json"
     _run(

@@ -328,3 +328,23 @@ def test_one_colour_per_model_in_every_figure() -> None:
     assert len(set(colours)) == len(MODEL_ORDER)
     assert model_colour("my_method") == model_colour("my_method")
     assert model_colour("my_method") not in colours
+
+
+@pytest.mark.parametrize(
+    "lora, said",
+    [
+        (None, "students trained by full fine-tuning"),
+        ({"rank": 4, "alpha": 8.0, "include_ff": False}, "by LoRA adapters (rank 4, alpha 8, "
+         "attention linears)"),
+    ],
+)  # fmt: skip
+def test_the_provenance_block_names_the_training_mode(tmp_path, lora, said):
+    from cdm import params as P
+    from cdm.report.html import provenance_lines
+    from cdm.report.provenance import provenance, since_committed
+    from tests.conftest import ROOT
+
+    params = P.parse({"distill": {"lora": lora}})
+    record = provenance(ROOT / "params.yaml", params, tmp_path, {})
+    context = {"provenance": record, "since": since_committed({}, None, [], 512)}
+    assert said in provenance_lines(context)[0]

@@ -97,6 +97,14 @@ def test_the_protocol_names_steps_prompts_seeds_and_weight_hashes(tmp_path):
     text = "\n".join(T1.protocol(metrics, params, tmp_path))
     assert "50 steps with CFG 4.5" in text and "2048 prompt/seed pairs" in text
     assert "resolution 1024 px" in text and "seed 1,000,000 + j" in text
+    assert "guidance 1.0, trained by full fine-tuning." in text
+    lora = params.model_copy(
+        update={"distill": params.distill.model_copy(update={"lora": P.Lora(rank=8)})}
+    )
+    text = "\n".join(T1.protocol(metrics, lora, tmp_path))
+    assert (
+        "trained by LoRA adapters (rank 8, alpha 128, attention and feed-forward linears)" in text
+    )
     tdm = next(line for line in text.splitlines() if line.startswith("- `tdm`"))
     assert "scale 0.125" in tdm and "commit abc123" in tdm and "lora.safetensors sha256 f00d" in tdm
     assert "AutoencoderTiny `madebyollin/taesd3`" in tdm and "flow_shift=6.0" in tdm

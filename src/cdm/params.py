@@ -119,6 +119,17 @@ class Lora(Section):
             )
         return data
 
+    def describe(self) -> str:
+        """The training mode in words, as the report names it."""
+        where = "attention and feed-forward" if self.include_ff else "attention"
+        targets = f"targets {', '.join(self.targets)}" if self.targets else f"{where} linears"
+        return f"LoRA adapters (rank {self.rank}, alpha {self.alpha:g}, {targets})"
+
+
+def training_mode(lora: Lora | None) -> str:
+    """How distill trained the students: full fine-tuning (the paper's) or LoRA adapters."""
+    return "full fine-tuning" if lora is None else lora.describe()
+
 
 class Distill(Section):
     """CDM distillation (docs/method.md); the defaults fit the shapes world on a CPU."""

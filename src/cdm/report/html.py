@@ -152,7 +152,8 @@ def provenance_lines(context: dict | None) -> list[str]:
     )
     return [
         f"- commit `{p['commit'][:12]}`{' (dirty tree)' if p['dirty'] else ''}, "
-        f"{p['date_utc']} UTC; backend `{p['backend']}`, teacher `{p['teacher']}`",
+        f"{p['date_utc']} UTC; backend `{p['backend']}`, teacher `{p['teacher']}`"
+        + (f"; students trained by {p['training']}" if p.get("training") else ""),
         f"- params that differ from the committed params.yaml: {listed}",
         f"- {p['device']}; Python {p['python']}, CUDA {p['cuda']}; {packages}",
         f"- stage wall time / peak RSS (Snakemake benchmarks): {stages or 'not recorded'}",

@@ -94,6 +94,7 @@ def provenance(
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         "backend": params.teacher.backend,
         "teacher": params.teacher.path,
+        "training": P.training_mode(params.distill.lora),
         "params_changed_since_commit": changed_params(
             params_file, _git("show", f"HEAD:{Path(params_file).as_posix()}")
         ),

@@ -154,7 +154,8 @@ def protocol(metrics: dict, params: P.Params, samples: Path) -> list[str]:
         f"- Teacher `{teacher.path}`{f' (commit {commit})' if commit else ''}, backend "
         f"`{teacher.backend}`; Base row: `teacher_cfg`, {teacher.steps} steps with CFG "
         f"{teacher.cfg_scale:g}; our students (`{'`, `'.join(params.distill.methods)}`) at "
-        f"{params.report.steps} steps, guidance 1.0.",
+        f"{params.report.steps} steps, guidance 1.0, trained by "
+        f"{P.training_mode(params.distill.lora)}.",
         f"- Prompts: `{prompts.eval_file}`, {prompts.eval_pairs} prompt/seed pairs, one image "
         f"per pair; resolution {resolution}.",
         f"- Seeds: pair j starts from the noise of seed {NOISE_SEED_BASE:,} + j, the same in "
