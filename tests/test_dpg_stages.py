@@ -95,3 +95,18 @@ def test_table1_shows_the_dpg_score_from_its_results(tmp_path: Path) -> None:
     assert said in " ".join(T1.protocol(metrics, params, tmp_path))
     assert said not in " ".join(T1.protocol(merged, params, tmp_path))
     assert T1.with_dpg(metrics, tmp_path / "missing.json") is metrics
+
+
+def test_validate_checks_a_dpg_csv_in_place(tmp_path: Path, monkeypatch) -> None:
+    from cdm.validate import check_dpg
+
+    monkeypatch.chdir(tmp_path)
+    params = dpg_params(tmp_path / "params.yaml", ["x"])
+    check_dpg(params)  # not fetched yet: fetch_dpg makes it
+    (tmp_path / "dpg.csv").write_text("item_id,text\nx,y\n")
+    with pytest.raises(
+        ValueError, match=r"prompts.dpg_file dpg.csv: .*lacks column.*cdm.fetch dpg"
+    ):
+        check_dpg(params)
+    (tmp_path / "dpg.csv").write_text(rows(ITEMS))
+    check_dpg(params)

@@ -27,8 +27,9 @@ PRESETS_HEADING = "## The authors' presets, value by value"
 COLUMNS = {"configs/sd3-medium.yaml": "SD3-Medium", "configs/longcat-image.yaml": "LongCat-Image"}
 CELL = re.compile(r"^`(.*)`$")
 # Keys the presets table leaves out: `compare` loads published baselines (their model cards'
-# recipes, held by test_sd3_overlay_names_the_papers_baselines), not the authors' training preset.
-NOT_PRESET = ("compare.",)
+# recipes, held by test_sd3_overlay_names_the_papers_baselines), not the authors' training preset;
+# `dpg` spells out Table 1's sets for DVC, held equal to them by cdm.params (dpg_sets).
+NOT_PRESET = ("compare.", "dpg.")
 
 
 def preset_leaves(data: dict[str, Any]) -> dict[str, Any]:
