@@ -43,6 +43,7 @@ include: "workflow/rules/teacher.smk"
 include: "workflow/rules/cache.smk"
 include: "workflow/rules/distill.smk"
 include: "workflow/rules/sample.smk"
+include: "workflow/rules/dpg.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/ablation.smk"
 

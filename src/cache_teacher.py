@@ -10,6 +10,9 @@ not yet written. `--processes N` encodes the shards on N GPUs at once (one proce
 default: every GPU the job sees); `--part i/n` encodes only shards k with k % n == i (one of
 n jobs), and a plain run after the n jobs finishes the cache. The cache's size is printed
 before any encoding.
+
+`--dpg FILE` (stage cache_dpg) encodes only DPG-Bench's prompts (prompts.dpg_file), one per
+item in CSV order, into FILE: the DPG sample sets read it as the others read eval.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from cdm.backends import load_backend
 from cdm.cache import encode_shards, index_shards, read_prompts_file, row_bytes, save_condition
 from cdm.cli import parse_shard, run_stage, stage_parser
 from cdm.conditioning import Condition
-from cdm.io import atomic_write_json
+from cdm.io import atomic_file, atomic_write_json
+from cdm.metrics.dpg import load_items
 from cdm.world.prompts import all_prompts, check_renderable
 
 log = logging.getLogger("cache_teacher")
@@ -133,6 +137,18 @@ def announce_size(backend, sets: dict[str, list[str]], out: Path, work: Path) ->
         )
 
 
+def cache_dpg(params: P.Params, teacher: str, out: Path) -> None:
+    """DPG-Bench's prompts, item by item in CSV order (pair j of a DPG set is item j mod n)."""
+    if not params.prompts.dpg_file:
+        raise ValueError("prompts.dpg_file is null: no DPG-Bench prompts to encode; set it first")
+    prompts = [item.prompt for item in load_items(Path(params.prompts.dpg_file)).values()]
+    backend = load_backend(params.teacher.backend, teacher, params.teacher.resolution)
+    cond = encode_all(backend, prompts, params.cache_teacher.batch_size, "dpg")
+    with atomic_file(out) as tmp:
+        save_condition(tmp, cond, prompts)
+    log.info("dpg: %d prompts, embeds %s -> %s", len(cond), tuple(cond.embeds.shape), out)
+
+
 def main() -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument(
@@ -140,6 +156,7 @@ def main() -> None:
     )
     parser.add_argument("--out", default="cache/prompts")
     parser.add_argument("--part", help="i/n: encode only training shards k with k %% n == i")
+    parser.add_argument("--dpg", help="encode only the DPG-Bench prompts, into this file")
     parser.add_argument(
         "--processes",
         type=int,
@@ -151,6 +168,9 @@ def main() -> None:
     if args.processes < 1:
         raise ValueError(f"--processes must be >= 1, got {args.processes}")
     params = P.load(args.params)
+    if args.dpg:
+        cache_dpg(params, args.teacher, Path(args.dpg))
+        return
     sets = prompt_sets(params)
     out = Path(args.out)
     work = out.with_name(out.name + ".partial")

@@ -95,7 +95,8 @@ def main() -> None:
     if not world:
         per_image = pd.read_parquet(read_path(results / "scores.parquet", "score"))
         found = real_findings(per_image, metrics, params.report.steps, params.score.n_boot)
-        table1 = (T1.table(metrics, params), T1.protocol(metrics, params, Path(args.samples)))
+        with_dpg = T1.with_dpg(metrics, results / "dpg.json")  # stage score_dpg, if it ran
+        table1 = (T1.table(with_dpg, params), T1.protocol(with_dpg, params, Path(args.samples)))
         md, page = real_report(results, shown, found, images, teacher, context, table1)
         log.info("wrote %s and %s", md, page)
         return

@@ -5,6 +5,9 @@ or a published model of params `compare:` (cdm.baselines).
 (PNGs named <pair>.png and index.parquet); with --shard, only pairs j with j % n == i, to
 samples/<MODEL>/<N>/part-<i>-of-<n>/. `python src/sample.py merge --model MODEL --steps N
 --parts n` joins the parts into samples/<MODEL>/<N>/. The sampler is `cdm.sampler`.
+
+`--prompts dpg` samples DPG-Bench's prompts instead (cache/dpg.safetensors, stage cache_dpg):
+one pair per prompt, seeded as the evaluation pairs, into samples_dpg/<MODEL>/<N>/.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 from pathlib import Path
 
 from cdm import params as P
+from cdm.cache import cached_prompts
 from cdm.cli import parse_shard, run_stage, stage_parser
 from cdm.io import atomic_dir
 from cdm.sampler import INDEX, join_parts, part_name, prepare_set, read_parts
@@ -31,6 +35,16 @@ def positive_int(text: str, name: str) -> int:
     return value
 
 
+# --prompts: the default output folder of each prompt set.
+PROMPT_SETS = {"eval": "samples", "dpg": "samples_dpg"}
+
+
+def require(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"no DPG prompt cache at {path}; run the cache_dpg stage first")
+    return path
+
+
 def sample(argv: list[str]) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument(
@@ -38,22 +52,30 @@ def sample(argv: list[str]) -> None:
     )
     parser.add_argument("--steps", required=True, help="Euler steps (a positive integer)")
     parser.add_argument("--shard", help="i/n: only pairs j with j %% n == i (0-based i < n)")
-    parser.add_argument("--out", default="samples")
+    parser.add_argument("--prompts", choices=PROMPT_SETS, default="eval", help="which prompts")
+    parser.add_argument("--out", help="default: samples (eval), samples_dpg (dpg)")
     parser.add_argument("--teacher", default="models/teacher")
     parser.add_argument("--students", default="models/students")
     parser.add_argument("--cache", default="cache/prompts")
+    parser.add_argument("--dpg-cache", default="cache/dpg.safetensors", help="stage cache_dpg's")
     args = parser.parse_args(argv)
     steps = positive_int(args.steps, "--steps")
     shard = parse_shard(args.shard)
     params = P.load(args.params)
+    prompts_file = None  # the cache's eval set
     pairs = list(range(params.prompts.eval_pairs))
-    out = Path(args.out) / args.model / str(steps)
+    if args.prompts == "dpg":  # one image per DPG prompt: pair j is item j (dpg.item_ids_of)
+        prompts_file = require(Path(args.dpg_cache))
+        pairs = list(range(len(cached_prompts(prompts_file))))
+    out = Path(args.out or PROMPT_SETS[args.prompts]) / args.model / str(steps)
     if shard is not None:
         pairs = [j for j in pairs if j % shard[1] == shard[0]]
         out = out / part_name(*shard)
+    # Every input is read before the folder is made: an error leaves nothing behind.
     job = prepare_set(
-        args.model, steps, params, pairs, Path(args.teacher), Path(args.students), Path(args.cache)
-    )  # every input is read before the folder is made: an error leaves nothing behind
+        args.model, steps, params, pairs, Path(args.teacher), Path(args.students),
+        Path(args.cache), prompts_file=prompts_file,
+    )  # fmt: skip
     with atomic_dir(out) as tmp:
         index = job.run(tmp)
         index.to_parquet(tmp / INDEX, index=False)

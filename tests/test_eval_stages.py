@@ -490,3 +490,32 @@ def test_without_a_matching_ablation_the_single_run_gives_the_verdicts(scored, s
     reason = "students.cdm.distill.iterations" if ran_on else "records no teacher or params"
     assert reason in md and "Findings over distillation seeds" not in md
     assert 'class="finding numbers"' not in page and "is not shown" in page
+
+
+def test_a_dpg_set_is_seeded_like_the_evaluation_pairs(sampled, tmp_path):
+    """cache_teacher --dpg encodes the DPG prompts in CSV order; sample.py --prompts dpg gives
+    pair j item j with the evaluation pairs' noise: on the eval set's first prompts, in the
+    same order, the images are the eval set's byte for byte."""
+    from tests.test_dpg import rows
+
+    _, prompts = load_condition(sampled / "cache/prompts/eval.safetensors")
+    items = [(f"i{k}", p, [(1, "0", "q?"), (2, "1", "r?")]) for k, p in enumerate(prompts[:3])]
+    (tmp_path / "dpg.csv").write_text(rows(items))
+    params = tmp_path / "params.yaml"
+    data = yaml.safe_load((sampled / "params.yaml").read_text())
+    data["prompts"]["dpg_file"] = str(tmp_path / "dpg.csv")
+    params.write_text(yaml.safe_dump(data))
+    cache = tmp_path / "dpg.safetensors"
+    _ok(sampled, "cache_teacher.py", "--params", str(params), "--dpg", str(cache))
+    assert load_condition(cache)[1] == prompts[:3]
+    out = tmp_path / "samples_dpg"
+    args = ["--prompts", "dpg", "--dpg-cache", str(cache), "--out", str(out)]
+    _ok(sampled, "sample.py", "--model", "teacher_nocfg", "--steps", "1", *args)
+    index = pd.read_parquet(out / "teacher_nocfg/1/index.parquet")
+    assert index["pair"].tolist() == [0, 1, 2] and index["prompt"].tolist() == prompts[:3]
+    assert index["seed"].tolist() == [NOISE_SEED_BASE + j for j in range(3)]
+    eval_images = _pngs(sampled / "samples/teacher_nocfg/1")
+    assert _pngs(out / "teacher_nocfg/1") == {k: eval_images[k] for k in sorted(eval_images)[:3]}
+    code, err = call_stage(sampled, "sample.py", "--model", "cdm", "--steps", "1",
+                           "--prompts", "dpg", "--dpg-cache", str(tmp_path / "none"))  # fmt: skip
+    assert code == 2 and "run the cache_dpg stage first" in err

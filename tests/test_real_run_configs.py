@@ -27,8 +27,9 @@ PRESETS_HEADING = "## The authors' presets, value by value"
 COLUMNS = {"configs/sd3-medium.yaml": "SD3-Medium", "configs/longcat-image.yaml": "LongCat-Image"}
 CELL = re.compile(r"^`(.*)`$")
 # Keys the presets table leaves out: `compare` loads published baselines (their model cards'
-# recipes, held by test_sd3_overlay_names_the_papers_baselines), not the authors' training preset.
-NOT_PRESET = ("compare.",)
+# recipes, held by test_sd3_overlay_names_the_papers_baselines), not the authors' training preset;
+# `dpg` spells out Table 1's sets for DVC, held equal to them by cdm.params (dpg_sets).
+NOT_PRESET = ("compare.", "dpg.")
 
 
 def preset_leaves(data: dict[str, Any]) -> dict[str, Any]:
@@ -190,6 +191,15 @@ def test_sd3_overlay_dry_runs_on_the_slurm_profile(tmp_path):
     for published in ("hyper_sd/8", "flash_sd3/4", "tdm/4"):  # the paper's baselines
         assert f"samples/{published}/index.parquet" in out, published
     assert "models/judge" not in out
+    # DPG-Bench (prompts.dpg_file is set): Table 1's sets on its prompts, then score_dpg,
+    # whose results the report reads.
+    for rule in ("fetch_dpg", "cache_dpg", "sample_dpg", "score_dpg"):
+        assert f"rule {rule}:" in out, rule
+    for name, steps in P.dpg_sets(P.load(work / "params.yaml")):
+        assert f"samples_dpg/{name}/{steps}/index.parquet" in out, name
+    assert "samples_dpg/tdm/4/index.parquet" in out and "samples_dpg/teacher_cfg/50/" in out
+    report = out.split("rule report:", 1)[1].split("\n\n", 1)[0]
+    assert "results/dpg.json" in report
     # DVC plans the same stages (a dry run must --force: DVC hashes the missing upstream
     # outputs of a fresh clone otherwise).
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
@@ -202,9 +212,19 @@ def test_sd3_overlay_dry_runs_on_the_slurm_profile(tmp_path):
     assert {"fetch_weights", "prepare_teacher", "cache_teacher", "distill@dmd2", "distill@cdm",
             "sample_student@cdm-4", "sample_teacher@teacher_cfg-50", "score", "report",
             "sample_compare@hyper_sd", "sample_compare@flash_sd3", "sample_compare@tdm"} <= planned  # fmt: skip
-    # The shapes DAG keeps its world metrics.
-    shapes = _snakemake(copy_project(tmp_path / "shapes"))
+    assert {"cache_dpg@dpg_bench", "score_dpg@dpg_bench", "sample_dpg@teacher_cfg",
+            "sample_dpg@cdm", "sample_dpg@tdm"} <= planned  # fmt: skip
+    # The shapes DAG keeps its world metrics, and has no DPG stage (prompts.dpg_file null).
+    shapes_work = copy_project(tmp_path / "shapes")
+    shapes = _snakemake(shapes_work)
     assert "rule score" in shapes and "rule report" in shapes
+    assert "dpg" not in shapes.lower()
+    subprocess.run(["git", "init", "-q"], cwd=shapes_work, check=True)
+    subprocess.run(["dvc", "init", "-q", "--force"], cwd=shapes_work, env=ENV, check=True)
+    listed = subprocess.run(
+        ["dvc", "stage", "list"], cwd=shapes_work, env=ENV, capture_output=True, text=True
+    )
+    assert listed.returncode == 0 and "score" in listed.stdout and "dpg" not in listed.stdout
 
 
 def test_a_configfile_overlay_is_refused_with_the_overlay_command():

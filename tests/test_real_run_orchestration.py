@@ -10,15 +10,19 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
+from cdm.metrics import dpg
 from cdm.report import published as PUB
 from cdm.report import table1 as T1
 from tests import tiny_pipelines as T
 from tests.conftest import copy_project
+from tests.test_dpg import ITEMS, rows
 from tests.test_hpsv3 import tiny, tiny_hpsv3_config  # noqa: F401
 from tests.test_orchestration import ENV
 from tests.test_pipeline_backends import PROMPTS, _params
@@ -115,6 +119,70 @@ def test_snakemake_runs_a_real_backend_to_the_report(real_project, tmp_path):
     assert "rule world_judge" not in out and not (work / "models/judge").exists()
     _check_report(work)
     assert json.loads((work / "models/weights.json").read_text())["fetched"] == []
+    assert "Nothing to be done" in _sh(work, "snakemake", "--cores", "2", "-n")
+    if (work / "tiny_sd3").is_dir():
+        _check_dpg_run(work)
+
+
+# A stand-in VQA that answers any image: "yes" when the image's mean grey level plus the
+# question's length is even. The runner serves it over cdm.metrics.dpg_vqa's protocol.
+BRIGHT = """
+from PIL import Image, ImageStat
+
+class Bright:
+    def answer(self, images, questions):
+        out = []
+        for path, question in zip(images, questions):
+            with Image.open(path) as image:
+                grey = int(ImageStat.Stat(image.convert("L")).mean[0])
+            out.append("yes" if (grey + len(question)) % 2 == 0 else "no")
+        return out
+"""
+BRIGHT_RUNNER = (
+    BRIGHT
+    + """
+import json, sys
+from cdm.metrics.dpg_vqa import serve
+print(json.dumps({"ready": "bright"}), flush=True)
+serve(Bright(), sys.stdin, sys.stdout)
+"""
+)
+
+
+def _check_dpg_run(work: Path) -> None:
+    """prompts.dpg_file set on the finished run: the DPG stages run (cache_teacher too, whose
+    params hold the prompts section), score_dpg gives what the benchmark's rule gives on the
+    stand-in's answers (the real client, a runner process), and Table 1 shows it."""
+    (work / "dpg.csv").write_text(rows(ITEMS[:3]))
+    data = yaml.safe_load((work / "params.yaml").read_text())
+    data["prompts"]["dpg_file"] = "dpg.csv"
+    sets = {"teacher_cfg": data["teacher"]["steps"], "cdm": int(data["report"]["steps"])}
+    sets |= {name: c["steps"] for name, c in (data.get("compare") or {}).items()}
+    vqa = [sys.executable, "-c", BRIGHT_RUNNER]
+    data["dpg"] = {"sets": sets, "bench": ["dpg_bench"], "vqa": vqa}
+    (work / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    out = _sh(work, "snakemake", "--cores", "2")
+    for rule in ("cache_dpg", "sample_dpg", "score_dpg", "report"):
+        assert f"rule {rule}:" in out, rule
+    got = json.loads((work / "results/dpg.json").read_text())
+    items = dpg.parse_csv(rows(ITEMS[:3]))
+    stand_in: dict = {}
+    exec(BRIGHT, stand_in)  # the runner's VQA, in this process
+    for model, steps in sets.items():
+        folder = work / "samples_dpg" / model / str(steps)
+        index = pd.read_parquet(folder / "index.parquet")
+        assert index["pair"].tolist() == [0, 1, 2], model
+        want = dpg.score_sets(
+            [(model, steps, folder, index["pair"], index["file"])], items, stand_in["Bright"](),
+            data["score"]["n_boot"], seed=data["seed"],
+        )[model][str(steps)]  # fmt: skip
+        assert got[model][str(steps)]["dpg_score"] == pytest.approx(want["dpg_score"]), model
+        assert got[model][str(steps)]["dpg_score_ci"] == pytest.approx(want["dpg_score_ci"])
+    cdm = got["cdm"][str(sets["cdm"])]
+    md = (work / "results/report.md").read_text()
+    table = md.split("## Table 1", 1)[1].split("Protocol:", 1)[0]
+    line = next(x for x in table.splitlines() if x.startswith("| CDM"))
+    assert f"{cdm['dpg_score']:.4g} [" in line, line
     assert "Nothing to be done" in _sh(work, "snakemake", "--cores", "2", "-n")
 
 

@@ -276,6 +276,18 @@ class Score(Section):
     models: dict[str, dict[str, Any]] = PAPER_SCORERS
 
 
+class DPG(Section):
+    """DPG-Bench (prompts.dpg_file) on a real run: which sets DVC plans, which VQA answers.
+
+    DVC cannot derive stages from a null/non-null key, so the sets are spelled out here and
+    checked against `dpg_sets`; Snakemake derives them itself."""
+
+    sets: dict[str, StepCount] = {}  # model -> steps of each DPG sample set (dpg_sets)
+    bench: list[str] = []  # [] or [dpg_bench]: DVC's switch of cache_dpg and score_dpg
+    # The VQA runner's command (JSON lines, cdm.metrics.dpg_vqa); null: .venv-dpg's mPLUG runner
+    vqa: list[str] | None = None
+
+
 class Report(Section):
     grid_prompts: int = Field(8, gt=0)  # pairs 0..grid_prompts-1 shown for every sample set
     steps: str = Field("4", pattern=r"^[1-9][0-9]*$")  # student step count the findings compare
@@ -335,6 +347,7 @@ class Params(Section):
     sample: Sample = Sample()
     score: Score = Score()
     report: Report = Report()
+    dpg: DPG = DPG()
     ablation: Ablation = Ablation()
     world_teacher: WorldTeacher = WorldTeacher()
     world_judge: WorldJudge = WorldJudge()
@@ -368,6 +381,7 @@ class Params(Section):
                 f"({self.score.k}): precision/recall take each sample's k nearest neighbours"
             )
         self._check_compare()
+        self._check_dpg()
         unknown = [m for m in self.distill.methods if m not in self.methods]
         ablated = [m for m in self.ablation.methods if m not in self.methods]
         if ablated:
@@ -407,6 +421,20 @@ class Params(Section):
                     "choose another"
                 )
 
+    def _check_dpg(self) -> None:
+        sets = dict(dpg_sets(self))
+        bench = ["dpg_bench"] if sets else []
+        if self.dpg.sets != sets or self.dpg.bench != bench:
+            why = (
+                "prompts.dpg_file is set"
+                if sets
+                else "no DPG-Bench run (prompts.dpg_file null or shapes)"
+            )
+            raise ValueError(
+                f"dpg: sets must be {sets} and bench {bench} ({why}; DVC plans the DPG stages "
+                "from them); set them so in the dpg section"
+            )
+
 
 TEACHER_SETS = ("teacher_cfg", "teacher_nocfg")  # the teacher's sample sets (cdm.sampler)
 
@@ -436,6 +464,17 @@ def sample_sets(
     steps = params.sample.student_steps if steps is None else steps
     teacher = [(m, s) for m in TEACHER_SETS for s in params.sample.teacher_steps]
     return teacher + [(m, s) for m in methods for s in steps] + compared
+
+
+def dpg_sets(params: Params) -> list[tuple[str, int]]:
+    """(model, steps) of every DPG-Bench sample set: Table 1's sets (the teacher's Base row at
+    teacher.steps, each student at report.steps, each published model at its recipe), on a
+    real run whose prompts.dpg_file is set; none otherwise."""
+    if params.teacher.backend == "shapes" or not params.prompts.dpg_file:
+        return []
+    students = [(m, int(params.report.steps)) for m in params.distill.methods]
+    compared = [(n, c.steps) for n, c in params.compare.items()]
+    return [("teacher_cfg", params.teacher.steps), *students, *compared]
 
 
 def student_inputs(params: Params, method: str, seed: int | None = None) -> dict[str, Any]:

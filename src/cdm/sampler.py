@@ -217,17 +217,20 @@ def prepare_set(
     cache: Path,
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
+    prompts_file: Path | None = None,
 ) -> SampleJob | CompareJob:
     """Read every input of a set (prompt cache, model, decoder) before anything is written.
-    `device` defaults to a GPU when there is one, `dtype` to `sampling_dtype(device)`."""
+    `device` defaults to a GPU when there is one, `dtype` to `sampling_dtype(device)`;
+    `prompts_file` (the encoded prompts pair j cycles through) to the cache's eval set."""
+    prompts_file = cache / "eval.safetensors" if prompts_file is None else prompts_file
     device = sampling_device() if device is None else device
     dtype = sampling_dtype(device) if dtype is None else dtype
     if model in params.compare:  # a published model, sampled by its own pipeline call
         from cdm import baselines as compare
 
-        prompts = cached_prompts(cache / "eval.safetensors")
+        prompts = cached_prompts(prompts_file)
         return compare.prepare(model, steps, params, prompts, pairs, teacher, device, dtype)
-    cond, prompts = load_condition(cache / "eval.safetensors")
+    cond, prompts = load_condition(prompts_file)
     null, _ = load_condition(cache / "null.safetensors")
     sampler = load_sampler(model, params, teacher, students, dtype)
     decode = backend_module(params.teacher.backend).load_decoder(teacher)

@@ -21,6 +21,7 @@ from cdm.cache import read_prompts_file
 from cdm.hub import HUB_ID
 from cdm.io import read_json
 from cdm.lock import ProjectBusy, claim
+from cdm.metrics.dpg import load_items
 from cdm.world.prompts import check_renderable
 
 
@@ -62,6 +63,23 @@ def check_inputs(params: P.Params) -> None:
             raise type(exc)(f"prompts.{key}: {exc}") from None
         if world:
             check_renderable(lines, f"prompts.{key} {name}")
+
+    check_dpg(params)
+
+
+def check_dpg(params: P.Params) -> None:
+    """A DPG-Bench CSV already in place must parse: cache_dpg and score_dpg read it only after
+    every set was sampled. A missing one is fetched (Snakemake's fetch_dpg, `cdm.fetch dpg`)."""
+    if not P.dpg_sets(params) or not Path(params.prompts.dpg_file).exists():
+        return
+    try:
+        load_items(Path(params.prompts.dpg_file))
+    except (FileNotFoundError, ValueError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise ValueError(
+            f"prompts.dpg_file {params.prompts.dpg_file}: {reason}; fetch it again with "
+            "`python -m cdm.fetch dpg`"
+        ) from None
 
 
 # Finished results a later stage reads, and the stage that writes each.

@@ -32,6 +32,7 @@ rule report:
         timings=["logs/timings/prepare_teacher.json", "logs/timings/score.json"],
         curves=expand("logs/{method}/train.csv", method=METHODS),
         sets=sample_sets(),
+        dpg=["results/dpg.json"] if DPG_SETS else [],  # Table 1's DPGBench column
         script="src/report.py",
     output:
         md="results/report.md",

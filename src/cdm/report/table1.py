@@ -15,6 +15,7 @@ import pandas as pd
 
 from cdm import params as P
 from cdm.baselines import RECIPE
+from cdm.io import read_json
 from cdm.report.published import METRICS, MODEL_NAMES, SOURCE, TABLE1, Row
 from cdm.world.evaluate import NOISE_SEED_BASE
 
@@ -23,6 +24,20 @@ KEYS = {"aesthetic": "aesthetic", "dpg": "dpg_score", "pickscore": "pickscore", 
 CLIP_PAPER = "clip_vitl14"  # their code: OpenAI CLIP ViT-L/14 (transformers)
 LABELS = {"aesthetic": "Aesthetic", "dpg": "DPGBench", "pickscore": "PickScore", "hpsv3": "HPSv3"}
 NOT_MEASURED, NOT_RUN, UNPUBLISHED = "not measured", "not run", "-"
+
+
+def with_dpg(metrics: dict, path: Path) -> dict:
+    """metrics.json with score_dpg's entries (results/dpg.json, when that stage ran) merged in
+    by model and steps: Table 1's DPGBench column reads them like any other metric."""
+    if not Path(path).is_file():
+        return metrics
+    merged = {m: {s: dict(e) for s, e in by.items()} for m, by in metrics.items()}
+    for model, by_steps in read_json(path, "rerun the score_dpg stage").items():
+        for steps, entry in by_steps.items():
+            merged.setdefault(model, {}).setdefault(steps, {}).update(
+                {k: v for k, v in entry.items() if k.startswith(KEYS["dpg"])}
+            )
+    return merged
 
 
 def _has(metrics: dict, key: str) -> bool:
