@@ -308,21 +308,12 @@ def instrument(clock: Clock, velocity: torch.nn.Module) -> Patches:
     return p
 
 
-def _bucket_numel(pm: plan.Model, bucket: int) -> int:
-    """The reduce bucket's elements as the plan counts them: in LoRA mode no bigger than the
-    adapter it reduces."""
-    return min(pm.adapter, bucket) if pm.adapter else bucket
-
-
 def _lora_role(module: torch.nn.Module) -> str | None:
     """LoRA mode: teacher, student and fake score are one module; the adapter switched on
     (none: the teacher) says which network runs. None outside LoRA mode."""
-    layer = next(lora._tuner_layers(module), None)
-    if layer is None:
+    if not lora.is_lora(module):
         return None
-    if layer.disable_adapters:
-        return "teacher"
-    return {lora.STUDENT: "student", lora.FAKE: "fake"}[layer.active_adapters[0]]
+    return {None: "teacher", lora.STUDENT: "student", lora.FAKE: "fake"}[lora.running(module)]
 
 
 def forward_equivalents(evals: dict[str, int]) -> dict[str, float]:
@@ -490,8 +481,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "shift": shift,
             "training": P.training_mode(cfg.lora),
             # per network (student, fake score): what its optimizer trains
-            "trained_parameters": pm.adapter if cfg.lora is not None else pm.params,
-            "trained_fraction": round(pm.adapter / pm.params, 5) if cfg.lora is not None else 1.0,
+            "trained_parameters": plan.trained_parameters(pm),
+            "trained_fraction": round(plan.trained_parameters(pm) / pm.params, 5),
         },  # fmt: skip
         "device": _device(cuda),
         "setup_seconds": round(clock.loop_start - t_start, 4),
@@ -517,7 +508,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "rows_bytes": {k: int(v) for k, v in predicted.items()},
             "total_bytes": int(sum(predicted.values())),
             "total_without_reduce_bucket_bytes": int(
-                sum(predicted.values()) - 2 * weight_bytes * _bucket_numel(pm, bucket)
+                sum(predicted.values()) - 2 * weight_bytes * plan.reduce_bucket_numel(pm, bucket)
             ),
         },  # fmt: skip
         "evaluations": {

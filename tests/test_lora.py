@@ -62,6 +62,19 @@ def test_teacher_with_adapters_disabled_is_the_bare_teacher_bit_for_bit(tiny_tea
         assert torch.equal(teacher(x, s, cond), bare(x, s, cond))  # switched back cleanly
 
 
+def test_running_names_the_adapter_switched_on(tiny_teacher_dir):
+    velocity, _, _ = load_velocity(tiny_teacher_dir)
+    with pytest.raises(ValueError, match="not a LoRA module"):
+        lora.running(velocity)
+    lora.add_adapters(velocity, LORA, seed=0)
+    for name in (None, lora.STUDENT, lora.FAKE):
+        with lora.active(velocity, name):
+            assert lora.running(velocity) == name
+            with lora.active(velocity, lora.FAKE if name else None):  # nested, then restored
+                assert lora.running(velocity) == (lora.FAKE if name else None)
+            assert lora.running(velocity) == name
+
+
 def test_only_adapter_weights_train_and_the_base_stays_bitwise(tiny_teacher_dir, tmp_path):
     """One iteration (update_ratio 2): a fake-score step and the blend, no student step."""
     velocity, shift, shape = load_velocity(tiny_teacher_dir)

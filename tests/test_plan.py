@@ -3,6 +3,7 @@ weights and optimizer states against what a tiny DeepSpeed ZeRO-2 engine really 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -196,3 +197,18 @@ def test_activation_model_reproduces_the_h100_measurements(checkpointing):
         got = plan.student_activations(model, batch, checkpointing) / plan.GIB
         want = H100_GIB_PER_SAMPLE[checkpointing] * batch
         assert got == pytest.approx(want, rel=0.15), (batch, got, want)
+
+
+def test_a_lora_reduce_bucket_is_no_bigger_than_the_adapter_it_reduces():
+    full = plan.Model("m", 1000, 10, 4, 8, 4, 2, 8, 64)
+    small, large = dataclasses.replace(full, adapter=30), dataclasses.replace(full, adapter=500)
+    assert plan.reduce_bucket_numel(full, 200) == 200
+    assert plan.reduce_bucket_numel(small, 200) == 30
+    assert plan.reduce_bucket_numel(large, 200) == 200
+    assert [plan.trained_parameters(m) for m in (full, small)] == [1000, 30]
+    w, n = 2, 4  # the gradient row: partitioned gradients + one bucket + fp32 partition, x2
+    rows = plan.estimate(small, batch=1, gpus=n, zero=2, reduce_bucket=200)
+    assert (
+        rows["gradients (partitioned + bucket; 2 adapters)"]
+        == 2 * (w * 30 / n + w * 30) + 4 * 30 / n
+    )

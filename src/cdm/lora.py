@@ -105,6 +105,15 @@ def _set(module: torch.nn.Module, active: str | None) -> None:
             layer._active_adapter = [active]
 
 
+def running(module: torch.nn.Module) -> str | None:
+    """The adapter `module` runs now (None: the bare base, the teacher). Not a LoRA module:
+    ValueError."""
+    layer = next(_tuner_layers(module), None)
+    if layer is None:
+        raise ValueError("not a LoRA module: it has no adapter layers")
+    return None if layer.disable_adapters else layer.active_adapters[0]
+
+
 @contextlib.contextmanager
 def active(module: torch.nn.Module, name: str | None) -> Iterator[None]:
     """Within: `module` runs adapter `name` (None: the bare teacher); the previous state after."""

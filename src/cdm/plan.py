@@ -258,15 +258,24 @@ def estimate(
     return rows
 
 
+def reduce_bucket_numel(m: Model, reduce_bucket: int) -> int:
+    """Elements of one engine's reduce bucket: in LoRA mode no more than the adapter it reduces."""
+    return min(m.adapter, reduce_bucket) if m.adapter else reduce_bucket
+
+
+def trained_parameters(m: Model) -> int:
+    """Parameters each network's optimizer trains: the adapter in LoRA mode, else all."""
+    return m.adapter or m.params
+
+
 def _lora_rows(m: Model, n: int, w: int, reduce_bucket: int) -> dict[str, float]:
-    a = m.adapter
+    a, bucket = m.adapter, reduce_bucket_numel(m, reduce_bucket)
     return {
         "base (frozen; teacher, student and fake score share it)": w * m.params,
         "adapter weights (student + fake score)": 2 * w * a,
         "student EMA (fp32 adapter, partitioned)": 4 * a / n,
         "optimizer states (fp32 master + AdamW m, v; 2 adapters)": 2 * 12 * a / n,
-        "gradients (partitioned + bucket; 2 adapters)": 2 * (w * a / n + w * min(a, reduce_bucket))
-        + 4 * a / n,
+        "gradients (partitioned + bucket; 2 adapters)": 2 * (w * a / n + w * bucket) + 4 * a / n,
     }
 
 
