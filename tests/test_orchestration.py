@@ -51,6 +51,7 @@ def test_snakemake_runs_the_whole_dag(scratch, tmp_path):
     _sh(work, "snakemake", "--cores", "2")
     _check_results(work)
     assert "Nothing to be done" in _sh(work, "snakemake", "--cores", "2", "-n")
+    _check_code_reruns(work)
 
     # The ablation overlay adds two methods: only their students are planned.
     saved = (work / "params.yaml").read_text()
@@ -68,6 +69,28 @@ def test_snakemake_runs_the_whole_dag(scratch, tmp_path):
     assert "rule report" in out
     md = (work / "results/report.md").read_text()
     assert "## Findings over distillation seeds" in md and "| cdm | 1 | 2 |" in md
+
+
+def _planned(work: Path, touched: str) -> set[str]:
+    """The rules `snakemake -n` plans once `touched` is newer than every output; its time
+    is put back after, so the run stays finished."""
+    path = work / touched
+    before = path.stat()
+    os.utime(path)
+    try:
+        plan = _sh(work, "snakemake", "--cores", "2", "-n")
+    finally:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    return set(re.findall(r"^rule (\w+):", plan, re.M))
+
+
+def _check_code_reruns(work: Path) -> None:
+    """A change to code a stage names in dvc.yaml (cdm.stagecode) reruns it and what follows;
+    a change to code it does not use reruns nothing of it."""
+    assert _planned(work, "src/cdm/ema.py") == {"distill", "sample", "score", "report"}
+    assert _planned(work, "src/cdm/sampler.py") == {"sample", "score", "report"}
+    assert _planned(work, "src/cdm/report/html.py") == {"report"}
+    assert "Nothing to be done" in _sh(work, "snakemake", "--cores", "2", "-n")
 
 
 def _check_ablation(path: Path) -> None:
@@ -111,6 +134,15 @@ def test_dvc_repro_reruns_only_what_a_param_change_affects(scratch, tmp_path):
 
     edit_params(work / "params.yaml", report={"grid_prompts": 1})
     assert _ran(_sh(work, "dvc", "repro")) - {"validate"} == {"report"}
+
+    # Code: the same record as Snakemake's (dvc.yaml's deps): the EMA's module retrains.
+    ema = work / "src/cdm/ema.py"
+    saved_ema = ema.read_text()
+    ema.write_text(saved_ema + "# a change\n")
+    status = _sh(work, "dvc", "status", "dvc.yaml")
+    assert "distill@cdm:" in status and "cache_teacher:" not in status, status
+    ema.write_text(saved_ema)
+    assert "up to date" in _sh(work, "dvc", "status", "dvc.yaml")
 
     edit_params(work / "params.yaml", distill={"iterations": 6})
     rerun = _ran(_sh(work, "dvc", "repro"))

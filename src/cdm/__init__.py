@@ -17,7 +17,8 @@ tests/test_layers.py), so each layer reads without the ones above it:
    adapters on one frozen base), `checkpoints` (the checkpoint store), `preemption` (signals
    and the SLURM deadline), `runlog`, `zero`, `cache`, `sampler`, `baselines` (the published
    models of `compare:`), `preview`, `cli`, `lock`, `lifeline`, `launch`, `nodes` (one
-   launcher per node under srun), `overlay`, `plan`, `fetch`, `validate`, `publish`.
+   launcher per node under srun), `overlay`, `plan`, `fetch`, `validate`, `publish`,
+   `stagecode` (each stage's code, read from dvc.yaml for both orchestrators).
 7. `report`: findings, tables, plots and pages from the measured metrics.
 
 The stage scripts (`src/*.py`) sit on top and may import any layer.

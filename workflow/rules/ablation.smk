@@ -18,7 +18,7 @@ rule ablation_distill:
     input:
         cache="cache/prompts",
         teacher="models/teacher",
-        script="src/distill.py",
+        code=stage_code("ablation_distill", ABLATION_DVC),
     output:
         student=directory("ablation/models/seed{seed}/{method}"),
         log_csv="ablation/logs/seed{seed}/{method}/train.csv",
@@ -42,6 +42,7 @@ rule ablation_sample:
         cache="cache/prompts",
         teacher="models/teacher",
         student="ablation/models/seed{seed}/{method}",
+        code=stage_code("ablation_sample", ABLATION_DVC),
     output:
         "ablation/samples/seed{seed}/{method}/{steps}/index.parquet",
     params:
@@ -58,7 +59,7 @@ rule ablation_score:
     input:
         sets=ablation_sets,
         teachers=[s for s in sample_sets() if s.startswith("samples/teacher")],
-        script="src/score.py",
+        code=stage_code("ablation_score", ABLATION_DVC),
     output:
         metrics="ablation/scores/seed{seed}/metrics.json",
         timings="ablation/scores/seed{seed}/timings.json",
@@ -78,7 +79,7 @@ rule ablation:
     input:
         expand("ablation/scores/seed{seed}/metrics.json", seed=ABLATION["seeds"]),
         teacher="results/teacher.json",  # with the params: what the ablation ran on
-        script="src/ablation.py",
+        code=stage_code("ablation", ABLATION_DVC),
     output:
         "results/ablation.json",
     params:

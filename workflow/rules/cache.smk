@@ -4,7 +4,7 @@
 rule cache_teacher:
     input:
         teacher="models/teacher",
-        script="src/cache_teacher.py",
+        code=stage_code("cache_teacher"),
         prompts=[] if WORLD or not PARAMS.prompts.eval_file else PARAMS.prompts.eval_file,
     output:
         directory("cache/prompts"),

@@ -1,6 +1,7 @@
 # Shared settings of every rule.
 from cdm import params as P
 from cdm.lock import release as release_lock
+from cdm.stagecode import stage_code
 
 PARAMS_FILE = "params.yaml"
 # The validated params (read as YAML 1.2, as the scripts and DVC read them).
@@ -23,6 +24,8 @@ RESOLUTION = config["teacher"].get("resolution")
 # Accelerate config variant: "" (1 process by default) locally; the SLURM profile sets
 # accelerate_suffix=-8gpu (configs/accelerate/zero{2,3}-8gpu.yaml, bf16).
 ACCELERATE_SUFFIX = config.get("accelerate_suffix", "")
+# The ablation's stages for DVC: their code deps are its rules' code inputs (stage_code).
+ABLATION_DVC = "workflow/ablation/dvc.yaml"
 
 
 wildcard_constraints:

@@ -12,7 +12,7 @@ rule distill:
     input:
         cache="cache/prompts",
         teacher="models/teacher",
-        script="src/distill.py",
+        code=stage_code("distill"),
     output:
         student=directory("models/students/{method}"),
         log_csv="logs/{method}/train.csv",

@@ -15,7 +15,7 @@ if DPG_SETS:
     rule cache_dpg:
         input:
             teacher="models/teacher",
-            script="src/cache_teacher.py",
+            code=stage_code("cache_dpg"),
             csv=PARAMS.prompts.dpg_file,
         output:
             "cache/dpg.safetensors",
@@ -49,7 +49,7 @@ if DPG_SETS:
         input:
             sets=dpg_sample_sets(),
             csv=PARAMS.prompts.dpg_file,
-            script="src/score_dpg.py",
+            code=stage_code("score_dpg"),
         output:
             "results/dpg.json",
         params:

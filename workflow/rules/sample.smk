@@ -22,8 +22,12 @@ def sample_inputs(wildcards):
     inputs = {"cache": "cache/prompts", "teacher": "models/teacher"}
     if wildcards.model in COMPARE:  # its LoRA and VAE: fetched on the login node
         inputs["weights"] = "models/weights.json"
+        inputs["code"] = stage_code("sample_compare")
     elif wildcards.model not in TEACHER_MODELS:
         inputs["student"] = f"models/students/{wildcards.model}"
+        inputs["code"] = stage_code("sample_student")
+    else:
+        inputs["code"] = stage_code("sample_teacher")
     return inputs
 
 

@@ -7,7 +7,7 @@
 rule score:
     input:
         sets=sample_sets(),
-        script="src/score.py",
+        code=stage_code("score"),
         weights=[] if WORLD else "models/weights.json",  # the scorers, fetched beforehand
     output:
         scores="results/scores.parquet",
@@ -33,7 +33,7 @@ rule report:
         curves=expand("logs/{method}/train.csv", method=METHODS),
         sets=sample_sets(),
         dpg=["results/dpg.json"] if DPG_SETS else [],  # Table 1's DPGBench column
-        script="src/report.py",
+        code=stage_code("report"),
     output:
         md="results/report.md",
         html="results/report.html",

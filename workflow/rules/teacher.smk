@@ -5,7 +5,7 @@
 
 rule prepare_teacher:
     input:
-        script="src/prepare_teacher.py",
+        code=stage_code("prepare_teacher"),  # dvc.yaml's code deps: a change reruns it
         weights=[] if WORLD else "models/weights.json",  # a hub teacher: fetched on the login node
     output:
         teacher=directory("models/teacher"),

@@ -1,0 +1,55 @@
+"""cdm.stagecode: each stage's code, one record (dvc.yaml's deps) for both orchestrators."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cdm.stagecode import stage_code
+from tests.conftest import ROOT
+
+ABLATION = ROOT / "workflow/ablation/dvc.yaml"
+
+
+def _stages(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())["stages"]
+
+
+def test_a_stage_code_is_its_dvc_deps_under_src_with_directories_as_python_files():
+    got = stage_code("score", ROOT / "dvc.yaml")
+    named = [d for d in _stages(ROOT / "dvc.yaml")["score"]["deps"] if d.startswith("src/")]
+    files = [f for d in named if (ROOT / d).is_file() for f in [d]]
+    folder = sorted(
+        p.relative_to(ROOT).as_posix() for p in (ROOT / "src/cdm/metrics").rglob("*.py")
+    )
+    assert got[0] == "src/score.py" and set(got) == set(files) | set(folder)
+    assert all(f.endswith(".py") and (ROOT / f).is_file() for f in got)
+
+
+def test_committed_weights_are_not_code():
+    """prepare_teacher names src/cdm/world, where the world_* rules write their weights."""
+    got = stage_code("prepare_teacher", ROOT / "dvc.yaml")
+    assert "src/cdm/world/teacher.py" in got
+    assert not [f for f in got if "pretrained" in f]
+
+
+def test_the_ablation_file_resolves_its_wdir_to_the_project_root():
+    got = stage_code("ablation_distill", ABLATION)
+    assert got == stage_code("distill", ROOT / "dvc.yaml")  # the same training code
+
+
+def test_every_stage_of_both_files_names_code_that_exists():
+    for path in (ROOT / "dvc.yaml", ABLATION):
+        for stage in _stages(path):
+            files = stage_code(stage, path)
+            assert files and all((ROOT / f).is_file() for f in files), (path, stage)
+
+
+def test_an_unknown_stage_is_named(tmp_path):
+    with pytest.raises(KeyError, match="no stage 'distil'"):
+        stage_code("distil", ROOT / "dvc.yaml")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: x\n    deps: [data.csv]\n")
+    with pytest.raises(ValueError, match="names no code under src/"):
+        stage_code("s", tmp_path / "dvc.yaml")
