@@ -1,7 +1,11 @@
 # The pipeline's DAG for Snakemake; dvc.yaml describes the same stages for DVC.
 # Rules hold no logic: each calls one stage script in src/ with params.yaml.
 
+import sys
+
 from snakemake.exceptions import WorkflowError
+
+from cdm import keep
 
 
 configfile: "params.yaml"
@@ -25,15 +29,25 @@ if _OVERRIDDEN or workflow.config_settings.configfiles:
 # Validate the params and the inputs they name, and take the project lock (cdm.lock), before
 # any job runs: Snakemake removes a job's old outputs when it starts it, so a bad input
 # found by the job itself would cost the previous results.
+# Then link the finished outputs aside (cdm.keep): what a job that fails anyway had removed
+# is put back, so no failure costs a finished result.
+_KEPT = {}  # set once this run holds the lock and its links: only then are they its own
+
+
 onstart:
     shell(f"{PYTHON} -m cdm.validate {PARAMS_FILE}")
+    _KEPT["files"] = keep.snapshot()
 
 
 onsuccess:
+    keep.discard()
     release_lock()
 
 
 onerror:
+    back = keep.restore() if _KEPT else []
+    if back:
+        print(f"kept: the previous {', '.join(back)} put back (its job failed)", file=sys.stderr)
     release_lock()
 
 

@@ -72,6 +72,33 @@ def test_a_knowable_fault_is_refused_before_any_output_is_removed(work, fault, o
     (work / "results/metrics.json").write_bytes(metrics)  # the fixture hashes the rest
 
 
+@pytest.mark.parametrize("orchestrator", ["snakemake", "dvc"])
+def test_an_unforeseeable_fault_leaves_the_previous_result(work, orchestrator):
+    """The judge's weights go bad where no check looks: score fails, and metrics.json and
+    scores.parquet (removed when score started) are the previous ones (the fixture hashes
+    every finished output). Snakemake: cdm.keep puts them back; DVC: persist: true."""
+    weights = work / "src/cdm/world/pretrained/judge/judge.safetensors"
+    saved = weights.read_bytes()
+    weights.write_bytes(b"not a safetensors file")
+    try:
+        if orchestrator == "snakemake":
+            proc = _run(
+                work, "snakemake", "--cores", "1", "--forcerun", "score", "--until", "score"
+            )
+            out = proc.stdout + proc.stderr
+            assert "rule score:" in out and "kept: the previous" in out, out[-3000:]
+            assert "results/metrics.json" in out.split("kept: the previous", 1)[1]
+            assert not (work / ".cdm-kept").exists()
+        else:
+            assert _run(work, "git", "init", "-q").returncode == 0
+            assert _run(work, "dvc", "init", "-q", "--force").returncode == 0
+            proc = _run(work, "dvc", "repro", "--single-item", "--force", "score")
+            assert "Running stage 'score'" in proc.stdout, proc.stdout[-2000:]
+        assert proc.returncode != 0
+    finally:
+        weights.write_bytes(saved)
+
+
 # ------------------------------------------------------------- case 4: no orphan, no free lock
 
 
