@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "cdm.engine", "cdm.lora", "cdm.checkpoints", "cdm.zero", "cdm.preemption", "cdm.runlog",
         "cdm.cache", "cdm.sampler", "cdm.baselines", "cdm.preview", "cdm.cli", "cdm.lock",
         "cdm.lifeline", "cdm.launch", "cdm.nodes", "cdm.overlay", "cdm.plan", "cdm.fetch",
-        "cdm.validate", "cdm.publish", "cdm.stagecode",
+        "cdm.validate", "cdm.publish", "cdm.stagecode", "cdm.keep",
     ),
     ("cdm.report",),
 )  # fmt: skip

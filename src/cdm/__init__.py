@@ -18,7 +18,8 @@ tests/test_layers.py), so each layer reads without the ones above it:
    and the SLURM deadline), `runlog`, `zero`, `cache`, `sampler`, `baselines` (the published
    models of `compare:`), `preview`, `cli`, `lock`, `lifeline`, `launch`, `nodes` (one
    launcher per node under srun), `overlay`, `plan`, `fetch`, `validate`, `publish`,
-   `stagecode` (each stage's code, read from dvc.yaml for both orchestrators).
+   `stagecode` (each stage's code, read from dvc.yaml for both orchestrators), `keep` (a
+   Snakemake run's finished outputs, put back when a job fails).
 7. `report`: findings, tables, plots and pages from the measured metrics.
 
 The stage scripts (`src/*.py`) sit on top and may import any layer.
