@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cdm import checkpoints, stagecode
 from cdm.stagecode import stage_code
 from tests.conftest import ROOT
 
@@ -53,3 +54,29 @@ def test_an_unknown_stage_is_named(tmp_path):
     (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: x\n    deps: [data.csv]\n")
     with pytest.raises(ValueError, match="names no code under src/"):
         stage_code("s", tmp_path / "dvc.yaml")
+
+
+def test_the_code_digest_follows_the_stage_code_only(tmp_path):
+    (tmp_path / "src/cdm").mkdir(parents=True)
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  distill:\n    cmd: x\n    deps: [src/distill.py, src/cdm/losses.py, cache]\n"
+    )
+    for name in ("src/distill.py", "src/cdm/losses.py", "src/cdm/report.py"):
+        (tmp_path / name).write_text("x = 1\n")
+    first = stagecode.digest("distill", tmp_path)
+    (tmp_path / "src/cdm/report.py").write_text("x = 2\n")  # no stage code of distill
+    assert stagecode.digest("distill", tmp_path) == first
+    (tmp_path / "src/cdm/losses.py").write_text("x = 2\n")
+    assert stagecode.digest("distill", tmp_path) not in ("", first)
+    (tmp_path / "dvc.yaml").unlink()  # an installed package: the version pins the code
+    assert stagecode.digest("distill", tmp_path) == ""
+
+
+def test_a_run_folder_is_keyed_by_distills_code(monkeypatch):
+    """A code change reruns distill; that rerun must not finish from the old code's run."""
+    inputs = {"distill": {"iterations": 4}}
+    now = checkpoints.run_name("cdm", inputs)
+    monkeypatch.setattr(stagecode, "digest", lambda stage, root=None: "0123456789")
+    assert checkpoints.run_name("cdm", inputs) != now
+    monkeypatch.setattr(stagecode, "digest", lambda stage, root=None: "")
+    assert checkpoints.run_name("cdm", inputs) == f"cdm-{checkpoints.fingerprint(inputs)}"

@@ -2,8 +2,8 @@
 written (atomically, with a manifest) and trusted (checked before a resume), and pruning.
 
 `checkpoints/<method>-<fingerprint>/` holds one run's `it-<iteration>` folders; the
-fingerprint hashes the params its student depends on (`cdm.params.student_inputs`), so a
-rerun with the same inputs resumes there. One writer at a time: rank 0 holds the run
+fingerprint hashes the params its student depends on (`cdm.params.student_inputs`) and
+distill's code (`cdm.stagecode`), so a rerun with the same inputs and code resumes there. One writer at a time: rank 0 holds the run
 folder's `.writer.lock` (`claim_run`), so a second distill of the same params stops in one
 line instead of sharing its checkpoints. A folder is written as `.tmp-it-<iteration>-<writer
 pid>` and renamed when complete; its manifest records every file's size (and the sha256 of
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 from cdm import params as P
+from cdm import stagecode
 from cdm.lock import ProjectBusy
 
 if TYPE_CHECKING:
@@ -46,10 +47,14 @@ def fingerprint(inputs: dict) -> str:
 
 
 def run_name(method: str, inputs: dict) -> str:
-    """`<method>-<fingerprint of the params its student depends on>`: one run's folder. A
-    rerun with the same inputs resumes there; runs of other params stay (`prune` removes
-    them), so switching back to an earlier setting resumes it too."""
-    return f"{method}-{fingerprint(inputs)}"
+    """`<method>-<fingerprint of the params its student depends on and of distill's code>`:
+    one run's folder. A rerun with the same inputs and code resumes there; runs of other
+    params stay (`prune` removes them), so switching back to an earlier setting resumes it
+    too. The code (dvc.yaml's deps of distill, cdm.stagecode) is in it because a change to it
+    reruns distill in both DAGs, and that rerun must train with the new code, not finish
+    from the old code's checkpoints."""
+    code = stagecode.digest("distill")
+    return f"{method}-{fingerprint(inputs | {'code': code} if code else inputs)}"
 
 
 def completed(root: Path) -> list[Path]:

@@ -10,6 +10,7 @@ files in it, so the two DAGs cannot disagree on what a code change reruns.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import yaml
@@ -38,3 +39,16 @@ def stage_code(stage: str, dvc_file: str | Path = "dvc.yaml") -> list[str]:
     if not deps:
         raise ValueError(f"stage {stage!r} of {dvc_file} names no code under {SOURCE}")
     return [Path(f).relative_to(root).as_posix() for dep in deps for f in _files(root / dep)]
+
+
+def digest(stage: str, root: Path | None = None) -> str:
+    """sha256 (10 hex digits) of `stage`'s code, names and bytes, in the project at `root`
+    (default: the one this package runs from); "" where that project has no dvc.yaml (an
+    installed package, whose code a version pins)."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+    if not (root / "dvc.yaml").is_file():
+        return ""
+    h = hashlib.sha256()
+    for name in stage_code(stage, root / "dvc.yaml"):
+        h.update(name.encode() + b"\0" + (root / name).read_bytes())
+    return h.hexdigest()[:10]
