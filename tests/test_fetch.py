@@ -372,6 +372,7 @@ def test_the_published_baselines_are_fetched_with_the_weights(tmp_path):
         apply(ROOT / "configs/sd3-medium.yaml", ROOT / "params.yaml", write=False)
     )
     data["compare"]["mine"] = {"steps": 4, "lora": {"path": str(tmp_path)}}  # a local folder
+    data["dpg"]["sets"]["mine"] = 4  # Table 1's sets, which DPG-Bench samples too
     plan, _ = fetch.weights_plan(P.parse(data))
     got = {(d.kind, d.repo, d.name) for d in plan if d.what.startswith("compare")}
     assert got == {
