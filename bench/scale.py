@@ -311,9 +311,11 @@ def instrument(clock: Clock, velocity: torch.nn.Module) -> Patches:
 def _lora_role(module: torch.nn.Module) -> str | None:
     """LoRA mode: teacher, student and fake score are one module; the adapter switched on
     (none: the teacher) says which network runs. None outside LoRA mode."""
-    if not lora.is_lora(module):
+    try:
+        running = lora.running(module)  # one walk of the modules per forward
+    except ValueError:  # not a LoRA module
         return None
-    return {None: "teacher", lora.STUDENT: "student", lora.FAKE: "fake"}[lora.running(module)]
+    return {None: "teacher", lora.STUDENT: "student", lora.FAKE: "fake"}[running]
 
 
 def forward_equivalents(evals: dict[str, int]) -> dict[str, float]:

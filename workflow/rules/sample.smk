@@ -18,16 +18,20 @@ def sample_sets():
     return [f"samples/{m}/{s}/index.parquet" for m, s in teacher + students + published]
 
 
+# Each kind of set's code (dvc.yaml read once, not once per job).
+SAMPLE_CODE = {k: stage_code(f"sample_{k}") for k in ("teacher", "student", "compare")}
+
+
 def sample_inputs(wildcards):
     inputs = {"cache": "cache/prompts", "teacher": "models/teacher"}
     if wildcards.model in COMPARE:  # its LoRA and VAE: fetched on the login node
         inputs["weights"] = "models/weights.json"
-        inputs["code"] = stage_code("sample_compare")
+        inputs["code"] = SAMPLE_CODE["compare"]
     elif wildcards.model not in TEACHER_MODELS:
         inputs["student"] = f"models/students/{wildcards.model}"
-        inputs["code"] = stage_code("sample_student")
+        inputs["code"] = SAMPLE_CODE["student"]
     else:
-        inputs["code"] = stage_code("sample_teacher")
+        inputs["code"] = SAMPLE_CODE["teacher"]
     return inputs
 
 
