@@ -102,3 +102,23 @@ def test_report_states_findings_over_seeds_and_students_against_the_teacher(tmp_
     # The students against the teacher: the same step count and the teacher's own.
     assert "| dmd2 | 4 | 0.8 | 0.87 | 0.86 | 100 | 4000 | 2000 |" in md
     assert "Findings over distillation seeds" in page and 'class="finding held"' in page
+
+
+def test_the_teacher_check_names_a_teacher_not_a_cpu() -> None:
+    """results/teacher.json of one teacher and code on two CPUs: FDs 2018.059557 / 2018.060598
+    and 782.272596 / 782.272818 (float rounding). Both are the same teacher; an FD 1% off,
+    or one judge decision more, is another."""
+    from cdm import params as P
+    from tests.conftest import ROOT
+
+    params = P.load(ROOT / "params.yaml")
+    check = {"fd_cfg": 2018.059557348679, "fd_nocfg": 782.2725963102857,
+             "alignment_cfg": 0.8515625, "judge_accuracy": {"shape": 1.0}, "steps": 28}  # fmt: skip
+    here = A.measured_on(params, check)
+    other_cpu = check | {"fd_cfg": 2018.060598289041, "fd_nocfg": 782.2728183693835}
+    assert A.measured_on(params, other_cpu) == here
+    assert A.mismatch({"measured_on": here}, A.measured_on(params, other_cpu)) is None
+    for other_teacher in ({"fd_cfg": 2018.06 * 1.01}, {"alignment_cfg": 437 / 512}):
+        moved = A.measured_on(params, check | other_teacher)
+        assert moved["teacher_check_sha256"] != here["teacher_check_sha256"]
+        assert "teacher_check_sha256" in A.mismatch({"measured_on": here}, moved)

@@ -139,11 +139,26 @@ def judge_findings(table: dict, steps_list: list[str]) -> list[dict]:
     return out
 
 
+CHECK_DIGITS = 4  # significant digits of the teacher check's numbers that identify a teacher
+
+
+def _identifying(value: Any) -> Any:
+    """The teacher check at CHECK_DIGITS significant digits: another CPU's float rounding moves
+    its FDs by ~1e-6 relative (the same teacher and code, results/teacher.json on two
+    machines), another teacher by far more."""
+    if isinstance(value, dict):
+        return {k: _identifying(v) for k, v in value.items()}
+    if isinstance(value, float):
+        return float(f"{value:.{CHECK_DIGITS}g}")
+    return value
+
+
 def measured_on(params: P.Params, teacher_check: dict) -> dict[str, Any]:
     """What a seeded measurement ran on: the params it depends on (cdm.params.ablation_inputs)
     and the sha256 of the teacher check (results/teacher.json, the teacher's own numbers on
-    fixed pairs and seeds, so a different teacher gives a different one)."""
-    canonical = json.dumps(teacher_check, sort_keys=True).encode()
+    fixed pairs and seeds, so a different teacher gives a different one), its numbers at
+    CHECK_DIGITS significant digits so that the same teacher on another CPU matches."""
+    canonical = json.dumps(_identifying(teacher_check), sort_keys=True).encode()
     return {
         "params": P.ablation_inputs(params),
         "teacher_check_sha256": hashlib.sha256(canonical).hexdigest(),
