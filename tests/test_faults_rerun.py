@@ -139,7 +139,9 @@ def test_a_ctrl_c_then_a_rerun_resumes_and_finishes_the_new_params(done, tmp_pat
 def test_a_second_distill_of_the_same_run_stops_in_one_line(done):
     """Two `python src/distill.py --method cdm` by hand on one checkpoints folder: the
     second stops at once, naming the first, and writes nothing; the first goes on."""
-    edit_params(done / "params.yaml", distill={"iterations": 5000, "checkpoint_every": 2})
+    # Far more iterations than the first can finish while the second starts (a fast CPU ran
+    # 5,000 in the two minutes the second took to start beside it).
+    edit_params(done / "params.yaml", distill={"iterations": 10**7, "checkpoint_every": 2})
     run = newest_run(done)
     cmd = [PYTHON, "src/distill.py", "--method", "cdm", "--out", "fresh"]
     first = subprocess.Popen(cmd, cwd=done, env=ENV, text=True,

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 from cdm import keep
+from tests.conftest import PYTHON, ROOT
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -91,3 +93,75 @@ def test_without_a_snapshot_nothing_is_restored(tmp_path):
     (root / "results/metrics.json").unlink()
     assert keep.restore(root) == []
     keep.discard(root)  # nothing to drop: no error
+
+
+def test_snakemakes_records_come_back_with_their_outputs(tmp_path):
+    """A failed job leaves Snakemake's record of itself (its new params) on its outputs; an
+    output put back with that record looks up to date, so the changed job never reruns. The
+    output's own record comes back with it (copied: Snakemake rewrites records in place); a
+    record of an output a job replaced stays the new one."""
+    from base64 import urlsafe_b64encode
+
+    root = _project(tmp_path)
+    records = root / ".snakemake/metadata"
+    records.mkdir(parents=True)
+    long_name = "samples/" + "/".join(["x" * 100] * 3) + "/index.parquet"  # record: @ folders
+    (root / long_name).parent.mkdir(parents=True)
+    (root / long_name).write_bytes(b"long")
+    record = {}
+    for output in ("models/students/cdm", "results/metrics.json", long_name):
+        b64 = urlsafe_b64encode(output.encode()).decode()
+        parts = [b64[i : i + 254] for i in range(0, len(b64), 254)]
+        record[output] = records.joinpath(*["@" + c for c in parts[:-1]], parts[-1])
+        record[output].parent.mkdir(parents=True, exist_ok=True)
+        record[output].write_text('{"params": "old"}')
+    keep.snapshot(root)
+    # distill (new params) failed: its outputs removed, its record rewritten in place; the
+    # long-named set's job failed too; score succeeded with a new output and record.
+    shutil.rmtree(root / "models/students/cdm")
+    (root / long_name).unlink()
+    for output in record:
+        with record[output].open("w") as f:
+            f.write('{"params": "new"}')
+    (root / "results/metrics.json").unlink()
+    (root / "results/metrics.json").write_text('{"cdm": 2}')
+    assert sorted(keep.restore(root)) == sorted(["models/students/cdm", long_name])
+    assert record["models/students/cdm"].read_text() == '{"params": "old"}'
+    assert record[long_name].read_text() == '{"params": "old"}'
+    assert record["results/metrics.json"].read_text() == '{"params": "new"}'
+
+
+# The Snakefile's hooks around one rule whose params pick success (1) or failure (2).
+SNAKEFILE = """
+from cdm import keep
+onstart:
+    keep.snapshot()
+onerror:
+    print("back:", keep.restore())
+onsuccess:
+    keep.discard()
+rule a:
+    output: "results/out.txt"
+    params: p=config["p"]
+    shell: "test {params.p} = 1 && echo {params.p} > {output}"
+"""
+
+
+def test_a_failed_job_of_new_params_is_planned_again_under_snakemake(tmp_path):
+    """Snakemake itself: the job of changed params fails, its old output comes back, and the
+    next run still plans it (params changed) instead of calling the old output up to date."""
+    (tmp_path / "Snakefile").write_text(SNAKEFILE)
+    bin_dir = str(Path(PYTHON).parent)
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT / "src")}
+
+    def snakemake(p: int, *args: str) -> subprocess.CompletedProcess:
+        (tmp_path / "config.yaml").write_text(f"p: {p}\n")
+        cmd = ["snakemake", "--cores", "1", "--configfile", "config.yaml", *args]
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    assert snakemake(1).returncode == 0
+    failed = snakemake(2)
+    assert failed.returncode != 0 and "back: ['results']" in failed.stdout
+    assert (tmp_path / "results/out.txt").read_text() == "1\n"  # the old result, kept
+    plan = snakemake(2, "-n")
+    assert "Params have changed since last execution" in plan.stdout, plan.stdout[-2000:]

@@ -356,7 +356,9 @@ def test_a_failed_image_is_nan_left_out_and_counted(
     features = {(m, s): good.image_features(load(f)) for m, s, f in sets}
     ref = np.delete(features[("teacher_cfg", 4)], 2, axis=0)
     want = pref.fd(np.delete(features[("cdm", 1)], 2, axis=0), ref)
-    assert out.metrics["cdm"]["1"]["fd_to_teacher_cfg"] == pytest.approx(want, abs=1e-9)
+    # Features of chunks of 3 against one batch: float32 kernels may round by batch shape
+    # (this session's AVX-512 CPU: FD 0.1934951914 vs 0.1934951883).
+    assert out.metrics["cdm"]["1"]["fd_to_teacher_cfg"] == pytest.approx(want, rel=1e-6)
     reason = "RuntimeError: cannot score this image" if how == "raise" else "non-finite output"
     assert f"clip failed on {png_name(2)} ({reason})" in caplog.text
     # The paired comparison leaves out pairs failed in either set.
