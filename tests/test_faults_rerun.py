@@ -85,6 +85,13 @@ def test_dvc_rebuilds_a_deleted_student(done):
 # ------------------------------------------------------------- case 1: Ctrl-C, then rerun
 
 
+def _as_from_a_terminal() -> None:
+    """A child's SIGINT as a terminal's job has it. A shell starting a job in the background
+    (`make test &`, nohup) sets SIGINT to ignored, inherited by every child, so a Ctrl-C
+    case would otherwise test nothing there."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for(predicate, proc: subprocess.Popen, what: str, limit: float = 600) -> None:
     deadline = time.time() + limit
     while not predicate():
@@ -102,7 +109,7 @@ def test_a_ctrl_c_then_a_rerun_resumes_and_finishes_the_new_params(done, tmp_pat
     run = newest_run(done)
     smk = subprocess.Popen(["snakemake", "--cores", "1"], cwd=done, env=ENV, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           start_new_session=True)  # fmt: skip
+                           start_new_session=True, preexec_fn=_as_from_a_terminal)  # fmt: skip
     _wait_for(lambda: run.is_dir() and completed(run), smk, "first checkpoint of the new run")
     os.killpg(smk.pid, signal.SIGINT)
     out, err = smk.communicate(timeout=300)
@@ -145,7 +152,15 @@ def test_a_second_distill_of_the_same_run_stops_in_one_line(done):
     run = newest_run(done)
     cmd = [PYTHON, "src/distill.py", "--method", "cdm", "--out", "fresh"]
     first = subprocess.Popen(cmd, cwd=done, env=ENV, text=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             preexec_fn=_as_from_a_terminal)  # fmt: skip
+    try:
+        _check_second_distill(done, run, cmd, first)
+    finally:
+        first.kill()  # never left running (10^7 iterations) when a check fails
+
+
+def _check_second_distill(done: Path, run: Path, cmd: list[str], first: subprocess.Popen):
     _wait_for(lambda: (run / ".writer.lock").is_file(), first, "the first writer's claim")
     second = _run(done, *cmd)
     assert first.poll() is None, "the first run ended before the second started"
