@@ -11,7 +11,9 @@
 #   2. bench/sampling.py at SD3-Medium's full size: 4-step student vs 28 steps with CFG, at
 #      the sample stage's precision (transformer bf16, VAE decode fp32), and the decode in
 #      bf16 against fp32 (seconds, uint8 levels moved: whether the decode may go bf16);
-#   3. the embedded distill (shapes world, params.yaml's cdm and dmd2) for its it/s;
+#   3. the embedded distill (shapes world, params.yaml's cdm and dmd2) for its it/s, and
+#      cdm with two micro-batches per update (distill.accumulation 2, bf16: DeepSpeed's bf16
+#      overflow check is what discards a non-finite accumulated step);
 #   4. bench/scorers.py: the five scorers one at a time at their real sizes (HPSv3 at
 #      Qwen2-VL-2B size), random weights, bf16 on the GPU: images/s and peak memory each.
 #
@@ -46,6 +48,8 @@ for method in cdm dmd2; do  # distill_seconds over 400 iterations: the engine's 
   timeout 90 python3 bench/distill_probe.py --method "$method" --pairs 64 \
     --set distill.iterations=400 --out "$out/probe-$method.json" > "$out/probe-$method.log" 2>&1
 done
+timeout 60 python3 bench/distill_probe.py --method cdm --pairs 64 --set distill.iterations=100 \
+  --set distill.accumulation=2 --out "$out/probe-cdm-accumulation2.json" > "$out/probe-acc.log" 2>&1
 timeout 240 python3 bench/scorers.py --size full --device cuda --dtype bfloat16 --images 64 \
   --out "$out/scorers-bf16.json" > "$out/scorers.log" 2>&1
 ls -la "$out"

@@ -3,15 +3,17 @@ values and data-parallel schedules, on a tiny teacher, in this process (one gloo
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
+import math
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from cdm import engine, preemption
+from cdm import engine, preemption, zero
 from cdm import params as P
 from cdm.backends.shapes import load_velocity
 from cdm.conditioning import Condition
@@ -136,10 +138,11 @@ def _digest(folder: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
 def test_a_non_finite_streak_stops_the_run_and_keeps_the_good_checkpoint(
-    tmp_path, tiny_teacher_dir
+    tmp_path, tiny_teacher_dir, accumulation
 ):
-    cfg = _cfg(iterations=12, update_ratio=2, max_nonfinite=3)
+    cfg = _cfg(iterations=12, update_ratio=2, max_nonfinite=3, accumulation=accumulation)
     _train(tmp_path, tiny_teacher_dir, cfg, stop=4)
     before = _digest(tmp_path / "ckpt")
     assert any(k.startswith("it-0000004/") for k in before)
@@ -190,3 +193,66 @@ def test_near_the_slurm_limit_the_run_checkpoints_and_exits(
         r["iteration"]
         for r in _rows(engine.RunPaths(tmp_path / "ckpt", tmp_path / "ckpt/train.csv"))
     ] == [str(i) for i in range(1, 9)]
+
+
+# --- several micro-batches per process (distill.accumulation) ------------------------------
+
+
+def test_virtual_ranks_are_the_ranks_a_process_stands_for():
+    assert list(engine.virtual_ranks(0, 1)) == [0] and list(engine.virtual_ranks(3, 1)) == [3]
+    # Two processes of two micro-batches draw as four processes of one.
+    assert [list(engine.virtual_ranks(r, 2)) for r in range(2)] == [[0, 1], [2, 3]]
+
+
+def _linear_engines(n: int, accumulation: int, stage: int = 2, warmup: int = 2):
+    zero.init_distributed(torch.device("cpu"))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    conf = zero.ds_config(1, stage, False, 1.0, {}, accumulation)
+    opt = dict(warmup=warmup, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
+    return [zero.make_engine(copy.deepcopy(model), 0.1, config=conf, **opt) for _ in range(n)]
+
+
+def _weights(eng) -> list[torch.Tensor]:
+    return [w.clone() for _, w in zero.full_fp32_params(eng)]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_non_finite_micro_batch_discards_the_whole_accumulated_step(stage):
+    """The first micro-batch is accumulated before the second is known: a non-finite one must
+    discard both, and leave nothing (gradients, Adam's step count, warm-up) to the next step."""
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    poisoned, clean = _linear_engines(2, accumulation=2, stage=stage)
+    start = _weights(poisoned)
+
+    def loss(eng, nan_at: int | None = None):
+        # A NaN that reaches the loss but not the gradient: only the engine's own check
+        # (the last backward made non-finite) can discard this step.
+        return lambda i: eng(x[i : i + 1]).pow(2).sum() + (math.nan if i == nan_at else 0.0)
+
+    _, taken = engine.update(poisoned, [0, 1], loss(poisoned, nan_at=0))
+    assert not taken
+    assert all(torch.equal(a, b) for a, b in zip(_weights(poisoned), start, strict=True))
+    _, taken = engine.update(poisoned, [2, 3], loss(poisoned))
+    assert taken and not all(
+        torch.equal(a, b) for a, b in zip(_weights(poisoned), start, strict=True)
+    )
+    # The clean engine takes only that second step: the same weights, bit for bit.
+    assert engine.update(clean, [2, 3], loss(clean))[1]
+    assert all(torch.equal(a, b) for a, b in zip(_weights(poisoned), _weights(clean), strict=True))
+    # A non-finite last micro-batch is discarded the same way.
+    before = _weights(clean)
+    assert not engine.update(clean, [0, 1], loss(clean, nan_at=1))[1]
+    assert all(torch.equal(a, b) for a, b in zip(_weights(clean), before, strict=True))
+
+
+def test_two_micro_batches_step_on_their_mean_loss():
+    """DeepSpeed scales each micro-batch's loss by 1 / accumulation: one step of two
+    micro-batches equals one step of their mean in a single batch."""
+    (accumulated,) = _linear_engines(1, accumulation=2)
+    (whole,) = _linear_engines(1, accumulation=1)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
+    assert engine.update(accumulated, [0, 1], lambda i: accumulated(x[i : i + 1]).pow(2).sum())[1]
+    assert engine.update(whole, [None], lambda _: whole(x).pow(2).sum(1).mean())[1]
+    for a, b in zip(_weights(accumulated), _weights(whole), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)

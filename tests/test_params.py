@@ -111,3 +111,15 @@ def test_a_compare_entry_keeps_its_recipe():
         None,
     )
     assert P.parse({}).compare == {}  # the embedded world compares nothing
+
+
+def test_accumulation_enters_the_fingerprint_and_one_keeps_the_old_one():
+    """One micro-batch per process is the run as before (its checkpoints, the committed
+    ablation's inputs); two is another run, and zero is refused."""
+    plain = P.student_inputs(P.parse({}), "cdm")
+    assert "accumulation" not in plain["distill"]
+    assert P.student_inputs(P.parse({"distill": {"accumulation": 1}}), "cdm") == plain
+    two = P.student_inputs(P.parse({"distill": {"accumulation": 2}}), "cdm")
+    assert two["distill"]["accumulation"] == 2 and two != plain
+    with pytest.raises(P.ParamsError, match="distill.accumulation"):
+        P.parse({"distill": {"accumulation": 0}})

@@ -212,3 +212,19 @@ def test_a_lora_reduce_bucket_is_no_bigger_than_the_adapter_it_reduces():
         rows["gradients (partitioned + bucket; 2 adapters)"]
         == 2 * (w * 30 / n + w * 30) + 4 * 30 / n
     )
+
+
+def test_micro_batches_multiply_the_global_batch_not_the_memory(tmp_path):
+    """distill.accumulation: the plan's global batch grows, its per-GPU rows stay one
+    micro-batch's (each graph is freed before the next is built)."""
+    text = (ROOT / "configs/sd3-medium-lora.yaml").read_text()
+    assert "  accumulation: 1 " in text
+    eight = tmp_path / "eight.yaml"
+    eight.write_text(text.replace("  accumulation: 1 ", "  accumulation: 8 "))
+    one = plan.plan(
+        str(ROOT / "configs/sd3-medium-lora.yaml"), str(ROOT / "params.yaml"), None, None, 80
+    )
+    more = plan.plan(str(eight), str(ROOT / "params.yaml"), None, None, 80)
+    assert "batch 16 per GPU (global 16)" in one
+    assert "batch 16 per GPU x 8 micro-batches (global 128)" in more
+    assert _total_gib(one) == _total_gib(more)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm import tqdm
@@ -38,6 +39,7 @@ from cdm.schedules import draw_anchor, draw_length, dynamic_sigmas, fixed_schedu
 
 log = logging.getLogger("cdm.engine")
 Velocity = Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]
+T = TypeVar("T")
 
 
 class TrainingDiverged(StageFailure):
@@ -178,6 +180,96 @@ def fake_score_step_loss(
     return fake_score_loss(fake(add_noise(x0, eps, tau), tau, cond), x0, eps)
 
 
+# --- virtual ranks and one optimizer step over them ------------------------------------
+
+
+def virtual_ranks(rank: int, accumulation: int) -> range:
+    """The ranks whose draws this process makes (distill.accumulation micro-batches).
+
+    Micro-batch m of rank r draws as rank r * A + m of a run without accumulation would, so
+    one process with A = 2 trains what two processes do (the same global batch, the same
+    schedules and samples), to float rounding."""
+    return range(rank * accumulation, (rank + 1) * accumulation)
+
+
+@dataclass
+class Micro:
+    """One virtual rank's part of an iteration: its generator (drawn from in the authors'
+    order: schedule, prompts, anchors, noise, then the fake-score and student losses), its
+    prompts and its rollout."""
+
+    gen: torch.Generator
+    cond: Condition
+    roll: Rollout
+    k: int
+
+
+def _draw(
+    it: int,
+    vrank: int,
+    train_cond: Condition,
+    student: torch.nn.Module,
+    method: Method,
+    cfg: Distill,
+    shift: float,
+    latent_shape: tuple[int, ...],
+    seed: int,
+    device: torch.device,
+    zero3: bool,
+) -> Micro:
+    shared = generator(seed, it, device=device)  # K: the same on every (virtual) rank
+    gen = generator(seed, it, vrank + 1, device=device)  # its schedule and samples
+    sigmas = schedule_for(method, cfg, shift, shared, gen).to(device)
+    k = len(sigmas) - 1
+    idx = torch.randint(len(train_cond), (cfg.batch_size,), generator=gen, device=device)
+    cond = train_cond.take(idx.cpu()).to(device)
+    anchor = draw_anchor(k, cfg.batch_size, gen)
+    noise = torch.randn((cfg.batch_size, *latent_shape), generator=gen, device=device)
+    # ZeRO-3 gathers parameters in every forward: all ranks run the same number of them.
+    steps = zero.all_reduce_max(int(evals_needed(anchor, k).max()), device) if zero3 else None
+    return Micro(gen, cond, rollout(student, noise, sigmas, cond, anchor, steps), k)
+
+
+def update(
+    engine,
+    micros: list[Micro],
+    loss_of: Callable[[Micro], T],
+    total: Callable[[T], torch.Tensor] = lambda out: out,  # the loss in `loss_of`'s output
+) -> tuple[list[T], bool]:
+    """One optimizer step of `engine` on the mean loss over every rank's micro-batches.
+
+    Returns `loss_of`'s outputs and whether the step was taken: a non-finite loss on
+    any rank skips it on all, and the weights stay the last good ones. One micro-batch: the
+    check comes before the backward, as in the authors' code. Several (DeepSpeed gradient
+    accumulation): the earlier ones are already accumulated when the last is known, so a
+    non-finite iteration makes the last gradient non-finite and DeepSpeed discards the whole
+    accumulated step (its overflow check), clearing the gradients and the step count with it.
+    """
+    outs: list[T] = []
+    for i, m in enumerate(micros):
+        outs.append(loss_of(m))
+        loss = total(outs[-1])
+        if i == len(micros) - 1:
+            break
+        with lora.engine_adapter(engine):  # LoRA: a recomputed checkpoint runs its adapter
+            engine.backward(loss)
+        engine.step()  # counts a micro-step: no update before the last
+    finite = zero.all_finite(torch.stack([total(o).detach() for o in outs]))
+    if len(micros) == 1 and not finite:
+        return outs, False
+    with lora.engine_adapter(engine):
+        engine.backward(loss if finite else loss * math.nan)
+    engine.step()
+    taken = engine.was_step_applied()
+    if taken and not finite:  # this DeepSpeed took a step on non-finite gradients
+        raise StageFailure(
+            "DeepSpeed applied an accumulated step with non-finite gradients (its overflow "
+            "check is off); set distill.accumulation: 1 or upgrade deepspeed, then rerun (it "
+            "resumes from the last good checkpoint)"
+        )
+    return outs, taken
+
+
 # --- the loop ---------------------------------------------------------------------------
 
 
@@ -221,7 +313,9 @@ def train(
         teacher, student_model, fake_model = lora.networks(
             teacher, cfg.lora, seed, cfg.gradient_checkpointing
         )
-    conf = zero.ds_config(cfg.batch_size, cfg.zero_stage, bf16, cfg.grad_clip, launched or ds_base)
+    conf = zero.ds_config(
+        cfg.batch_size, cfg.zero_stage, bf16, cfg.grad_clip, launched or ds_base, cfg.accumulation
+    )
     opt = dict(
         warmup=cfg.warmup, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.adam_eps
     )
@@ -276,37 +370,29 @@ def train(
     with Preemption(cfg.stop_before_limit) as preemption:
         for it in bar:
             t0 = time.time()
-            shared = generator(seed, it, device=device)  # K: the same on every rank
-            gen = generator(seed, it, rank + 1, device=device)  # this rank's schedule and samples
-            sigmas = schedule_for(method, cfg, shift, shared, gen).to(device)
-            k = len(sigmas) - 1
-            idx = torch.randint(len(train_cond), (cfg.batch_size,), generator=gen, device=device)
-            cond = train_cond.take(idx.cpu()).to(device)
-            anchor = draw_anchor(k, cfg.batch_size, gen)
-            noise = torch.randn((cfg.batch_size, *latent_shape), generator=gen, device=device)
-
-            # Backward simulation: the student's own trajectory, only as far as each anchor needs.
-            steps = (
-                zero.all_reduce_max(int(evals_needed(anchor, k).max()), device) if zero3 else None
-            )
-            roll = rollout(student.module, noise, sigmas, cond, anchor, steps)
+            # Backward simulation for each virtual rank: the student's own trajectory, only as
+            # far as each anchor needs.
+            micros = [
+                _draw(it, v, train_cond, student.module, method, cfg, shift, latent_shape, seed,
+                      device, zero3)
+                for v in virtual_ranks(rank, cfg.accumulation)
+            ]  # fmt: skip
             row: dict[str, float] = {
                 "iteration": it + 1,
-                "K": k,
-                "anchor_sigma": roll.sigma_anchor.mean().item(),
+                "K": micros[0].k,
+                "anchor_sigma": torch.cat([m.roll.sigma_anchor for m in micros]).mean().item(),
             }
-            n_student, n_teacher, n_fake, n_nonfinite = roll.n_evals, 0, cfg.batch_size, 0
+            n_student = sum(m.roll.n_evals for m in micros)
+            n_teacher, n_fake, n_nonfinite = 0, cfg.batch_size * len(micros), 0
 
             # The fake score first: flow matching on the estimates at the anchors, then the blend.
-            loss_f = fake_score_step_loss(fake, roll, cond, cfg, gen)
-            finite = zero.all_finite(loss_f)
+            losses_f, finite = update(
+                fake, micros, lambda m: fake_score_step_loss(fake, m.roll, m.cond, cfg, m.gen)
+            )
             if finite:  # a non-finite loss skips the update: the weights stay the last good ones
-                with lora.engine_adapter(fake):  # LoRA: a recomputed checkpoint runs F
-                    fake.backward(loss_f)
-                fake.step()
                 zero.blend_engines_(fake, student, cfg.fake_blend)
             row |= {
-                "loss_fake": loss_f.item(),
+                "loss_fake": torch.stack(losses_f).mean().item(),
                 "grad_norm_fake": _grad_norm(fake) if finite else "",
             }
 
@@ -315,24 +401,24 @@ def train(
             student_step = (it + 1) // cfg.update_ratio
             updated = (it + 1) % cfg.update_ratio == 0
             if updated:
-                out = student_losses(
-                    student, teacher, fake.module, roll, cond, null, method, cfg, gen
+                outs, taken = update(
+                    student,
+                    micros,
+                    lambda m: student_losses(
+                        student, teacher, fake.module, m.roll, m.cond, null, method, cfg, m.gen
+                    ),
+                    lambda out: out.total,
                 )
-                n_nonfinite = out.n_nonfinite
-                row |= out.stats
-                if zero.all_finite(out.total):
-                    with lora.engine_adapter(student):
-                        student.backward(out.total)
-                    student.step()
+                row |= {k: sum(o.stats[k] for o in outs) / len(outs) for k in outs[0].stats}
+                if taken:
                     ema.update(ema_decay(student_step, cfg.ema_max))
                     row["grad_norm_student"] = _grad_norm(student)
                 else:
                     finite = False
-                n_student, n_teacher, n_fake = (
-                    n_student + out.n_student,
-                    out.n_teacher,
-                    n_fake + out.n_fake,
-                )
+                n_student += sum(o.n_student for o in outs)
+                n_teacher = sum(o.n_teacher for o in outs)
+                n_fake += sum(o.n_fake for o in outs)
+                n_nonfinite = sum(o.n_nonfinite for o in outs)
 
             row |= {
                 "student_step": student_step, "n_student_evals": n_student,

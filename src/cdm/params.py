@@ -136,7 +136,11 @@ class Distill(Section):
 
     methods: list[str] = ["dmd2", "cdm"]  # which presets of `methods` the pipeline runs
     iterations: int = Field(400, gt=0)  # fake-score updates; the student gets 1/update_ratio
-    batch_size: int = Field(32, gt=0)  # per process
+    batch_size: int = Field(32, gt=0)  # per process and micro-batch
+    # Micro-batches per process and update (virtual ranks, docs/method.md): a process draws and
+    # accumulates what `accumulation` processes would; global batch = nodes x num_processes x
+    # accumulation x batch_size.
+    accumulation: int = Field(1, gt=0)
     num_processes: int = Field(1, gt=0)  # accelerate processes (GPUs) on each node of the job
     nodes: int = Field(1, gt=0)  # SLURM nodes of the distill job, one launcher on each
     update_ratio: int = Field(2, gt=0)  # fake-score updates per student update
@@ -488,6 +492,8 @@ def student_inputs(params: Params, method: str, seed: int | None = None) -> dict
         drop.add("guidance")
     if params.distill.lora is None:
         drop.add("lora")  # full fine-tuning keeps the fingerprints it had before LoRA existed
+    if params.distill.accumulation == 1:
+        drop.add("accumulation")  # likewise one micro-batch per process
     distill = {k: v for k, v in params.distill.model_dump().items() if k not in drop}
     # The student depends on the world size, not on its split over nodes: 2 nodes of 1
     # process resume 1 node of 2 (and one node keeps its fingerprint).

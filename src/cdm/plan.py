@@ -392,7 +392,9 @@ def plan(
         f"memory plan: {teacher.backend} {teacher.path}",
         f"  {model.name}: {model.params:,} parameters ({source}, built on the meta device)",
         f"  {f'{nodes} nodes x {per_node} = ' if nodes > 1 else ''}{gpus} GPUs, ZeRO-{zero}, "
-        f"bf16; batch {cfg.batch_size} per GPU; "
+        f"bf16; batch {cfg.batch_size} per GPU"
+        f"{f' x {cfg.accumulation} micro-batches' if cfg.accumulation > 1 else ''} "
+        f"(global {cfg.batch_size * cfg.accumulation * gpus}); "
         f"{model.image_tokens} image tokens ({side}x{side}) + {model.text_tokens} text tokens; "
         f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}",
         "",

@@ -58,20 +58,44 @@ def init_distributed(
 
 
 def ds_config(
-    micro_batch: int, stage: int, bf16: bool, grad_clip: float, base: dict[str, Any] | None = None
+    micro_batch: int,
+    stage: int,
+    bf16: bool,
+    grad_clip: float,
+    base: dict[str, Any] | None = None,
+    accumulation: int = 1,
 ) -> dict[str, Any]:
-    """DeepSpeed config: the file's settings (configs/deepspeed/) overridden by params."""
+    """DeepSpeed config: the file's settings (configs/deepspeed/) overridden by params.
+
+    bf16 checks its gradients for overflow: a step over accumulated micro-batches with a
+    non-finite one is discarded by DeepSpeed (`cdm.engine.update`)."""
     config = dict(base or {})
     config |= {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": accumulation,
         "gradient_clipping": grad_clip,
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,  # a plain torch AdamW: no fused-kernel build
         "steps_per_print": 2**31 - 1,
     }
     config["zero_optimization"] = dict(config.get("zero_optimization", {})) | {"stage": stage}
+    if bf16 and accumulation > 1:
+        if not _bf16_checks_overflow():
+            raise ValueError(
+                "distill.accumulation > 1 in bf16 needs a DeepSpeed whose bf16 config has "
+                "check_grad_overflow (to discard a step with a non-finite micro-batch); upgrade "
+                "deepspeed or set distill.accumulation: 1"
+            )
+        config["bf16"]["check_grad_overflow"] = True
     return config
+
+
+def _bf16_checks_overflow() -> bool:
+    try:
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    except ImportError:  # older releases: no such check
+        return False
+    return "check_grad_overflow" in DeepSpeedBF16Config.model_fields
 
 
 def make_engine(
