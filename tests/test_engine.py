@@ -256,3 +256,19 @@ def test_two_micro_batches_step_on_their_mean_loss():
     assert engine.update(whole, [None], lambda _: whole(x).pow(2).sum(1).mean())[1]
     for a, b in zip(_weights(accumulated), _weights(whole), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_a_run_of_two_micro_batches_resumes_to_the_uninterrupted_one(tmp_path, tiny_teacher_dir):
+    """DeepSpeed's micro-step count starts again at a checkpoint (one per iteration): the
+    resumed run accumulates the same micro-batches into the same steps."""
+    cfg = _cfg(iterations=4, update_ratio=1, accumulation=2)
+    straight, _ = _train(tmp_path / "straight", tiny_teacher_dir, cfg)
+    _train(tmp_path / "resumed", tiny_teacher_dir, cfg, stop=2)
+    resumed, _ = _train(tmp_path / "resumed", tiny_teacher_dir, cfg)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Another run: the same weights with one micro-batch would be a coincidence.
+    single, _ = _train(
+        tmp_path / "single", tiny_teacher_dir, cfg.model_copy(update={"accumulation": 1})
+    )
+    assert not all(torch.equal(a[k], single.state_dict()[k]) for k in a)
