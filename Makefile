@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 LOCK   ?= constraints.txt
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install run ablation test browser lint format world-judge world-teacher dry-run clean
+.PHONY: install run ablation test test-fast cpu-ops browser lint format world-judge world-teacher dry-run clean
 
 install: $(STAMP)
 
@@ -27,8 +27,23 @@ ablation: $(STAMP)
 	snakemake --cores all ablation
 	snakemake --cores all --forcerun report results/report.html
 
-test: $(STAMP) browser
-	$(PY) -m pytest
+# Two workers (pytest-xdist; the costly runs are built once and shared, tests/conftest.py);
+# the 30 slowest tests' timings close every log, so the next slow test is seen.
+XDIST := -n 2 --dist loadgroup --durations=30
+
+test: $(STAMP) browser cpu-ops
+	$(PY) -m pytest $(XDIST)
+
+# The fast tier (minutes): no whole DAGs, trainings or multi-process runs.
+test-fast: $(STAMP)
+	$(PY) -m pytest $(XDIST) -m "not e2e and not multiproc"
+
+# DeepSpeed's CPU communication extension (gloo runs on CPU) compiles on first use, about a
+# minute, once per machine (~/.cache/torch_extensions): built here, before the tests start.
+cpu-ops: $(STAMP)
+	@DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; \
+	  ShareMemCommBuilder().load(verbose=False)" >/dev/null 2>&1 || \
+	  echo "note: DeepSpeed's CPU extension did not build here; the first multi-process test builds it"
 
 # The report's browser test (tests/test_browser.py) renders it in Debian's chromium: installed
 # here where apt can (as root); elsewhere that test is skipped and says why.

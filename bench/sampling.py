@@ -12,7 +12,7 @@ SD3's published AutoencoderKL config (16 latent channels, 8x; `--vae-div` divide
 with random weights. Sampling is the sample stage's code at the stage's precision:
 `cdm.sampler.sampling_dtype` (the transformer in bf16 on a GPU, fp32 on the CPU),
 `cdm.sampler.Sampler` (its sigmas and NFE), `cdm.sampling.sample_euler` (CFG as one batched
-call), `cdm.backends.pipelines.VaeDecoder` in fp32 and `cdm.sampler.save_png`. Reports
+call), `cdm.backends.pipelines.VaeDecoder` in fp32 and `cdm.samplefiles.save_png`. Reports
 per-image seconds split into transformer, decode and PNG encoding, transformer calls and
 sample-evaluations per image, images/s and the speed-up of the student (total and transformer
 alone). One untimed warm-up run of each model precedes the timed repeats. `--compare-decode`
@@ -37,7 +37,8 @@ from diffusers import AutoencoderKL
 
 from cdm import params as P
 from cdm.backends.pipelines import VaeDecoder
-from cdm.sampler import Sampler, dtype_name, sampling_device, sampling_dtype, save_png
+from cdm.samplefiles import dtype_name, save_png
+from cdm.sampler import Sampler, sampling_device, sampling_dtype
 from cdm.sampling import sample_euler
 
 ROOT = Path(__file__).resolve().parents[1]

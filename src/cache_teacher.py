@@ -32,11 +32,12 @@ from tqdm import tqdm
 
 from cdm import params as P
 from cdm.backends import load_backend
-from cdm.cache import encode_shards, index_shards, read_prompts_file, row_bytes, save_condition
+from cdm.cache import encode_shards, index_shards, row_bytes, save_condition
 from cdm.cli import parse_shard, run_stage, stage_parser
 from cdm.conditioning import Condition
 from cdm.io import atomic_file, atomic_write_json
 from cdm.metrics.dpg import load_items
+from cdm.promptsfile import read_prompts_file
 from cdm.world.prompts import all_prompts, check_renderable
 
 log = logging.getLogger("cache_teacher")

@@ -17,18 +17,21 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from cdm import params as P
-from cdm.backends import backend_module, load_backend, pipelines
+from cdm.backends import backend_module, load_backend
 from cdm.cli import run_stage, stage_parser
 from cdm.io import atomic_dir, atomic_write_json
 from cdm.metrics import timings as T
 from cdm.world.evaluate import EvalPairs, teacher_report
 from cdm.world.judge import Judge
-from cdm.world.teacher import WorldTeacher
 from cdm.world.train import judge_accuracy
+
+if TYPE_CHECKING:
+    from cdm.world.teacher import WorldTeacher
 
 log = logging.getLogger("prepare_teacher")
 JUDGE_MIN_ACCURACY = 0.99
@@ -74,6 +77,8 @@ def prepare_shapes(params: P.Params, models: str, out: str, timings: str) -> dic
 
 def prepare_pipeline(params: P.Params, models: str, out: str, timings: str) -> dict:
     """A diffusers-pipeline teacher: resolve, check it loads and runs, link, report."""
+    from cdm.backends import pipelines  # diffusers: for the pipeline backends only
+
     cfg = params.teacher
     backend = backend_module(cfg.backend)
     folder = backend.resolve(cfg.path)

@@ -20,7 +20,8 @@ from cdm import params as P
 from cdm.cache import cached_prompts
 from cdm.cli import parse_shard, run_stage, stage_parser
 from cdm.io import atomic_dir
-from cdm.sampler import INDEX, join_parts, part_name, prepare_set, read_parts
+from cdm.samplefiles import INDEX, part_name
+from cdm.sampler import join_parts, prepare_set, read_parts
 
 log = logging.getLogger("sample")
 

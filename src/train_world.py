@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cdm import params as P
 from cdm.cli import run_stage, stage_parser
 from cdm.io import atomic_dir
 from cdm.world.evaluate import EvalPairs, teacher_report
 from cdm.world.judge import Judge
-from cdm.world.teacher import WorldTeacher
 from cdm.world.train import train_judge, train_teacher
+
+if TYPE_CHECKING:  # diffusers: only the teacher needs it
+    from cdm.world.teacher import WorldTeacher
 
 log = logging.getLogger("train_world")
 

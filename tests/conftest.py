@@ -1,22 +1,75 @@
-"""Shared fixtures: tiny models built offline, and paths of the project."""
+"""Shared fixtures: tiny models built offline, finished tiny runs, and paths of the project.
+
+Whatever costs more than a few seconds is built once per test session, whichever xdist
+worker asks first (`shared`: a file lock beside the workers' temp folders), and tests copy it
+(`clone`) rather than rebuild it; "the uninterrupted run" a test compares with comes from a
+cache keyed by what makes it (`reference`). Families of costly
+tests carry markers (`e2e`: whole DAGs or stage chains; `multiproc`: several processes of one
+run); `make test-fast` deselects them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import os
 import runpy
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+# The environment's own tools first for every subprocess, as `make test` has them: one ninja
+# (the venv's, not /usr/bin's 1.11) builds DeepSpeed's CPU extension, which two ninja
+# versions would otherwise rebuild in turn (a minute each) in a shared cache.
+os.environ["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
+
+
+def shared(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """`name` built by `build(path)` once per test session: the first xdist worker to ask
+    builds it under a file lock, the others wait and reuse it. Read it, or `clone` it."""
+    base = factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            if path.exists():  # a build that failed in another worker
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
+            build(path)
+            done.touch()
+    return path
+
+
+def clone(src: Path, dst: Path) -> Path:
+    """A working copy of a shared run, links kept as links. Copied, not hard-linked: fault
+    tests truncate and overwrite files in place, which would reach the shared original."""
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`reference(key, build)`: the run `build(path)` makes, once per session for equal `key`s
+    (a JSON-able record of everything that makes it: method, params, launcher). Read only."""
+
+    def get(key: dict, build: Callable[[Path], None]) -> Path:
+        text = json.dumps(key, sort_keys=True, default=str)
+        name = "reference-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+        return shared(tmp_path_factory, name, build)
+
+    return get
 
 
 def copy_project(dst: Path, skip: tuple[str, ...] = ()) -> Path:
@@ -92,24 +145,155 @@ def root() -> Path:
     return ROOT
 
 
+def _tiny_teacher(path: Path) -> None:
+    from cdm.world.teacher import WorldTeacher
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        teacher = WorldTeacher.new(shift=2.0, num_layers=1, heads=2, head_dim=8, text_width=16)
+    teacher.save_pretrained(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised world teacher (one layer), saved diffusers-style."""
-    from cdm.world.teacher import WorldTeacher
+    return shared(tmp_path_factory, "tiny_teacher", _tiny_teacher)
 
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_teacher")
-    WorldTeacher.new(shift=2.0, num_layers=1, heads=2, head_dim=8, text_width=16).save_pretrained(
-        path
-    )
-    return path
+
+def _tiny_pipelines(root: Path) -> None:
+    from tests import tiny_pipelines
+
+    for name, build in {
+        "sd3": tiny_pipelines.sd3_pipeline, "longcat": tiny_pipelines.longcat_pipeline
+    }.items():  # fmt: skip
+        tiny_pipelines.save(build(), root / name)
 
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random SD3 and LongCat-Image pipelines saved with save_pretrained (offline)."""
-    from tests import tiny_pipelines
+    root = shared(tmp_path_factory, "tiny_pipelines", _tiny_pipelines)
+    return {name: root / name for name in ("sd3", "longcat")}
 
-    root = tmp_path_factory.mktemp("tiny_pipelines")
-    builders = {"sd3": tiny_pipelines.sd3_pipeline, "longcat": tiny_pipelines.longcat_pipeline}
-    return {name: tiny_pipelines.save(build(), root / name) for name, build in builders.items()}
+
+# ------------------------------------------------------------- tiny scorers (test_scorers, hpsv3)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registered tiny open_clip architecture; its random weights saved as a state dict."""
+    from tests import test_scorers as S
+
+    return S.build_tiny_clip(tmp_path_factory.mktemp("open_clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pick(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model folder, processor folder) of a tiny random CLIPModel and a CLIP processor."""
+    from tests import test_scorers as S
+
+    return S.build_tiny_pick(tmp_path_factory.mktemp("pickscore"))
+
+
+@pytest.fixture(scope="session")
+def tiny_l14(tiny_pick: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests import test_scorers as S
+
+    return S.l14_folder(tiny_pick[0], tmp_path_factory.mktemp("clip_vitl14"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny HPSv3: (base folder, checkpoint folder, reference model with the same
+    weights, tokenizer, rm_head state)."""
+    from tests import test_hpsv3 as H
+
+    return H.build_tiny(tmp_path_factory.mktemp("hpsv3"))
+
+
+# ------------------------------------------------------------- finished tiny runs, shared
+
+
+@pytest.fixture(scope="session")
+def distill_project(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path) -> Path:
+    """A scratch project with the tiny teacher prepared and its prompts cached (test_distill,
+    test_lora, test_multinode: each clones it)."""
+    from tests import test_distill as D
+
+    def build(path: Path) -> None:
+        shutil.copytree(tiny_teacher_dir, path / "tiny_teacher")
+        D._write_params(path / "params.yaml")
+        D._run(path, "prepare_teacher.py")
+        D._run(path, "cache_teacher.py")
+
+    return shared(tmp_path_factory, "distill_project", build)
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path) -> Path:
+    """A tiny shapes project with a teacher, a prompt cache, a distilled `cdm` student (and
+    its checkpoints), a sample set, and the committed results/ (the fault tests' subject)."""
+    from tests import test_faults as F
+
+    def build(path: Path) -> None:
+        tiny_world_project(
+            path, tiny_teacher_dir, distill={"methods": ["cdm"], "checkpoint_every": 2}
+        )
+        shutil.copytree(ROOT / "results", path / "results")
+        for proc in (
+            F._stage(path, "prepare_teacher.py"),
+            F._stage(path, "cache_teacher.py"),
+            F._distill(path),
+            F._stage(path, "sample.py", "--model", "teacher_cfg", "--steps", "2"),
+        ):
+            assert proc.returncode == 0, proc.stderr[-2000:]
+
+    return shared(tmp_path_factory, "finished", build)
+
+
+@pytest.fixture(scope="session")
+def snakemade(tmp_path_factory: pytest.TempPathFactory, finished: Path) -> Path:
+    """The finished project, brought up to date by Snakemake: it has nothing left to do, and
+    its metadata of distill (the params a params change is compared with), as after `make`."""
+    from tests import test_faults as F
+
+    def build(path: Path) -> None:
+        clone(finished, path / "p")
+        proc = F._run(path / "p", "snakemake", "--cores", "1", "--forcerun", "distill")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return shared(tmp_path_factory, "snakemade", build) / "p"
+
+
+# ------------------------------------------------------------- markers of the costly families
+
+# Whole DAGs, stage chains and trainings: a test is `e2e` when it takes one of these fixtures
+# or lives in one of these modules; `multiproc` when it starts several processes of one run.
+E2E_FIXTURES = {"finished", "snakemade", "distill_project", "reference", "tiny_dirs"}
+E2E_MODULES = {
+    "test_orchestration", "test_real_run_orchestration", "test_pipeline_backends",
+    "test_eval_stages", "test_dpg_stages", "test_stages", "test_cache_resume",
+}  # fmt: skip
+MULTIPROC_MODULES = {"test_multinode", "test_checkpoint_ranks", "test_zero_partitions"}
+# Modules whose module-scoped fixtures cost a run each: their tests stay on one xdist worker
+# (`--dist loadgroup`), so the fixture is built once. The costliest are session-wide instead.
+GROUPED_MODULES = {
+    "test_compare", "test_eval_stages", "test_export", "test_pipeline_backends", "test_plan",
+    "test_preference", "test_slurm",
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if module in E2E_MODULES or fixtures & E2E_FIXTURES:
+            item.add_marker(pytest.mark.e2e)
+        if (
+            module in MULTIPROC_MODULES
+            or "two_process" in item.name
+            or "num_processes" in (item.function.__doc__ or "")
+        ):
+            item.add_marker(pytest.mark.multiproc)
+        if module in GROUPED_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module))

@@ -20,7 +20,8 @@ from cdm import baselines as C  # noqa: E402
 from cdm import params as P  # noqa: E402
 from cdm.cache import save_condition  # noqa: E402
 from cdm.conditioning import Condition  # noqa: E402
-from cdm.sampler import COLUMNS, prepare_set  # noqa: E402
+from cdm.samplefiles import COLUMNS, RECIPE  # noqa: E402
+from cdm.sampler import prepare_set  # noqa: E402
 from tests import tiny_pipelines as T  # noqa: E402
 
 PROMPTS = ["a red cube", "two blue spheres on grass", "a cat"]
@@ -126,7 +127,7 @@ def test_each_recipe_loads_and_samples_a_set(stand_ins, name, tmp_path):
     assert set(index["nfe"]) == {recipe.steps * (2 if recipe.guidance > 1 else 1)}
     images = [np.asarray(Image.open(tmp_path / name / f)) for f in index["file"]]
     assert all(im.shape == (16, 16, 3) and im.dtype == np.uint8 for im in images)
-    loaded = json.loads((tmp_path / name / C.RECIPE).read_text())
+    loaded = json.loads((tmp_path / name / RECIPE).read_text())
     assert loaded["recipe"]["steps"] == 2 and loaded["scheduler"] == (
         recipe.scheduler.cls if recipe.scheduler else "FlowMatchEulerDiscreteScheduler"
     )

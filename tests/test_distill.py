@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cdm.runlog import LOG_COLUMNS
-from tests.conftest import PYTHON, ROOT
+from tests.conftest import PYTHON, ROOT, clone
 
 ACCELERATE = str(Path(PYTHON).parent / "accelerate")
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -52,15 +52,10 @@ def _run(cwd: Path, *args: str, launcher: list[str] | None = None, check: bool =
     return proc
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_teacher_dir) -> Path:
-    """A scratch project with the tiny teacher prepared and its prompts cached."""
-    path = tmp_path_factory.mktemp("project")
-    shutil.copytree(tiny_teacher_dir, path / "tiny_teacher")
-    _write_params(path / "params.yaml")
-    _run(path, "prepare_teacher.py")
-    _run(path, "cache_teacher.py")
-    return path
+@pytest.fixture
+def project(distill_project) -> Path:
+    """conftest's session-wide tiny distill project: teacher prepared, prompts cached."""
+    return distill_project
 
 
 def _clone(project: Path, dst: Path, **distill) -> Path:
@@ -71,6 +66,37 @@ def _clone(project: Path, dst: Path, **distill) -> Path:
     )  # accelerate configs name paths from the root
     _write_params(dst / "params.yaml", **distill)
     return dst
+
+
+def _reference(reference, project: Path, method: str, **distill) -> Path:
+    """The uninterrupted run of `method` with these distill params (shared: read only)."""
+
+    def build(path: Path) -> None:
+        _clone(project, path, **distill)
+        _run(path, "distill.py", "--method", method)
+
+    return reference({"method": method, "distill": distill}, build)
+
+
+# Two-process runs: small (they cost two processes' start and DeepSpeed's gloo start-up).
+SMALL = {"iterations": 6, "batch_size": 2, "checkpoint_every": 1, "preview_every": 100}
+
+
+def _two_processes(reference, project: Path, stage: int) -> Path:
+    """The uninterrupted run of one launcher of 2 processes at ZeRO-`stage` (SMALL), as the
+    distill rule starts it (cdm.launch): shared with test_multinode's one-node side."""
+    distill = {"zero_stage": stage, "nodes": 1, "num_processes": 2, **SMALL}
+
+    def build(path: Path) -> None:
+        _clone(project, path, **distill)
+        launcher = [
+            PYTHON, "-m", "cdm.launch", "--config_file",
+            str(ROOT / f"configs/accelerate/zero{stage}.yaml"),
+            "--num_processes", "2", "--main_process_port", str(29610 + stage),
+        ]  # fmt: skip
+        _run(path, "distill.py", "--method", "cdm", launcher=launcher)
+
+    return reference({"method": "cdm", "distill": distill, "launch": "cdm.launch x2"}, build)
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -85,9 +111,8 @@ def _student(path: Path, method: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method", ["dmd2", "dynamic", "cdm", "dm_only"])
-def test_every_preset_runs_20_iterations_under_zero2(project, tmp_path, method):
-    work = _clone(project, tmp_path)
-    _run(work, "distill.py", "--method", method)
+def test_every_preset_runs_20_iterations_under_zero2(project, reference, method):
+    work = _reference(reference, project, method)  # dmd2's is also the truncation test's
     rows = (work / f"logs/{method}/train.csv").read_text().splitlines()
     assert rows[0].split(",") == LOG_COLUMNS and len(rows) == 21
     header = rows[0].split(",")
@@ -129,22 +154,25 @@ def test_fake_score_and_teacher_counts_per_iteration(project, tmp_path):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_cdm_with_two_processes(project, tmp_path, stage):
-    work = _clone(project, tmp_path, zero_stage=stage)
-    launcher = [
-        ACCELERATE, "launch", "--config_file", str(ROOT / f"configs/accelerate/zero{stage}.yaml"),
-        "--num_processes", "2", "--main_process_port", str(29600 + stage),
-    ]  # fmt: skip
-    _run(work, "distill.py", "--method", "cdm", launcher=launcher)
-    assert len((work / "logs/cdm/train.csv").read_text().splitlines()) == 21
+def test_cdm_with_two_processes(project, reference, stage):
+    work = _two_processes(reference, project, stage)
+    assert len((work / "logs/cdm/train.csv").read_text().splitlines()) == 1 + SMALL["iterations"]
     shards = list(work.glob("checkpoints/cdm-*/it-*/student/state/*optim_states.pt"))
     assert {p.name.split("_")[3] for p in shards} == {"0", "1"}  # both ranks hold a shard
-    assert torch.isfinite(next(iter(_student(work, "cdm").values()))).all()
+    student = _student(work, "cdm")
+    assert all(torch.isfinite(v).all() for v in student.values())
+    # Negative controls: the student moved away from the teacher (a run whose ranks skipped
+    # every update would not), and rank 1's draws count: one process of the same params and
+    # seed (rank 0's draws alone) trains another student.
+    teacher = load_file(work / "models/teacher/transformer/diffusion_pytorch_model.safetensors")
+    moved = max((student[k] - teacher[k]).abs().max().item() for k in teacher)
+    alone = _student(_reference(reference, project, "cdm", zero_stage=stage, **SMALL), "cdm")
+    print(f"ZeRO-{stage}: moved {moved:.3g}, vs one process {_max_diff(student, alone):.3g}")
+    assert moved > 1e-5 and _max_diff(student, alone) > 0.01 * moved
 
 
-def test_sigkill_then_rerun_equals_an_uninterrupted_run(project, tmp_path):
-    straight = _clone(project, tmp_path / "straight", iterations=40)
-    _run(straight, "distill.py", "--method", "cdm")
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(project, reference, tmp_path):
+    straight = _reference(reference, project, "cdm", iterations=40)
     crashed = _clone(project, tmp_path / "crashed", iterations=40)
     cmd = [PYTHON, str(ROOT / "src/distill.py"), "--method", "cdm"]
     proc = subprocess.Popen(
@@ -157,18 +185,22 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(project, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (crashed / "models/students/cdm").exists()
-    _run(crashed, "distill.py", "--method", "cdm")
+    newest = max(int(p.parent.name[3:]) for p in crashed.glob("checkpoints/cdm-*/it-*/state.json"))
+    rerun = _run(crashed, "distill.py", "--method", "cdm")
+    # Resumed (a rerun that ignored the checkpoints and retrained would also end equal).
+    assert newest >= 20 and f"resuming from iteration {newest}" in rerun.stderr, rerun.stderr
     a, b = _student(straight, "cdm"), _student(crashed, "cdm")
     assert _max_diff(a, b) <= 1e-6
     log = (crashed / "logs/cdm/train.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in log[1:]] == list(range(1, 41))
 
 
-def test_sigusr1_checkpoints_exits_and_the_rerun_equals_an_uninterrupted_run(project, tmp_path):
+def test_sigusr1_checkpoints_exits_and_the_rerun_equals_an_uninterrupted_run(
+    project, reference, tmp_path
+):
     """SLURM's warning signal before the time limit: checkpoint now, exit non-zero (so the
     job is retried), resume to the same student. train.csv is read while the run goes on."""
-    straight = _clone(project, tmp_path / "straight", iterations=30, checkpoint_every=100)
-    _run(straight, "distill.py", "--method", "dmd2")
+    straight = _reference(reference, project, "dmd2", iterations=30, checkpoint_every=100)
     warned = _clone(project, tmp_path / "warned", iterations=30, checkpoint_every=100)
     cmd = [PYTHON, str(ROOT / "src/distill.py"), "--method", "dmd2"]
     proc = subprocess.Popen(
@@ -187,25 +219,29 @@ def test_sigusr1_checkpoints_exits_and_the_rerun_equals_an_uninterrupted_run(pro
     assert 7 <= stopped < 30
     assert list(warned.glob(f"checkpoints/dmd2-*/it-{stopped:07d}/state.json"))
     assert not (warned / "models/students/dmd2").exists()
-    _run(warned, "distill.py", "--method", "dmd2")
+    rerun = _run(warned, "distill.py", "--method", "dmd2")
+    assert f"resuming from iteration {stopped}" in rerun.stderr, rerun.stderr[-2000:]
     a, b = _student(straight, "dmd2"), _student(warned, "dmd2")
     assert _max_diff(a, b) <= 1e-6
 
 
-def test_a_truncated_newest_checkpoint_is_skipped_for_the_last_intact_one(project, tmp_path):
-    work = _clone(project, tmp_path, iterations=20)
-    _run(work, "distill.py", "--method", "dmd2")
+def test_a_truncated_newest_checkpoint_is_skipped_for_the_last_intact_one(
+    project, reference, tmp_path
+):
+    work = clone(_reference(reference, project, "dmd2"), tmp_path / "work")  # preset test's run
     first = _student(work, "dmd2")
     newest = sorted(work.glob("checkpoints/dmd2-*/it-*"))[-1]
     assert newest.name == "it-0000020"
     ema = newest / "ema/rank-00000.safetensors"
     with open(ema, "r+b") as f:
         f.truncate(ema.stat().st_size // 2)
+    intact = int(sorted(work.glob("checkpoints/dmd2-*/it-*"))[-2].name[3:])
     shutil.rmtree(work / "models/students/dmd2")
     proc = _run(work, "distill.py", "--method", "dmd2")
     warnings = [line for line in proc.stderr.splitlines() if "damaged checkpoint" in line]
     assert len(warnings) == 1 and str(newest.name) in warnings[0] and "truncated" in warnings[0]
-    again = _student(work, "dmd2")  # resumed from it-10 and replayed the same iterations
+    assert intact < 20 and f"resuming from iteration {intact}" in proc.stderr, proc.stderr
+    again = _student(work, "dmd2")  # resumed from the last intact one, replayed the rest
     assert _max_diff(first, again) <= 1e-6
 
 
@@ -237,9 +273,8 @@ def test_bad_input_is_one_line_and_writes_nothing(project, tmp_path, distill, ar
         assert not (work / out).exists()
 
 
-def test_gradient_checkpointing_gives_the_same_student(project, tmp_path):
-    plain = _clone(project, tmp_path / "plain", iterations=6)
-    _run(plain, "distill.py", "--method", "cdm")
+def test_gradient_checkpointing_gives_the_same_student(project, reference, tmp_path):
+    plain = _reference(reference, project, "cdm", iterations=6)
     ckpt = _clone(project, tmp_path / "ckpt", iterations=6, gradient_checkpointing=True)
     _run(ckpt, "distill.py", "--method", "cdm")
     a, b = _student(plain, "cdm"), _student(ckpt, "cdm")

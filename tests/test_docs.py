@@ -165,7 +165,7 @@ def test_readme_two_commands_are_what_the_makefile_runs():
         "snakemake --cores all" in commands["run"] and "snakemake --cores all\n" in recipes["run"]
     )
     assert "cdm.validate" in readme and "-m cdm.validate params.yaml" in recipes["run"]
-    assert "pytest" in commands["test"] and "-m pytest\n" in recipes["test"]
+    assert "pytest" in commands["test"] and "-m pytest $(XDIST)\n" in recipes["test"]
     assert "make test" in (ROOT / ".ci/run").read_text().splitlines()
 
 

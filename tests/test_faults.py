@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +25,7 @@ import psutil
 import pytest
 
 from cdm.lock import LOCK
-from tests.conftest import PYTHON, ROOT, edit_params, tiny_world_project
+from tests.conftest import PYTHON, ROOT, clone, edit_params
 
 BIN = str(Path(PYTHON).parent)
 ENV = os.environ | {
@@ -36,7 +35,7 @@ ENV = os.environ | {
     "DS_ACCELERATOR": "cpu",  # no "no GPU found" warning on stderr
 }
 LAUNCH = [PYTHON, "-m", "cdm.launch", "--config_file", "configs/accelerate/zero2.yaml"]
-KEPT = ("results", "models", "checkpoints", "samples")
+KEPT = ("results", "models", "checkpoints", "samples", "cache", "logs")
 
 
 def _run(cwd: Path, *cmd: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -77,30 +76,11 @@ def one_line(proc: subprocess.CompletedProcess, *words: str) -> str:
     return errors[0]
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_teacher_dir) -> Path:
-    """A tiny shapes project with a teacher, a prompt cache, a distilled `cdm` student (and
-    its checkpoints), a sample set, and the committed results/."""
-    path = tiny_world_project(
-        tmp_path_factory.mktemp("finished"), tiny_teacher_dir,
-        distill={"methods": ["cdm"], "checkpoint_every": 2},
-    )  # fmt: skip
-    shutil.copytree(ROOT / "results", path / "results")
-    for proc in (
-        _stage(path, "prepare_teacher.py"),
-        _stage(path, "cache_teacher.py"),
-        _distill(path),
-        _stage(path, "sample.py", "--model", "teacher_cfg", "--steps", "2"),
-    ):
-        assert proc.returncode == 0, proc.stderr[-2000:]
-    return path
-
-
 @pytest.fixture
 def work(finished, tmp_path) -> Iterator[Path]:
     """A copy of the finished project; its finished outputs are checked unchanged after."""
     path = tmp_path / "p"
-    shutil.copytree(finished, path, symlinks=True)
+    clone(finished, path)
     before = digest(path)
     yield path
     after = digest(path)

@@ -19,7 +19,7 @@ import pytest
 from cdm import params as P
 from cdm.lock import LOCK, ProjectBusy, claim
 from tests.conftest import PYTHON, call_stage, edit_params
-from tests.test_faults import _run, _stage, digest, finished, one_line, work  # noqa: F401
+from tests.test_faults import _run, _stage, digest, one_line, work  # noqa: F401
 
 
 class Proc:
@@ -95,6 +95,11 @@ def test_an_unforeseeable_fault_leaves_the_previous_result(work, orchestrator):
             proc = _run(work, "dvc", "repro", "--single-item", "--force", "score")
             assert "Running stage 'score'" in proc.stdout, proc.stdout[-2000:]
         assert proc.returncode != 0
+        # ... because of the judge's weights, named in the stage's one line (not any failure).
+        said = [x for x in (proc.stdout + proc.stderr).splitlines() if x.startswith("error: ")]
+        assert any("judge.safetensors is truncated or not a safetensors file" in x for x in said), (
+            proc.stdout + proc.stderr
+        )[-3000:]
     finally:
         weights.write_bytes(saved)
 

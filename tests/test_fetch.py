@@ -23,14 +23,12 @@ from cdm import params as P
 from cdm.metrics.aesthetic import HEAD_FILE, AestheticScorer
 from cdm.metrics.clip_score import ClipScorer
 from cdm.metrics.pickscore import PickScorer
-from tests.test_scorers import (  # noqa: F401  (tiny_clip, tiny_pick: fixtures)
+from tests.test_scorers import (
     IMAGES,
     PROMPTS,
     TINY_CLIP,
     put_in_hub_cache,
     random_head,
-    tiny_clip,
-    tiny_pick,
 )
 
 SHARED = Path("/work/shared/data/pickscore_test_prompts.txt")

@@ -77,10 +77,9 @@ def package_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory):
-    """(base folder, checkpoint folder, reference model with the same weights, rm_head state)."""
-    root = tmp_path_factory.mktemp("hpsv3")
+def build_tiny(root: Path):
+    """(base folder, checkpoint folder, reference model with the same weights, tokenizer,
+    rm_head state): conftest's session fixture `tiny`."""
     torch.manual_seed(0)
     tokenizer = qwen_tokenizer()
     processor = Qwen2VLProcessor(

@@ -5,7 +5,6 @@ gloo as machines 0 and 1 of one process each. The student must equal one launche
 processes; checkpoints cross between the two layouts; a dead node ends the other.
 """
 
-# ruff: noqa: F811 (the tests take test_distill's `project` fixture, imported by name)
 from __future__ import annotations
 
 import os
@@ -16,9 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from tests.conftest import PYTHON, ROOT
-from tests.test_distill import ENV, _clone, _max_diff, _student, project  # noqa: F401
+from tests.test_distill import (
+    ENV,
+    SMALL,
+    _clone,
+    _max_diff,
+    _reference,
+    _student,
+    _two_processes,
+)
 
 # srun: run the command after the options once per node, SLURM_NODEID set in each task's
 # environment (the batch shell's never is); the launchers' pids go to $FAKE_SRUN_PIDS.
@@ -41,7 +49,12 @@ sys.exit(next((c for c in codes if c), 0))
 """
 # scontrol show hostnames <list>: both "nodes" are this machine.
 SCONTROL = "#!/bin/sh\necho 127.0.0.1\necho 127.0.0.1\n"
-SMALL = {"iterations": 6, "batch_size": 2, "checkpoint_every": 1, "preview_every": 100}
+
+
+@pytest.fixture
+def project(distill_project) -> Path:
+    """conftest's session-wide tiny distill project: teacher prepared, prompts cached."""
+    return distill_project
 
 
 @pytest.fixture
@@ -86,26 +99,9 @@ def _layout(project: Path, dst: Path, nodes: int, stage: int) -> Path:
     return _clone(project, dst, zero_stage=stage, nodes=nodes, num_processes=2 // nodes, **SMALL)
 
 
-STRAIGHT: dict[int, Path] = {}
-
-
-def _straight(project: Path, tmp: Path, env: dict, stage: int) -> Path:
-    """The uninterrupted run of one launcher of 2 processes (made once per stage)."""
-    if stage not in STRAIGHT:
-        STRAIGHT[stage] = _layout(project, tmp / f"straight{stage}", 1, stage)
-        _run(STRAIGHT[stage], env, 1, stage, 29610 + stage)
-    return STRAIGHT[stage]
-
-
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_nodes_equal_one_node_of_two_processes(
-    project,
-    tmp_path_factory,
-    tmp_path,
-    cluster,
-    stage,
-):
-    one = _straight(project, tmp_path_factory.getbasetemp(), cluster, stage)
+def test_two_nodes_equal_one_node_of_two_processes(project, reference, tmp_path, cluster, stage):
+    one = _two_processes(reference, project, stage)
     two = _layout(project, tmp_path / "two", 2, stage)
     _run(two, cluster, 2, stage, 29620 + stage)
     step = eval(Path(cluster["FAKE_SRUN_LOG"]).read_text().splitlines()[-1])
@@ -122,11 +118,19 @@ def test_two_nodes_equal_one_node_of_two_processes(
     assert diff <= 1e-6
     shards = list(two.glob("checkpoints/cdm-*/it-*/student/state/*optim_states.pt"))
     assert {p.name.split("_")[3] for p in shards} == {"0", "1"}  # one shard per node's rank
+    # Negative controls: the student moved (nodes that skipped every update would still
+    # agree), and node 1's draws count (one process alone, rank 0's draws, differs).
+    student = _student(two, "cdm")
+    teacher = load_file(two / "models/teacher/transformer/diffusion_pytorch_model.safetensors")
+    moved = max((student[k] - teacher[k]).abs().max().item() for k in teacher)
+    alone = _student(_reference(reference, project, "cdm", zero_stage=stage, **SMALL), "cdm")
+    assert moved > 1e-5 and _max_diff(student, alone) > 0.01 * moved
+    assert diff <= 1e-3 * moved
 
 
-def test_checkpoints_cross_between_one_and_two_nodes(project, tmp_path_factory, tmp_path, cluster):
+def test_checkpoints_cross_between_one_and_two_nodes(project, reference, tmp_path, cluster):
     """Stop after 2 of 6 iterations in one layout, finish in the other: the straight student."""
-    straight = _student(_straight(project, tmp_path_factory.getbasetemp(), cluster, 2), "cdm")
+    straight = _student(_two_processes(reference, project, 2), "cdm")
     for first, then in ((2, 1), (1, 2)):
         work = _layout(project, tmp_path / f"{first}-then-{then}", first, 2)
         _run(work, cluster, first, 2, 29630, "--stop-after", "2")
@@ -143,10 +147,8 @@ def test_checkpoints_cross_between_one_and_two_nodes(project, tmp_path_factory, 
         assert diff <= 1e-6
 
 
-def test_a_dead_node_ends_the_other_and_the_rerun_resumes(
-    project, tmp_path_factory, tmp_path, cluster
-):
-    straight = _student(_straight(project, tmp_path_factory.getbasetemp(), cluster, 2), "cdm")
+def test_a_dead_node_ends_the_other_and_the_rerun_resumes(project, reference, tmp_path, cluster):
+    straight = _student(_two_processes(reference, project, 2), "cdm")
     work = _layout(project, tmp_path / "work", 2, 2)
     proc = subprocess.Popen(
         _launch(work, cluster, 2, 2, 29640), cwd=work, env=cluster,
@@ -160,11 +162,16 @@ def test_a_dead_node_ends_the_other_and_the_rerun_resumes(
     os.kill(node1, signal.SIGKILL)  # node 1's launcher: its worker dies with it (lifeline)
     killed = time.time()
     _, err = proc.communicate(timeout=300)  # no srun --kill-on-bad-exit here: gloo ends it
+    ended = time.time() - killed
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    print(f"node 0 ended {time.time() - killed:.1f} s after node 1 died: {lines}")
+    print(f"node 0 ended {ended:.1f} s after node 1 died: {lines}")
     assert proc.returncode != 0 and len(lines) == 1, err[-3000:]
+    # Ended by the broken connection, not by the collective's timeout (30 min by default).
+    assert ended < 120, f"node 0 took {ended:.0f} s to end"
     assert not (work / "models/students/cdm").exists()
-    _run(work, cluster, 2, 2, 29641)
+    newest = max(int(p.parent.name[3:]) for p in work.glob("checkpoints/cdm-*/it-*/state.json"))
+    rerun = _run(work, cluster, 2, 2, 29641)
+    assert newest >= 2 and f"resuming from iteration {newest}" in rerun.stderr, rerun.stderr
     assert _max_diff(straight, _student(work, "cdm")) <= 1e-6
 
 

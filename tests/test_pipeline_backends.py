@@ -26,8 +26,8 @@ from cdm.sampling import inference_sigmas
 from cdm.world.evaluate import EvalPairs
 from tests import tiny_pipelines
 from tests.conftest import PYTHON, ROOT, call_stage
-from tests.test_hpsv3 import tiny, tiny_hpsv3_config  # noqa: F401
-from tests.test_scorers import TINY_CLIP, tiny_clip, tiny_pick, tiny_scorer_configs  # noqa: F401
+from tests.test_hpsv3 import tiny_hpsv3_config
+from tests.test_scorers import TINY_CLIP, tiny_scorer_configs
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
 GUARD = ENV | {"PYTHONPATH": str(ROOT / "tests" / "guard"), "CDM_FORBID_TEXT_ENCODERS": "1"}
@@ -123,6 +123,24 @@ def test_cache_holds_the_pipelines_own_prompt_encoding(project, tiny_dirs):
     torch.testing.assert_close(cond.embeds, embeds)
 
 
+def _stock_images(pipe, backend: str, resolution: int, shape) -> list[np.ndarray]:
+    """The stock pipeline's default call on pair j's prompt and noise, as uint8 images."""
+    pairs = EvalPairs.of(PROMPTS, range(N_PAIRS))
+    noise = pairs.noise(shape)
+    extra = {"enable_prompt_rewrite": False} if backend == "longcat" else {}
+    images = []
+    for j in range(N_PAIRS):
+        latents = noise[j : j + 1]
+        if backend == "longcat":
+            latents = pipe._pack_latents(latents, 1, *shape)
+        out = pipe(
+            pairs.prompts[j], num_inference_steps=4, guidance_scale=1.0, latents=latents,
+            height=resolution, width=resolution, output_type="np", **extra,
+        ).images[0]  # fmt: skip
+        images.append((out * 255).round().astype(np.int16))
+    return images
+
+
 def test_export_is_a_stock_pipeline_that_samples_like_our_sampler(project):
     """Same prompt and noise: stock diffusers' default 4-step call on the exported folder
     gives the images sample.py wrote (decoded uint8, at most 1 level apart)."""
@@ -138,21 +156,11 @@ def test_export_is_a_stock_pipeline_that_samples_like_our_sampler(project):
     import diffusers
 
     pipe = getattr(diffusers, cls_name).from_pretrained(folder)
-    pairs = EvalPairs.of(PROMPTS, range(N_PAIRS))
-    noise = pairs.noise(shape)
-    extra = {"enable_prompt_rewrite": False} if backend == "longcat" else {}
+    stock = _stock_images(pipe, backend, resolution, shape)
     for j in range(N_PAIRS):
-        latents = noise[j : j + 1]
-        if backend == "longcat":
-            latents = pipe._pack_latents(latents, 1, *shape)
-        out = pipe(
-            pairs.prompts[j], num_inference_steps=4, guidance_scale=1.0, latents=latents,
-            height=resolution, width=resolution, output_type="np", **extra,
-        ).images[0]  # fmt: skip
-        stock = (out * 255).round().astype(np.int16)
         ours = np.asarray(Image.open(project / f"samples/cdm/4/{j:05d}.png")).astype(np.int16)
-        assert stock.shape == ours.shape == (resolution, resolution, 3)
-        assert np.abs(stock - ours).max() <= 1, j
+        assert stock[j].shape == ours.shape == (resolution, resolution, 3)
+        assert np.abs(stock[j] - ours).max() <= 1, j
     # The stock scheduler ran exactly our 4 sigmas.
     torch.testing.assert_close(
         pipe.scheduler.sigmas.cpu().float(),
@@ -160,6 +168,53 @@ def test_export_is_a_stock_pipeline_that_samples_like_our_sampler(project):
         rtol=0,
         atol=1e-6,
     )
+
+
+def test_a_lora_runs_adapter_on_the_stock_teacher_samples_the_students_images(project, tmp_path):
+    """LoRA mode on the real classes, end to end: the adapter a distill run exports
+    (pytorch_lora_weights.safetensors), loaded on the stock teacher transformer in the
+    student's pipeline (its few-step scheduler), gives the images sample.py wrote for that
+    student (at most 1 level apart); the same pipeline without the adapter does not. SD3
+    loads it at pipeline level, LongCat (no pipeline loader) on its transformer."""
+    import diffusers
+
+    from cdm.lora import LORA_FILE
+
+    backend = _backend(project)
+    _, cls_name, resolution, shape = BACKENDS[backend]
+    work = tmp_path / "lora"
+    for part in ("models/teacher", "cache", "tiny_" + backend):
+        shutil.copytree(project / part, work / part, symlinks=True)
+    shutil.copy(project / "prompts.txt", work / "prompts.txt")
+    data = yaml.safe_load((project / "params.yaml").read_text())
+    # A fast student, so that 2 updates move the adapter to where images show it.
+    data["distill"].update(lora={"rank": 4, "alpha": 8.0}, lr_student=0.01)
+    (work / "params.yaml").write_text(yaml.safe_dump(data))
+    _run(work, "distill.py", "--method", "cdm", env=GUARD)
+    _run(work, "sample.py", "--model", "cdm", "--steps", "4", env=GUARD)
+    folder = work / "models/students/cdm"
+    assert (folder / LORA_FILE).is_file()
+    ours = [
+        np.asarray(Image.open(work / f"samples/cdm/4/{j:05d}.png")).astype(np.int16)
+        for j in range(N_PAIRS)
+    ]
+
+    cls = getattr(diffusers, cls_name)
+    transformer = type(cls.from_pretrained(folder).transformer).from_pretrained(
+        work / "models/teacher", subfolder="transformer"
+    )
+    pipe = cls.from_pretrained(folder, transformer=transformer)
+    bare = _stock_images(pipe, backend, resolution, shape)
+    if backend == "sd3":
+        pipe.load_lora_weights(folder)
+    else:
+        # As the model card says (without weight_name diffusers looks for a .bin file).
+        pipe.transformer.load_lora_adapter(folder, prefix="transformer", weight_name=LORA_FILE)
+    stock = _stock_images(pipe, backend, resolution, shape)
+    for j in range(N_PAIRS):
+        assert stock[j].shape == ours[j].shape == (resolution, resolution, 3)
+        assert np.abs(stock[j] - ours[j]).max() <= 1, j
+    assert max(np.abs(b - o).max() for b, o in zip(bare, ours, strict=True)) > 2
 
 
 def test_distill_and_sample_never_build_a_text_encoder(project, tmp_path):
@@ -265,9 +320,9 @@ def test_geometry_from_configs_alone(tiny_dirs):
 def test_score_and_report_with_the_papers_metrics(
     project,
     tmp_path,
-    tiny_clip,  # noqa: F811
-    tiny_pick,  # noqa: F811
-    tiny,  # noqa: F811
+    tiny_clip,
+    tiny_pick,
+    tiny,
 ):
     """score (tiny scorers of the real classes, loaded offline) and report for a real run:
     every metric with its interval, the conventions beside every number."""

@@ -20,14 +20,11 @@ from cdm.metrics.aesthetic import HEAD_FILE
 from cdm.metrics.bootstrap import bootstrap_ci
 from cdm.metrics.openclip import OpenClipEncoder
 from cdm.metrics.scorers import build_scorer
-from cdm.sampler import COLUMNS, png_name
-from tests.test_scorers import (  # noqa: F401  (tiny_clip, tiny_pick: fixtures)
+from cdm.samplefiles import COLUMNS, png_name
+from tests.test_scorers import (
     PROMPTS,
     TINY_CLIP,
-    random_head,
     random_images,
-    tiny_clip,
-    tiny_pick,
     tiny_scorer_configs,
 )
 

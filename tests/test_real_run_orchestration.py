@@ -23,10 +23,10 @@ from cdm.report import table1 as T1
 from tests import tiny_pipelines as T
 from tests.conftest import copy_project
 from tests.test_dpg import ITEMS, rows
-from tests.test_hpsv3 import tiny, tiny_hpsv3_config  # noqa: F401
+from tests.test_hpsv3 import tiny_hpsv3_config
 from tests.test_orchestration import ENV
 from tests.test_pipeline_backends import PROMPTS, _params
-from tests.test_scorers import TINY_CLIP, tiny_clip, tiny_pick, tiny_scorer_configs  # noqa: F401
+from tests.test_scorers import TINY_CLIP, tiny_scorer_configs
 
 METRIC_HEADER = "| model | steps | nfe | CLIP score | PickScore | aesthetic | HPSv3 |"
 
@@ -38,7 +38,7 @@ def _sh(cwd: Path, *cmd: str) -> str:
 
 
 @pytest.fixture(scope="module", params=["sd3", "longcat"])
-def real_project(request, tmp_path_factory, tiny_dirs, tiny_clip, tiny_pick, tiny) -> Path:  # noqa: F811
+def real_project(request, tmp_path_factory, tiny_dirs, tiny_clip, tiny_pick, tiny) -> Path:
     """A scratch copy of the project whose params name a tiny local pipeline and tiny scorers.
 
     The open_clip scorers name their architecture by a config file (an open_clip model the

@@ -76,10 +76,9 @@ def assert_missing(exc: pytest.ExceptionInfo[FileNotFoundError], model_id: str) 
 # ---------------------------------------------------------------- open_clip (CLIP, aesthetic)
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A registered tiny open_clip architecture; its random weights saved as a state dict."""
-    folder = tmp_path_factory.mktemp("open_clip")
+def build_tiny_clip(folder: Path) -> Path:
+    """A registered tiny open_clip architecture; its random weights saved as a state dict
+    (conftest's session fixture `tiny_clip`)."""
     (folder / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CFG))
     open_clip.add_model_config(folder)
     torch.manual_seed(0)
@@ -252,10 +251,9 @@ def clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges)
 
 
-@pytest.fixture(scope="module")
-def tiny_pick(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(model folder, processor folder) of a tiny random CLIPModel and a CLIP processor."""
-    folder = tmp_path_factory.mktemp("pickscore")
+def build_tiny_pick(folder: Path) -> tuple[Path, Path]:
+    """(model folder, processor folder) of a tiny random CLIPModel and a CLIP processor
+    (conftest's session fixture `tiny_pick`)."""
     processor = CLIPProcessor(
         image_processor=CLIPImageProcessor(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
@@ -363,11 +361,6 @@ def l14_folder(pick_model: Path, folder: Path) -> Path:
     CLIPModel.from_pretrained(pick_model).save_pretrained(folder)
     clip_tokenizer().save_pretrained(folder)
     return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_l14(tiny_pick: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return l14_folder(tiny_pick[0], tmp_path_factory.mktemp("clip_vitl14"))
 
 
 def code_preprocess(image: Image.Image, size: int) -> torch.Tensor:

@@ -40,6 +40,49 @@ def _metrics() -> dict:
     }
 
 
+# The paper's Table 1 (arXiv 2605.06376), transcribed by hand from METHOD.md, section
+# "Evaluation in the paper", item "Their published table" (paper-cdm.txt, the paper's
+# extracted text, lost the table), not copied from cdm.report.published, so a number changed
+# there fails here. 11 rows x 5 columns, no blank cells: 55 numbers.
+PAPER_COLUMNS = ("aesthetic", "dpg", "pickscore", "hpsv3", "clip")  # AES/DPG/PickScore/HPSv3/CLIP
+PAPER_TABLE1 = {
+    "SD3-Medium": {
+        "Base": (5.885, 85.04, 21.73, 8.189, 28.60),
+        "Hyper-SD": (5.180, 80.43, 20.82, 6.054, 27.93),
+        "Flash": (5.968, 80.47, 21.69, 8.282, 28.18),
+        "TDM": (6.013, 83.12, 21.61, 8.468, 27.63),
+        "DMD2": (6.038, 83.96, 21.58, 8.419, 27.56),
+        "D-DMD": (6.038, 84.52, 21.85, 9.176, 27.69),
+        "CDM": (6.075, 85.26, 21.95, 9.561, 27.98),
+    },
+    "LongCat-Image": {
+        "Base": (5.926, 87.08, 21.65, 9.450, 26.78),
+        "DMD2": (5.800, 87.12, 21.07, 8.803, 26.99),
+        "D-DMD": (5.782, 88.04, 21.23, 9.629, 26.57),
+        "CDM": (5.919, 88.35, 21.53, 10.65, 26.72),
+    },
+}
+
+
+def test_the_code_keeps_all_55_published_numbers_of_the_papers_table1():
+    paper = [
+        ((model, method, column), value)
+        for model, rows in PAPER_TABLE1.items()
+        for method, values in rows.items()
+        for column, value in zip(PAPER_COLUMNS, values, strict=True)
+    ]
+    ours = [
+        ((PUB.MODEL_NAMES[backend], r.method, column), value)
+        for backend, rows in PUB.TABLE1.items()
+        for r in rows
+        for column, value in zip(PUB.METRICS, r.values, strict=True)
+    ]
+    assert len(paper) == len(dict(paper)) == 55
+    # Cell by cell (model, row, column), exact: both sides are the same decimal literals.
+    assert dict(ours) == dict(paper)
+    assert ours == paper  # and no cell twice, rows and columns in the paper's order
+
+
 def test_every_published_row_and_column_with_ours_beside_the_paper():
     params, metrics = _sd3_params(), _metrics()
     frame = T1.table(metrics, params)

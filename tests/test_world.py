@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from cdm.world import ATTRIBUTES, Attributes, all_prompts, parse_prompt, prompt_of, render
-from cdm.world.render import random_batch
+from cdm.world import ATTRIBUTES, Attributes, all_prompts, parse_prompt, prompt_of
+from cdm.world.render import random_batch, render
 from cdm.world.text import WordTokenizer
 
 

@@ -24,10 +24,10 @@ import torch
 
 from cdm import params as P
 from cdm.hub import HUB_ID, hub_commit
+from cdm.samplefiles import COLUMNS, RECIPE, dtype_name, png_name, save_png
 from cdm.world.evaluate import EvalPairs
 
 ADAPTER = "compare"  # the adapter name a recipe's LoRA is loaded under
-RECIPE = "recipe.json"  # written beside a compare set's images: what was loaded, with hashes
 
 
 def local(path: str, what: str, file: str | None = None) -> Path:
@@ -149,8 +149,6 @@ class CompareJob:
 
     @torch.no_grad()
     def run(self, out: Path) -> pd.DataFrame:
-        from cdm.sampler import COLUMNS, dtype_name, png_name, save_png
-
         pipe = self.pipe.to(self.device)
         size = self.latent_shape[-1] * self.factor
         rows = []

@@ -21,7 +21,6 @@ from safetensors.torch import load_file, save_file
 
 from cdm.conditioning import Condition
 from cdm.io import atomic_file
-from cdm.params import not_utf8
 
 CACHE_DIR = Path("cache/prompts")
 FILES = ("train", "eval", "null")
@@ -356,24 +355,3 @@ def load_condition(path: str | Path) -> tuple[Condition | StreamedCondition, lis
 def open_condition(cache: str | Path, name: str) -> tuple[Condition | StreamedCondition, list[str]]:
     """Set `name` of a cache folder: `<name>/` (sharded, streamed) or `<name>.safetensors`."""
     return load_condition(Path(cache) / f"{name}.safetensors")
-
-
-def read_prompts_file(path: str | Path) -> list[str]:
-    """One prompt per non-empty line; a missing or empty file is an input error."""
-    path = Path(path)
-    if path.is_dir():
-        raise FileNotFoundError(
-            f"prompts file {path} is a folder; set prompts.*_file to a text file"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"prompts file {path} does not exist; set prompts.*_file to a text file"
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"prompts file {not_utf8(path, exc)}") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompts file {path} is empty; it needs one prompt per line")
-    return prompts

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from cdm.params import Lora
+
+if TYPE_CHECKING:  # peft loads only in LoRA mode (the functions below import it)
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
 STUDENT, FAKE = "student", "fake_score"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: load_lora_weights finds it
@@ -59,6 +63,8 @@ def targets(transformer: torch.nn.Module, cfg: Lora) -> list[str]:
 
 
 def config(transformer: torch.nn.Module, cfg: Lora) -> LoraConfig:
+    from peft import LoraConfig
+
     return LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
@@ -71,13 +77,15 @@ def add_adapters(velocity: torch.nn.Module, cfg: Lora, seed: int) -> None:
     """Freeze `velocity` (a wrapper with `.transformer`) and add the two adapters to its
     transformer, drawn from `seed` alike on every rank; adapter weights are trainable fp32."""
     velocity.requires_grad_(False)
+    import peft
+
     transformer = velocity.transformer
     lcfg = config(transformer, cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for name in (STUDENT, FAKE):
             warnings.filterwarnings("ignore", "Already found a `peft_config`")  # the 2nd: wanted
-            inject_adapter_in_model(copy.deepcopy(lcfg), transformer, adapter_name=name)
+            peft.inject_adapter_in_model(copy.deepcopy(lcfg), transformer, adapter_name=name)
     for name in (STUDENT, FAKE):
         for p in adapter_params(transformer, name).values():
             p.data = p.data.float()
@@ -92,6 +100,10 @@ def adapter_params(module: torch.nn.Module, name: str) -> dict[str, torch.nn.Par
 
 
 def _tuner_layers(module: torch.nn.Module) -> Iterator[BaseTunerLayer]:
+    if "peft.tuners.tuners_utils" not in sys.modules:  # no adapter can exist: skip the import
+        return iter(())
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     return (m for m in module.modules() if isinstance(m, BaseTunerLayer))
 
 
@@ -196,7 +208,8 @@ def is_lora(module: torch.nn.Module) -> bool:
 def merged(student: torch.nn.Module) -> torch.nn.Module:
     """The student adapter merged into its linears, in place: the teacher's own architecture,
     so the project's sampling and export read it like a fully fine-tuned student."""
-    layers = [(n, m) for n, m in student.named_modules() if isinstance(m, BaseTunerLayer)]
+    tuners = {id(m) for m in _tuner_layers(student)}
+    layers = [(n, m) for n, m in student.named_modules() if id(m) in tuners]
     for name, layer in layers:
         layer.merge(adapter_names=[STUDENT])
         parent, _, child = name.rpartition(".")
@@ -209,7 +222,7 @@ def merged(student: torch.nn.Module) -> torch.nn.Module:
 def save_diffusers_lora(student: torch.nn.Module, folder: Path) -> Path:
     """The student adapter as a diffusers LoRA (pytorch_lora_weights.safetensors, with its
     rank, alpha and targets as metadata): `StableDiffusion3Pipeline.from_pretrained(teacher)`
-    then `.load_lora_weights(folder)`; any family's transformer: `.load_lora_adapter(folder)`."""
+    then `.load_lora_weights(folder)`; any family's transformer: `.load_lora_adapter(folder, weight_name=LORA_FILE)`."""
     from diffusers import StableDiffusion3Pipeline
     from peft.utils import get_peft_model_state_dict
 
@@ -251,5 +264,6 @@ def card_section(base_model: str) -> str:
         'subfolder="scheduler")\n'
         "```\n\n"
         "For LongCat-Image (no pipeline-level LoRA loader): "
-        '`pipe.transformer.load_lora_adapter("<this folder>", prefix="transformer")`.\n'
+        '`pipe.transformer.load_lora_adapter("<this folder>", prefix="transformer", '
+        f'weight_name="{LORA_FILE}")` (without `weight_name` diffusers looks for a .bin).\n'
     )

@@ -42,12 +42,13 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cdm import params as P
 from cdm.overlay import apply
+
+if TYPE_CHECKING:  # the plan is arithmetic: torch only where a meta model is built
+    import torch
 
 GIB = 1024**3
 ROOT = Path(__file__).resolve().parents[2]

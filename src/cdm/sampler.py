@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from cdm import params as P
@@ -29,6 +28,7 @@ from cdm.backends import backend_module
 from cdm.backends.few_step import exported_sigmas
 from cdm.cache import cached_prompts, load_condition
 from cdm.conditioning import Condition
+from cdm.samplefiles import COLUMNS, INDEX, dtype_name, part_name, png_name, save_png
 from cdm.sampling import inference_sigmas, sample_euler
 from cdm.world.evaluate import EvalPairs
 
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
     from cdm.baselines import CompareJob
 
 TEACHERS = P.TEACHER_SETS
-INDEX = "index.parquet"
-COLUMNS = ["prompt", "pair", "seed", "model", "steps", "nfe", "seconds", "file", "dtype"]
 
 
 def sampling_device() -> torch.device:
@@ -49,23 +47,6 @@ def sampling_dtype(device: torch.device) -> torch.dtype:
     precision; fp32 there would run at a fraction of the tensor cores' speed), fp32 on the
     CPU (no bf16 speed-up there; the embedded run's numbers)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def save_png(image, target) -> None:
-    """One uint8 (H, W, 3) image as PNG, to a path or a file object (bench/sampling.py)."""
-    Image.fromarray(image).save(target, format="PNG")
-
-
-def part_name(i: int, n: int) -> str:
-    return f"part-{i}-of-{n}"
-
-
-def png_name(pair: int) -> str:
-    return f"{pair:05d}.png"
 
 
 @dataclass

@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 
 from cdm import params as P
-from cdm.cache import read_prompts_file
 from cdm.hub import HUB_ID
 from cdm.io import read_json
 from cdm.lock import ProjectBusy, claim
 from cdm.metrics.dpg import load_items
+from cdm.promptsfile import read_prompts_file
 from cdm.world.prompts import check_renderable
 
 

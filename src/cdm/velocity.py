@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import SD3Transformer2DModel
 
 from cdm.conditioning import Condition
+
+if TYPE_CHECKING:  # diffusers loads with the backend that builds the transformer
+    from diffusers import SD3Transformer2DModel
 
 
 class TransformerVelocity(torch.nn.Module):

@@ -1,5 +1,9 @@
 """Name -> backend registry; its keys are the choices of `teacher.backend` in params.yaml.
 
+The registry names each backend's module without importing it: a backend's libraries
+(diffusers' pipeline classes, a text encoder's package) load only when that backend is used,
+so the shapes world never pays for SD3 or LongCat, nor a report for any of them.
+
 Each backend module offers `load(path, resolution)` (the whole teacher, text encoders
 included, for prepare_teacher and cache_teacher), `load_velocity(path, resolution, dtype)` (the
 velocity network alone, for distill and sample), `load_decoder(path)` (latents -> uint8
@@ -10,18 +14,24 @@ hub id, checked to hold their pipeline family.
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-from cdm.backends import longcat, sd3, shapes
-from cdm.backends.base import Backend
+if TYPE_CHECKING:
+    from cdm.backends.base import Backend
 
-BACKENDS: dict[str, ModuleType] = {"shapes": shapes, "sd3": sd3, "longcat": longcat}
+BACKENDS: dict[str, str] = {
+    "shapes": "cdm.backends.shapes",
+    "sd3": "cdm.backends.sd3",
+    "longcat": "cdm.backends.longcat",
+}
 
 
 def backend_module(name: str) -> ModuleType:
     if name not in BACKENDS:
         raise ValueError(f"backend '{name}' is not available; choose one of {', '.join(BACKENDS)}")
-    return BACKENDS[name]
+    return importlib.import_module(BACKENDS[name])
 
 
 def load_backend(name: str, path, resolution: int | None = None) -> Backend:

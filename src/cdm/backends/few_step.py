@@ -37,17 +37,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FlowMapEulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from cdm.sampling import inference_sigmas
 
 FLOW_MATCH = "FlowMatchEulerDiscreteScheduler"
 FLOW_MAP = "FlowMapEulerDiscreteScheduler"
 FLOW_MAP_DIFFUSERS = "0.39"  # the first diffusers release with FlowMapEulerDiscreteScheduler
-SCHEDULERS: dict[str, type] = {
-    FLOW_MATCH: FlowMatchEulerDiscreteScheduler,
-    FLOW_MAP: FlowMapEulerDiscreteScheduler,
-}
+SCHEDULERS = (FLOW_MATCH, FLOW_MAP)  # diffusers' classes, imported when a student is read
 # Stock pipelines whose call passes sigmas = linspace(1, 1/n, n) to set_timesteps itself.
 PASS_DEFAULT_SIGMAS = ("LongCatImagePipeline",)
 # The key export writes into inference.json: how to replay the stock call (see exported_sigmas).
@@ -123,7 +119,9 @@ def scheduler_from(config: dict[str, Any]):
     name = config.get("_class_name", FLOW_MATCH)
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler {name} is not one of {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name].from_config(config)
+    import diffusers
+
+    return getattr(diffusers, name).from_config(config)
 
 
 def pipeline_sigmas(

@@ -13,14 +13,16 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
+import os
 import platform
+import re
+import shutil
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from cdm import params as P
 
@@ -55,9 +57,32 @@ def changed_params(params_file: str | Path, committed_text: str | None) -> dict[
 
 
 def device_name() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    """The GPUs nvidia-smi lists, else the CPU and the threads a stage gets here (torch's
+    default: OMP_NUM_THREADS, else the cores this process may use). Read without torch: the
+    report stage does not import it."""
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30)  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            out = None
+        names = [n.strip() for n in out.stdout.splitlines() if n.strip()] if out else []
+        if out is not None and out.returncode == 0 and names:
+            return f"{len(names)} x {names[0]}"
+    threads = os.environ.get("OMP_NUM_THREADS") or str(len(os.sched_getaffinity(0)))
+    return f"CPU: {platform.processor() or platform.machine()}, {threads} threads"
+
+
+def torch_cuda() -> str | None:
+    """The CUDA version the installed torch was built with (torch.version.cuda), read from
+    its version file rather than by importing torch."""
+    try:
+        text = importlib.metadata.distribution("torch").locate_file("torch/version.py")
+        found = re.search(r"^cuda(?:: \S+)? = '([^']*)'", Path(text).read_text(), re.M)
+    except (importlib.metadata.PackageNotFoundError, OSError):
+        return None
+    return found.group(1) if found else None
 
 
 def stage_costs(benchmarks: Path) -> list[dict[str, Any]]:
@@ -100,7 +125,7 @@ def provenance(
         ),
         "packages": {p: _version(p) for p in PACKAGES},
         "python": platform.python_version(),
-        "cuda": torch.version.cuda,
+        "cuda": torch_cuda(),
         "device": device_name(),
         "stages": stage_costs(benchmarks),
         "timings": timings,

@@ -14,10 +14,9 @@ from typing import Any
 import pandas as pd
 
 from cdm import params as P
-from cdm.baselines import RECIPE
 from cdm.io import read_json
 from cdm.report.published import METRICS, MODEL_NAMES, SOURCE, TABLE1, Row
-from cdm.world.evaluate import NOISE_SEED_BASE
+from cdm.samplefiles import NOISE_SEED_BASE, RECIPE
 
 # metrics.json key of each column; the CLIP column prefers the authors' code's variant.
 KEYS = {"aesthetic": "aesthetic", "dpg": "dpg_score", "pickscore": "pickscore", "hpsv3": "hpsv3"}

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from cdm.metrics.frechet import frechet_distance
+from cdm.samplefiles import NOISE_SEED_BASE
 from cdm.sampling import inference_sigmas, sample_euler
 from cdm.velocity import TransformerVelocity
 from cdm.world.judge import Judge
 from cdm.world.prompts import ATTRIBUTES, all_prompts, parse_prompt
 from cdm.world.render import render
-from cdm.world.teacher import WorldTeacher
+
+if TYPE_CHECKING:  # diffusers loads with the teacher, not with the pairs
+    from cdm.world.teacher import WorldTeacher
 
 # Seed ranges: training draws from its own generator; these keep evaluation disjoint.
-NOISE_SEED_BASE = 1_000_000
 REAL_SEED_BASE = 2_000_000
 
 

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,9 @@ from cdm.velocity import TransformerVelocity
 from cdm.world.judge import Judge
 from cdm.world.prompts import ATTRIBUTES, Attributes, all_prompts
 from cdm.world.render import random_batch
-from cdm.world.teacher import WorldTeacher
+
+if TYPE_CHECKING:  # diffusers loads when a teacher is built, not for the judge
+    from cdm.world.teacher import WorldTeacher
 
 
 def _attr_labels(index: torch.Tensor) -> torch.Tensor:
@@ -124,6 +127,8 @@ def train_teacher(
     gen = torch.Generator().manual_seed(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from cdm.world.teacher import WorldTeacher
+
     teacher = WorldTeacher.new(shift=shift, **(arch or {}))
     ema = copy.deepcopy(teacher).requires_grad_(False)
     velocity = TransformerVelocity(teacher.transformer)
