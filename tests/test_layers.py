@@ -13,7 +13,7 @@ import cdm
 SRC = Path(cdm.__file__).parent
 # Lowest first; a package name covers its submodules. Same order as cdm/__init__.py.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("cdm", "cdm.params", "cdm.io", "cdm.hub", "cdm.conditioning"),
+    ("cdm", "cdm.params", "cdm.io", "cdm.hub", "cdm.conditioning", "cdm.places", "cdm.safeyaml"),
     (
         "cdm.flow", "cdm.velocity", "cdm.losses", "cdm.schedules", "cdm.rollout", "cdm.sampling",
         "cdm.ema",
@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "cdm.engine", "cdm.lora", "cdm.checkpoints", "cdm.zero", "cdm.preemption", "cdm.runlog",
         "cdm.cache", "cdm.sampler", "cdm.baselines", "cdm.preview", "cdm.cli", "cdm.lock",
         "cdm.lifeline", "cdm.launch", "cdm.nodes", "cdm.overlay", "cdm.plan", "cdm.fetch",
-        "cdm.validate", "cdm.publish", "cdm.stagecode", "cdm.keep",
+        "cdm.validate", "cdm.publish", "cdm.stagecode", "cdm.keep", "cdm.safeload",
     ),
     ("cdm.report",),
 )  # fmt: skip

@@ -4,7 +4,8 @@ The package is layered; a module imports only from its own layer or lower ones (
 tests/test_layers.py), so each layer reads without the ones above it:
 
 1. foundations: `params` (the schema), `io` (atomic outputs), `hub` (hub ids and hub-cache
-   paths), `conditioning` (the text-conditioning tensors every network takes).
+   paths), `conditioning` (the text-conditioning tensors every network takes), `places`
+   (where a user-named output may go), `safeyaml` (the YAML a params file may use).
 2. the method's numerics: `flow`, `velocity`, `losses`, `schedules`, `rollout`, `sampling`,
    `ema`: tensors in, tensors out.
 3. `metrics`: statistics of features (Fréchet distance, precision/recall, bootstrap) and the
@@ -19,7 +20,8 @@ tests/test_layers.py), so each layer reads without the ones above it:
    models of `compare:`), `preview`, `cli`, `lock`, `lifeline`, `launch`, `nodes` (one
    launcher per node under srun), `overlay`, `plan`, `fetch`, `validate`, `publish`,
    `stagecode` (each stage's code, read from dvc.yaml for both orchestrators), `keep` (a
-   Snakemake run's finished outputs, put back when a job fails).
+   Snakemake run's finished outputs, put back when a job fails), `safeload` (DeepSpeed
+   checkpoints read as data only).
 7. `report`: findings, tables, plots and pages from the measured metrics.
 
 The stage scripts (`src/*.py`) sit on top and may import any layer.

@@ -20,6 +20,7 @@ from ruamel.yaml.error import YAMLError
 
 from cdm import params as P
 from cdm.io import atomic_write_text
+from cdm.safeyaml import YAMLRefused, check_plain, check_size
 
 
 def merge(base: Any, overlay: Any) -> Any:
@@ -61,7 +62,12 @@ def _load(yaml: YAML, path: Path) -> Any:
     if not path.is_file():
         raise P.ParamsError(f"{path}: no such file")
     try:
-        return yaml.load(path.read_text(encoding="utf-8"))
+        check_size(path.stat().st_size)
+        text = path.read_text(encoding="utf-8")
+        check_plain(text)  # before the round-trip loader builds anything from it
+        return yaml.load(text)
+    except YAMLRefused as exc:
+        raise P.ParamsError(f"{path}: {exc}") from None
     except YAMLError as exc:
         raise P.ParamsError(P.yaml_problem(path, exc)) from None
     except UnicodeDecodeError as exc:

@@ -11,9 +11,19 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from cdm.places import inside_project
+from cdm.safeyaml import YAMLRefused, check_plain, check_size
 
 DEFAULT_PATH = Path("params.yaml")
 
@@ -305,10 +315,14 @@ class Ablation(Section):
     steps: list[StepCount] = Field([1, 2, 4], min_length=1)
 
 
+# An output folder a rule replaces: inside the project, never its root or outputs (cdm.places).
+ProjectFolder = Annotated[str, AfterValidator(inside_project)]
+
+
 class WorldTeacher(Section):
     """The `make world-teacher` target: trains the world's teacher once (committed)."""
 
-    out: str = "src/cdm/world/pretrained/teacher"
+    out: ProjectFolder = "src/cdm/world/pretrained/teacher"
     steps: int = Field(3_000, gt=0)
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -329,7 +343,7 @@ class WorldTeacher(Section):
 class WorldJudge(Section):
     """The `make world-judge` target: trains the judge once (committed)."""
 
-    out: str = "src/cdm/world/pretrained/judge"
+    out: ProjectFolder = "src/cdm/world/pretrained/judge"
     steps: int = Field(500, gt=0)
     batch_size: int = Field(128, gt=0)
     lr: float = Field(2e-3, gt=0)
@@ -574,6 +588,8 @@ def load(path: str | Path = DEFAULT_PATH) -> Params:
         )
     try:
         data = read_yaml(path)
+    except YAMLRefused as exc:
+        raise ParamsError(f"{path}: {exc}") from None
     except YAMLError as exc:
         raise ParamsError(yaml_problem(path, exc)) from None
     except UnicodeDecodeError as exc:
@@ -597,12 +613,16 @@ def yaml_problem(path: str | Path, exc: YAMLError) -> str:
 
 def read_yaml(path: str | Path) -> Any:
     """A YAML file as plain Python, read as YAML 1.2 (as DVC writes and reads params):
-    2e-5, 2e-05 and 1E4 are numbers, where YAML 1.1 (PyYAML) reads them as text."""
+    2e-5, 2e-05 and 1E4 are numbers, where YAML 1.1 (PyYAML) reads them as text.
+    A file over the size bound is refused before it is read (cdm.safeyaml)."""
+    check_size(Path(path).stat().st_size)
     return parse_yaml(Path(path).read_text())
 
 
 def parse_yaml(text: str) -> Any:
-    """YAML 1.2 text as plain Python (see read_yaml)."""
+    """YAML 1.2 text as plain Python (see read_yaml); anchors, aliases and object tags are
+    refused first (YAMLRefused, cdm.safeyaml)."""
+    check_plain(text)
     return YAML(typ="safe", pure=True).load(text)
 
 

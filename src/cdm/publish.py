@@ -4,7 +4,8 @@ The distill stage's `models/students/<method>/` is a pipeline output the orchest
 so the report never writes into it. Publishing links it (hard links: no second copy of the
 weights) into its own folder and adds the run's results to that copy's model card: the
 method's metrics at every step count, with their conventions, and the report's sample grid.
-Run it after the report; rerunning replaces the folder.
+Run it after the report. It writes only into a new or empty folder, or one it made before
+(its marker, cdm.places.PUBLISH_MARKER), which a rerun replaces; anything else is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from cdm.backends.export import add_results_to_card
 from cdm.backends.pipelines import link_tree
 from cdm.io import atomic_dir, read_json
+from cdm.places import PUBLISH_MARKER, check_publish_out
 
 SKIPPED = ("conventions", "skipped")  # long per-metric records: the report holds them
 
@@ -34,6 +36,7 @@ def card_metrics(metrics: dict[str, Any], method: str) -> dict[str, Any]:
 
 
 def publish(method: str, students: Path, results: Path, out: Path) -> Path:
+    check_publish_out(out)  # atomic_dir replaces `out` whole: never a folder we did not make
     student = students / method
     # The shapes world's export (cdm.backends.shapes.export) is a toy model: no pipeline.
     if not (student / "model_index.json").is_file() and (student / "inference.json").is_file():
@@ -49,6 +52,7 @@ def publish(method: str, students: Path, results: Path, out: Path) -> Path:
         link_tree(student, tmp, fallback="copy", skip=("README.md",))
         shutil.copyfile(student / "README.md", tmp / "README.md")  # edited: never a link
         add_results_to_card(tmp, table, grid if grid.is_file() else None)
+        (tmp / PUBLISH_MARKER).write_text("written by python -m cdm.publish; rerun replaces\n")
     return out
 
 
