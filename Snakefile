@@ -7,10 +7,9 @@ from snakemake.exceptions import WorkflowError
 
 from cdm import keep
 
-
-configfile: "params.yaml"
-
-
+# No `configfile:`: Snakemake's loader evaluates YTE templates in a file that sets
+# `__use_yte__: true`, so a key of params.yaml could run code. common.smk fills `config` from
+# the project's own reader (cdm.params: plain YAML only, validated) instead.
 include: "workflow/rules/common.smk"
 
 

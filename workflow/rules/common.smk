@@ -6,6 +6,10 @@ from cdm.stagecode import stage_code
 PARAMS_FILE = "params.yaml"
 # The validated params (read as YAML 1.2, as the scripts and DVC read them).
 PARAMS = P.load(PARAMS_FILE)
+# The rules' `config`: the same file as plain data (never through Snakemake's own loader,
+# which templates); --config keys that are not params (shards, accelerate_suffix) stay.
+for _key, _value in P.read_yaml(PARAMS_FILE).items():
+    config.setdefault(_key, _value)
 PYTHON = "python"
 # Processes per distill job: distill.num_processes (8 GPUs of one node in the real-run
 # overlays; one launcher per node starts them all).
