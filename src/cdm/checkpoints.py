@@ -227,8 +227,11 @@ def load_latest(root: Path, student, fake, ema: PartitionedEMA) -> int:
             f"distill.num_processes = {state.get('world_size')}, or remove {folder.parent} "
             "to start afresh"
         )
-    student.load_checkpoint(str(folder / "student"), tag="state")
-    fake.load_checkpoint(str(folder / "fake"), tag="state")
+    from cdm.safeload import weights_only_loads
+
+    with weights_only_loads(student, fake):  # data only: a planted pickle never runs
+        student.load_checkpoint(str(folder / "student"), tag="state")
+        fake.load_checkpoint(str(folder / "fake"), tag="state")
     if legacy.is_file():
         ema.load_state_dict(load_file(legacy))
     else:
