@@ -109,7 +109,9 @@ def test_full_disk_is_named_and_leaves_no_partial_checkpoint(work):
     (work / "checkpoints").rename(work / "checkpoints.done")
     try:
         with mounted(work / "checkpoints", "size=200k"):
-            proc = _distill(work, "--out", "fresh")  # a new checkpoint will not fit
+            # A new checkpoint will not fit. Its student and live log go to folders of their
+            # own: a distill's live log replaces logs/<m>/train.csv as it runs (by design).
+            proc = _distill(work, "--out", "fresh", "--logs", "fresh_logs")
             one_line(proc, "no space left on the device holding", "checkpoints")
             left = [p for p in (work / "checkpoints").rglob("*") if p.name.startswith(".tmp")]
             assert left == []
@@ -216,7 +218,7 @@ def test_the_worker_dies_with_its_launcher(work):
     edit_params(work / "params.yaml", distill={"iterations": 100000, "checkpoint_every": 1})
     runs_before = set((work / "checkpoints").iterdir())
     launcher = subprocess.Popen(
-        [*LAUNCH, "src/distill.py", "--method", "cdm", "--out", "fresh"],
+        [*LAUNCH, "src/distill.py", "--method", "cdm", "--out", "fresh", "--logs", "fresh_logs"],
         cwd=work, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 300
