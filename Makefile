@@ -6,6 +6,9 @@ STAMP  := $(VENV)/.installed
 # ranges alone (beside a cluster's own torch).
 LOCK   ?= constraints.txt
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+# DeepSpeed's CPU extension (multi-process runs on CPU) built per environment: checkouts that
+# share ~/.cache/torch_extensions rebuild it in turn, a minute each (tests/conftest.py agrees).
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: install run ablation test test-fast cpu-ops browser lint format world-judge world-teacher dry-run clean
 
@@ -39,7 +42,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest $(XDIST) -m "not e2e and not multiproc"
 
 # DeepSpeed's CPU communication extension (gloo runs on CPU) compiles on first use, about a
-# minute, once per machine (~/.cache/torch_extensions): built here, before the tests start.
+# minute, once per environment ($(VENV)/torch_extensions): built here, before the tests start.
 cpu-ops: $(STAMP)
 	@DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; \
 	  ShareMemCommBuilder().load(verbose=False)" >/dev/null 2>&1 || \

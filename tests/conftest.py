@@ -32,6 +32,10 @@ PYTHON = sys.executable
 # (the venv's, not /usr/bin's 1.11) builds DeepSpeed's CPU extension, which two ninja
 # versions would otherwise rebuild in turn (a minute each) in a shared cache.
 os.environ["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+# DeepSpeed's CPU extension built per environment (the Makefile's setting): two checkouts'
+# environments sharing ~/.cache/torch_extensions rebuild it in turn, and a test that loads it
+# while another environment rebuilds it fails.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
 
 
@@ -283,6 +287,19 @@ GROUPED_MODULES = {
 }  # fmt: skip
 
 
+# Whole DAGs (minutes each) first, then the other costly families, then the rest: two workers
+# take tests in this order, so the longest start early and the quick ones fill the end,
+# instead of one worker finishing a DAG alone while the other idles.
+DAG_MODULES = ("test_orchestration", "test_real_run_orchestration")
+
+
+def _cost_rank(item: pytest.Item) -> int:
+    module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+    if module in DAG_MODULES:
+        return 0
+    return 1 if item.get_closest_marker("e2e") or item.get_closest_marker("multiproc") else 2
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
@@ -297,3 +314,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.multiproc)
         if module in GROUPED_MODULES:
             item.add_marker(pytest.mark.xdist_group(module))
+    items.sort(key=_cost_rank)  # stable: the order within each rank is kept

@@ -214,6 +214,12 @@ def _check_dpg_repro(work: Path) -> None:
 def test_dvc_repro_runs_a_real_backend_to_the_report(real_project, tmp_path):
     work = tmp_path / "dvc"
     shutil.copytree(real_project, work, symlinks=True)
+    # One published baseline: dvc.yaml's foreach stage is proved by one of its items; every
+    # recipe's loading is proved under Snakemake above.
+    data = yaml.safe_load((work / "params.yaml").read_text())
+    if data.get("compare"):
+        data["compare"] = dict(list(data["compare"].items())[:1])
+        (work / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     _sh(work, "git", "init", "-q")
     _sh(work, "dvc", "init", "-q", "--force")
     ran = set(re.findall(r"Running stage '([^']+)'", _sh(work, "dvc", "repro")))
