@@ -63,6 +63,20 @@ def test_a_stage_script_imports_only_what_it_needs(script, torch_seconds):
     assert ratio <= budget, f"{script}: {seconds:.2f} s = {ratio:.2f}x torch, budget {budget}x"
 
 
+# The stages started as modules (dvc.yaml, workflow/rules: `python -m ...`). cdm.fetch loaded
+# every scorer (open_clip, transformers: 6.3 s) in the shapes world, which fetches nothing.
+MODULE_STAGES = {"cdm.fetch": (set(), 0.7), "cdm.validate": (set(), 0.7)}
+
+
+@pytest.mark.parametrize("module", list(MODULE_STAGES))
+def test_a_stage_module_imports_only_what_it_needs(module, torch_seconds):
+    allowed, budget = MODULE_STAGES[module]
+    seconds, loaded = imports(f"import {module}")
+    heavy = {p for p in HEAVY if p in loaded}
+    assert heavy <= allowed, f"{module} imports {sorted(heavy - allowed)} at start"
+    assert seconds / torch_seconds <= budget, f"{module}: {seconds:.2f} s, budget {budget}x torch"
+
+
 def test_the_validator_and_the_params_load_without_torch():
     _, loaded = imports("import cdm.validate, cdm.overlay, cdm.plan")
     assert not {p for p in HEAVY if p in loaded}

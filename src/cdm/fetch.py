@@ -39,8 +39,6 @@ from cdm import params as P
 from cdm.cli import StageFailure, run_stage
 from cdm.hub import HUB_ID
 from cdm.io import atomic_file
-from cdm.metrics.aesthetic import HUB_FILE
-from cdm.metrics.scorers import DEFAULT_SCORER_CONFIGS, resolved_config, unavailable_reason
 
 log = logging.getLogger("fetch")
 
@@ -127,6 +125,10 @@ def repo_plan(what: str, model_id: str, cache_dir: str | None, **kw: Any) -> lis
 
 def scorer_plan(name: str, config: Mapping[str, Any] | None) -> list[Download]:
     """What scorer `name` loads, as downloads (local files and folders are skipped)."""
+    # The scorers' modules load open_clip and transformers (6 s): only when a plan needs them.
+    from cdm.metrics.aesthetic import HUB_FILE
+    from cdm.metrics.scorers import resolved_config
+
     cfg = resolved_config(name, config)
     cache = cfg.get("cache_dir")
     if name == "clip":
@@ -175,6 +177,8 @@ def compare_plan(name: str, recipe: P.Compare) -> list[Download]:
 
 def scorer_configs(params: P.Params) -> dict[str, Any]:
     """`score.models` (name -> constructor kwargs) when params has it, else the defaults."""
+    from cdm.metrics.scorers import DEFAULT_SCORER_CONFIGS
+
     models = getattr(params.score, "models", None)
     if models is None:
         return dict(DEFAULT_SCORER_CONFIGS)
@@ -198,6 +202,8 @@ def weights_plan(params: P.Params) -> tuple[list[Download], dict[str, str]]:
         plan += repo_plan("teacher", path, None)
     for name, recipe in getattr(params, "compare", {}).items():  # as score.models: optional
         plan += compare_plan(name, recipe)
+    from cdm.metrics.scorers import unavailable_reason
+
     skipped = {}
     for name, config in scorer_configs(params).items():
         reason = unavailable_reason(name)
