@@ -13,7 +13,7 @@ import pytest
 
 from cdm import params as P
 from cdm.places import PUBLISH_MARKER
-from tests.conftest import PYTHON, ROOT, copy_project
+from tests.conftest import PYTHON, ROOT, clone, copy_project
 
 ENV = os.environ | {"PYTHONPATH": str(ROOT / "src"), "PYTHONWARNINGS": "ignore"}
 
@@ -33,7 +33,7 @@ def one_error_line(text: str) -> str:
 
 
 @pytest.fixture
-def finished(tmp_path, monkeypatch) -> Path:
+def exported(tmp_path, monkeypatch) -> Path:
     """A project folder holding an exported sd3-style student and its scores (cwd)."""
     project = tmp_path / "project"
     student = project / "models/students/cdm"
@@ -56,21 +56,21 @@ def publish(out: str, capsys) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("out", ["mine", ".", "models", "models/students/mine", "..", "results"])
-def test_publish_refuses_a_folder_it_did_not_make(finished, capsys, out):
-    (finished / "mine").mkdir()
-    (finished / "mine/thesis.tex").write_text("my own work")
-    before = tree(finished.parent)
+def test_publish_refuses_a_folder_it_did_not_make(exported, capsys, out):
+    (exported / "mine").mkdir()
+    (exported / "mine/thesis.tex").write_text("my own work")
+    before = tree(exported.parent)
     rc, err = publish(out, capsys)
     assert rc == 2 and "--out" in one_error_line(err)
-    assert tree(finished.parent) == before  # nothing removed, nothing written
+    assert tree(exported.parent) == before  # nothing removed, nothing written
 
 
-def test_publish_writes_a_new_folder_and_replaces_only_its_own(finished, capsys):
+def test_publish_writes_a_new_folder_and_replaces_only_its_own(exported, capsys):
     assert publish("exports/cdm", capsys)[0] == 0
-    assert (finished / "exports/cdm" / PUBLISH_MARKER).is_file()
-    assert (finished / "exports/cdm/transformer/weights.safetensors").is_file()
+    assert (exported / "exports/cdm" / PUBLISH_MARKER).is_file()
+    assert (exported / "exports/cdm/transformer/weights.safetensors").is_file()
     assert publish("exports/cdm", capsys)[0] == 0  # its own folder: replaced
-    (finished / "empty").mkdir()
+    (exported / "empty").mkdir()
     assert publish("empty", capsys)[0] == 0
 
 
@@ -225,3 +225,140 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused(tmp_path):
         checkpoints.load_latest(tmp_path / "run", StubEngine(), StubEngine(), ema=None)
     assert "refused" in str(refused.value) and "\n" not in str(refused.value)
     assert not marker.exists() and tree(tmp_path) == before
+
+
+# --- the DAG's blind spots ------------------------------------------------------------------
+
+
+def test_a_deleted_sample_index_is_rebuilt(snakemade, tmp_path):
+    """Every output the report reads is a target of `all`: a set whose index.parquet is gone
+    is planned again (Snakemake alone said "Nothing to be done", its consumers being up to
+    date), and a finished project plans nothing."""
+    work = clone(snakemade, tmp_path / "p")
+    proc = snakemake_dry_run(work)
+    assert proc.returncode == 0 and "Nothing to be done" in proc.stdout, proc.stdout[-2000:]
+    (work / "samples/teacher_cfg/2/index.parquet").unlink()
+    proc = snakemake_dry_run(work)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "output: samples/teacher_cfg/2/index.parquet" in proc.stdout, proc.stdout[-3000:]
+
+
+# --- messages that send the user the right way ----------------------------------------------
+
+
+def test_a_bare_snakemake_unlock_works(tmp_path):
+    """What Snakemake advises after a SIGKILL left its lock: `snakemake --unlock`, no --cores
+    (the rules that take every core read it only when a job is planned)."""
+    work = copy_project(tmp_path / "work")
+    locks = work / ".snakemake/locks"
+    locks.mkdir(parents=True)
+    (locks / "0.output.lock").write_text(str(work / "results/metrics.json") + "\n")
+    proc = subprocess.run(
+        ["snakemake", "--unlock"], cwd=work, env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
+    assert not locks.exists() or not any(locks.iterdir())
+
+
+def test_a_truncated_image_is_named(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cdm.cli import fault_line
+    from cdm.world.metrics import load_images
+
+    png = tmp_path / "samples/cdm/1/000007.png"
+    png.parent.mkdir(parents=True)
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(png)
+    png.write_bytes(png.read_bytes()[:6000])  # of 12 kB
+    with pytest.raises(OSError) as failed:
+        load_images(png.parent, [png.name])
+    line = fault_line(failed.value)
+    assert line.startswith(f"{png}: image file is truncated") and "rerun" in line, line
+
+
+def test_a_full_disk_is_named_by_its_filesystem(tmp_path, monkeypatch):
+    """A write through an open file (Pillow's save) carries no file name: the line names the
+    file and the full filesystem's mount, not the project's root."""
+    import numpy as np
+    from PIL import Image
+
+    from cdm.cli import fault_line
+    from tests.test_faults import mounted
+
+    monkeypatch.chdir(tmp_path)
+    full = tmp_path / "samples"
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    with mounted(full, "size=64k"):
+        with pytest.raises(OSError) as failed:
+            for i in range(64):
+                Image.fromarray(noise).save(full / f"{i:06d}.png")
+        line = fault_line(failed.value)  # while the disk is still full
+    assert f"mounted at {full}," in line and str(full / "0000") in line, line
+
+
+def test_a_worker_killed_by_a_signal_is_named(tmp_path):
+    """SIGKILL leaves a worker no time to say anything: the launcher says which rank died of
+    which signal, in one line, with the shell's exit code."""
+    script = tmp_path / "die.py"
+    script.write_text(
+        "import os, signal, time\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.run(
+        [PYTHON, "-m", "cdm.launch", "--config_file", "configs/accelerate/zero2.yaml",
+         "--num_processes", "2", str(script)],
+        cwd=ROOT, env=ENV | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 137
+    line = one_error_line(proc.stderr)
+    assert "worker rank 1 was killed by SIGKILL (signal 9)" in line, line
+
+
+def test_the_unrenderable_prompt_example_renders():
+    import re
+
+    from cdm.world.prompts import check_renderable, parse_prompt
+    from cdm.world.render import render
+
+    with pytest.raises(ValueError) as refused:
+        check_renderable(["a red triangle on the left"], "prompts.txt")
+    example = re.search(r"prompts like '([^']+)'", str(refused.value))[1]
+    image = render([parse_prompt(example)], [0])
+    assert image.shape[0] == 1 and image.std() > 0  # a shape on a background
+
+
+@pytest.mark.parametrize("overlay", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_an_overlay_changes_only_its_own_lines(tmp_path, overlay):
+    """`git diff params.yaml` after an overlay shows the overlay's keys only: no other line
+    of params.yaml rewrapped (ruamel folded every line over 80 characters)."""
+    import difflib
+
+    from cdm.overlay import apply
+
+    def keys(tree: dict) -> set[str]:
+        return {str(k) for k, v in tree.items()} | {
+            k for v in tree.values() if isinstance(v, dict) for k in keys(v)
+        }
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    path = ROOT / "configs" / overlay
+    if overlay == "ablation.yaml":  # also a one-key overlay far from the long lines
+        (tmp_path / "seed.yaml").write_text("seed: 7\n")
+        seed = apply(tmp_path / "seed.yaml", params, write=False).splitlines()
+        assert [d for d in difflib.unified_diff(params.read_text().splitlines(), seed, n=0)
+                if d[:1] in "+-" and d[:3] not in ("+++", "---")] == ["-seed: 0", "+seed: 7"]  # fmt: skip
+    changed = [
+        line[1:]
+        for line in difflib.unified_diff(
+            params.read_text().splitlines(), apply(path, params, write=False).splitlines(), n=0
+        )
+        if line[:1] == "+" and not line.startswith("+++") and line[1:].strip()[:1] not in "#"
+    ]  # blank and comment lines: the overlay's own
+    names = keys(P.read_yaml(path))
+    assert changed and all(line.split(":")[0].strip(" -") in names for line in changed), changed

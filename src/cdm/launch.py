@@ -52,11 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.CalledProcessError as exc:
         if verbose:
             raise
-        return exit_code(exc.returncode)
+        return failed(0, exc.returncode)
     except ChildFailedError as exc:
         if verbose:
             raise
-        return exit_code(*(failure.exitcode for failure in exc.failures.values()))
+        first, root = exc.get_first_failure()  # the others were stopped because of it
+        return failed(first, root.exitcode)
     except (KeyboardInterrupt, SignalException) as exc:
         # Ctrl-C reaches the launcher with its workers, whose rank 0 says it in one line.
         if verbose:
@@ -72,6 +73,26 @@ def quiet(prefix: str) -> None:
     for name in [prefix, *logging.root.manager.loggerDict]:
         if name == prefix or name.startswith(prefix + "."):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def failed(rank: int, code: int) -> int:
+    """The exit code of a run whose first failing worker, `rank`, ended with `code` (negative:
+    killed by that signal). A worker that failed said why itself; one killed by a signal
+    (SIGKILL: out of memory, or by hand) could not, so say it here in its place."""
+    if code < 0:
+        print(
+            f"error: worker rank {rank} was killed by {signal_name(-code)}, so the run "
+            "stopped (out of memory? see `dmesg`); rerun to resume from the newest checkpoint",
+            file=sys.stderr,
+        )
+    return exit_code(code)
+
+
+def signal_name(number: int) -> str:
+    try:
+        return f"{signal.Signals(number).name} (signal {number})"
+    except ValueError:
+        return f"signal {number}"
 
 
 def exit_code(*codes: int) -> int:
