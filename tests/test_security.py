@@ -362,3 +362,59 @@ def test_an_overlay_changes_only_its_own_lines(tmp_path, overlay):
     ]  # blank and comment lines: the overlay's own
     names = keys(P.read_yaml(path))
     assert changed and all(line.split(":")[0].strip(" -") in names for line in changed), changed
+
+
+# --- train_world --out ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("out", ["mine", ".", "models", "new"])
+def test_train_world_writes_only_a_folder_of_its_own(tmp_path, monkeypatch, out):
+    """`python src/train_world.py judge --out DIR` replaces DIR whole, so, as publish, it
+    takes only a new or empty folder or one it made (its marker), never the project's root
+    or outputs. The training itself is a stand-in: only where it writes is under test."""
+    from cdm.places import TRAINED_MARKER
+    from tests.conftest import call_stage
+
+    def trained(out: Path, *_) -> float:
+        (out / "judge.safetensors").write_bytes(b"weights")
+        return 1.0
+
+    monkeypatch.setattr("cdm.world.train.train_judge", trained)
+
+    project = tmp_path / "project"
+    (project / "mine").mkdir(parents=True)
+    (project / "mine/thesis.tex").write_text("my own work")
+    (project / "models").mkdir()
+    (project / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    before = tree(tmp_path)
+    code, err = call_stage(project, "train_world.py", "judge", "--steps", "1", "--out", out)
+    after = {k: v for k, v in tree(tmp_path).items() if not k.endswith(".cdm-run.lock")}
+    if out == "new":  # made, marked, and its own to replace on a rerun
+        assert code == 0, err[-2000:]
+        assert (project / "new" / TRAINED_MARKER).is_file()
+        assert call_stage(project, "train_world.py", "judge", "--steps", "1", "--out", out)[0] == 0
+        return
+    assert code == 2 and "--out" in one_error_line(err), err
+    assert after == before
+
+
+# --- every YAML reader of ours --------------------------------------------------------------
+
+
+def test_stage_code_and_the_bench_scripts_read_yaml_safely(tmp_path, monkeypatch):
+    """cdm.stagecode (dvc.yaml, at every Snakemake parse) and bench/distill_* read through
+    cdm.safeyaml: aliases are refused (a small bomb here, which PyYAML expanded), and a
+    --set value is YAML 1.2 (PyYAML read 1e-5 as the text '1e-5')."""
+    from cdm.safeyaml import YAMLRefused
+    from cdm.stagecode import stage_code
+
+    dvc = tmp_path / "dvc.yaml"
+    dvc.write_text("stages:\n  score:\n    deps: [src/score.py]\n" + alias_bomb(3))
+    with pytest.raises(YAMLRefused, match="anchor or alias"):
+        stage_code("score", dvc)
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from distill_probe import override
+
+    data = {"distill": {"lr_student": 0.1}}
+    override(data, "distill.lr_student=1e-5")
+    assert data["distill"]["lr_student"] == 1e-5
