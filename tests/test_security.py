@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cdm import manifest
 from cdm import params as P
 from cdm.places import PUBLISH_MARKER
 from tests.conftest import PYTHON, ROOT, clone, copy_project
@@ -41,6 +42,7 @@ def exported(tmp_path, monkeypatch) -> Path:
     (student / "model_index.json").write_text("{}")
     (student / "transformer/weights.safetensors").write_bytes(b"w" * 64)
     (student / "README.md").write_text("---\nlicense: other\n---\n# a student\n")
+    manifest.write(student)  # as the distill stage completes an export
     (project / "results").mkdir()
     (project / "results/metrics.json").write_text(json.dumps({"cdm": {"4": {"clip": 0.3}}}))
     (project / "params.yaml").write_text("seed: 0\n")
@@ -72,6 +74,17 @@ def test_publish_writes_a_new_folder_and_replaces_only_its_own(exported, capsys)
     assert publish("exports/cdm", capsys)[0] == 0  # its own folder: replaced
     (exported / "empty").mkdir()
     assert publish("empty", capsys)[0] == 0
+    assert manifest.damage(exported / "empty") is None  # its own card, its own manifest
+    assert manifest.damage(exported / "models/students/cdm") is None  # the original's intact
+
+
+def test_publish_refuses_an_export_that_is_not_whole(exported, capsys):
+    weights = exported / "models/students/cdm/transformer/weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:10])
+    rc, err = publish("exports/cdm", capsys)
+    line = one_error_line(err)
+    assert rc == 2 and "transformer/weights.safetensors is truncated" in line, line
+    assert not (exported / "exports").exists()
 
 
 # --- YAML -----------------------------------------------------------------------------------
@@ -418,3 +431,24 @@ def test_stage_code_and_the_bench_scripts_read_yaml_safely(tmp_path, monkeypatch
     data = {"distill": {"lr_student": 0.1}}
     override(data, "distill.lr_student=1e-5")
     assert data["distill"]["lr_student"] == 1e-5
+
+
+# --- an export is whole or refused ----------------------------------------------------------
+
+
+def test_a_truncated_file_in_an_exported_student_is_refused(finished, tmp_path):
+    """distill writes the export's manifest last; the sampler checks it before sampling, so a
+    text encoder it never reads cannot go on truncated (it did: the set was sampled)."""
+    from tests.conftest import call_stage
+
+    work = clone(finished, tmp_path / "p")
+    student = work / "models/students/cdm"
+    assert manifest.damage(student) is None  # as distill wrote it
+    weights = student / "text_encoder/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, err = call_stage(work, "sample.py", "--model", "cdm", "--steps", "1")
+    lines = [line for line in err.splitlines() if line.strip()]  # progress logs, then one
+    line = lines[-1] if lines else ""
+    assert [x for x in lines if x.startswith("error: ")] == [line], err[-2000:]
+    assert code == 2 and "text_encoder/model.safetensors is truncated" in line, err[-2000:]
+    assert "delete it and rerun" in line and not (work / "samples/cdm").exists()
