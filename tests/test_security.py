@@ -205,37 +205,42 @@ class Planted:
         return (open, (str(self.marker), "w"))
 
 
-class StubEngine:
-    """What load_latest asks of a DeepSpeed engine: its checkpoint engine's load, as DeepSpeed
-    calls it for the model states file."""
+class StubEMA:
+    """What load_latest asks of the EMA: its partitions, after both engines have loaded."""
 
-    def __init__(self) -> None:
-        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
-            TorchCheckpointEngine,
-        )
-
-        self.checkpoint_engine = TorchCheckpointEngine()
-
-    def load_checkpoint(self, load_dir: str, tag: str) -> None:
-        self.checkpoint_engine.load(f"{load_dir}/{tag}/mp_rank_00_model_states.pt", "cpu")
+    def load_partitions(self, tensors: dict) -> None:
+        self.loaded = sorted(tensors)
 
 
 def test_a_planted_pickle_in_a_checkpoint_is_refused(tmp_path):
+    """Through the real DeepSpeed engines' load path (ZeRO-2, one CPU process): the files
+    DeepSpeed itself wrote resume as data; a pickle planted in their place is refused."""
     import torch
+    from safetensors.torch import save_file
 
-    from cdm import checkpoints
+    from cdm import checkpoints, zero
     from cdm.cli import StageFailure
 
+    zero.init_distributed(torch.device("cpu"))
+    conf = zero.ds_config(1, 2, False, 1.0, {}, 1)
+    opt = {"warmup": 2, "betas": (0.9, 0.999), "weight_decay": 0.0, "eps": 1e-8}
+    engines = [zero.make_engine(torch.nn.Linear(3, 2), 0.1, config=conf, **opt) for _ in "sf"]
     marker = tmp_path / "ran"
     folder = tmp_path / "run/it-0000001"
-    for model in ("student", "fake"):
-        (folder / model / "state").mkdir(parents=True)
-        torch.save({"module": Planted(marker)}, folder / model / "state/mp_rank_00_model_states.pt")
+    for model, engine in zip(("student", "fake"), engines, strict=True):
+        engine.save_checkpoint(str(folder / model), tag="state")
+    (folder / "ema").mkdir()
+    save_file({"w": torch.zeros(2)}, folder / "ema/rank-00000.safetensors")
     (folder / "state.json").write_text(json.dumps({"iteration": 1, "world_size": 1}))
+    checkpoints.write_manifest(folder)
+    assert checkpoints.load_latest(tmp_path / "run", *engines, ema=StubEMA()) == 1
+    for model in ("student", "fake"):
+        planted = folder / model / "state/mp_rank_00_model_states.pt"
+        torch.save({"module": Planted(marker)}, planted)
     checkpoints.write_manifest(folder)  # the writer writes the manifest too: it proves nothing
     before = tree(tmp_path)
     with pytest.raises(StageFailure) as refused:
-        checkpoints.load_latest(tmp_path / "run", StubEngine(), StubEngine(), ema=None)
+        checkpoints.load_latest(tmp_path / "run", *engines, ema=StubEMA())
     assert "refused" in str(refused.value) and "\n" not in str(refused.value)
     assert not marker.exists() and tree(tmp_path) == before
 
