@@ -149,7 +149,7 @@ def fault_line(exc: BaseException) -> str:
             )
     free, folder = fullest()
     if free < LOW_SPACE:
-        return f"{no_space(folder)}: {first_line(exc)}"
+        return no_space(folder, f": {first_line(exc)}")
     return f"{type(exc).__name__}: {first_line(exc)}"
 
 
@@ -168,14 +168,14 @@ def mount_of(path: Path) -> Path:
     return path
 
 
-def no_space(path: Path) -> str:
+def no_space(path: Path, cause: str = "") -> str:
     """The full filesystem by its mount point, and what was written there: the project's
     root says nothing when samples/ or checkpoints/ is a disk of its own."""
     mount = mount_of(path)
     free = shutil.disk_usage(mount).free // 2**10
     return (
         f"no space left on the device holding {path} (the filesystem mounted at {mount}, "
-        f"{free} KiB free); free space there or point that output at a larger disk"
+        f"{free} KiB free{cause}); free space there or point that output at a larger disk"
     )
 
 
