@@ -61,14 +61,18 @@ include: "workflow/rules/score.smk"
 include: "workflow/rules/ablation.smk"
 
 
-# The students and their training logs are products too, not only inputs of the sample
-# sets: Snakemake does not rebuild a missing file whose consumers are up to date, so a
-# deleted student, or one a Ctrl-C removed with the failed job's outputs (when a params
-# change had started a new run), would never be rebuilt nor its newer checkpoints resumed.
+# Every output the report depends on is a target, not only the report: Snakemake does not
+# rebuild a missing file whose consumers are up to date, so a deleted student, training log
+# or sample set (its index.parquet), or one a Ctrl-C removed with the failed job's outputs,
+# would never be rebuilt ("Nothing to be done") while DVC reruns its stage.
 rule all:
     input:
-        "results/teacher.json",
-        "results/metrics.json",
-        "results/report.html",
+        rules.report.output,
+        rules.score.output,
+        rules.prepare_teacher.output,
+        rules.cache_teacher.output,
+        [] if WORLD else "models/weights.json",
         expand("models/students/{method}", method=METHODS),
         expand("logs/{method}/train.csv", method=METHODS),
+        sample_sets(),
+        ["results/dpg.json", "cache/dpg.safetensors", *dpg_sample_sets()] if DPG_SETS else [],

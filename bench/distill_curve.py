@@ -32,6 +32,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
 from distill_probe import override  # noqa: E402
 
 from cdm import params as P  # noqa: E402
+from cdm import safeyaml  # noqa: E402
 from cdm.backends import backend_module  # noqa: E402
 from cdm.cache import load_condition, open_condition  # noqa: E402
 from cdm.conditioning import Condition  # noqa: E402
@@ -91,7 +92,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
-    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data = safeyaml.read(ROOT / "params.yaml")
     for assignment in args.set:
         override(data, assignment)
     data["distill"]["iterations"] = max(args.stops)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from cdm import safeyaml
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,7 +36,7 @@ def override(data: dict, assignment: str) -> None:
     section, name = key.split(".", 1)
     if section not in data:
         raise SystemExit(f"--set: unknown section {section!r}; sections: {', '.join(data)}")
-    data[section][name] = yaml.safe_load(value)
+    data[section][name] = safeyaml.parse(value)  # YAML 1.2, plain data only
 
 
 def main() -> None:
@@ -46,7 +48,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
-    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data = safeyaml.read(ROOT / "params.yaml")
     for assignment in args.set:
         override(data, assignment)
     data["distill"]["methods"] = [args.method]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cdm import lora, zero
+from cdm import lora, manifest, zero
 from cdm import params as P
 from cdm.backends import backend_module
 from cdm.cache import open_condition
@@ -93,6 +93,7 @@ def main() -> None:
                 readme = tmp / "README.md"
                 readme.write_text(readme.read_text() + lora.card_section(params.teacher.path))
             (tmp / "params.json").write_text(json.dumps(resolved, indent=1))
+            manifest.write(tmp)  # last: what the sampler and publish check the export against
         log.info("student written to %s", Path(args.out) / args.method)
     zero.barrier()
 

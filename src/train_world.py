@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from cdm import params as P
 from cdm.cli import run_stage, stage_parser
 from cdm.io import atomic_dir
+from cdm.places import TRAINED_MARKER, check_owned_out
 from cdm.world.evaluate import EvalPairs, teacher_report
 from cdm.world.judge import Judge
 from cdm.world.train import train_judge, train_teacher
@@ -25,7 +26,7 @@ if TYPE_CHECKING:  # diffusers: only the teacher needs it
 log = logging.getLogger("train_world")
 
 
-def teacher(params: P.Params, out: Path) -> None:
+def teacher(params: P.Params, out: Path, marker: str | None) -> None:
     cfg = params.world_teacher
     judge = Judge.from_pretrained(params.judge.path)
     pairs = EvalPairs.world(cfg.eval_pairs)
@@ -45,13 +46,21 @@ def teacher(params: P.Params, out: Path) -> None:
         )  # fmt: skip
         (tmp / "params.json").write_text(json.dumps(cfg.model_dump(), indent=1))
         (tmp / "evals.json").write_text(json.dumps(evals, indent=1))
+        mark(tmp, marker)
 
 
-def judge(params: P.Params, out: Path) -> None:
+def judge(params: P.Params, out: Path, marker: str | None) -> None:
     cfg = params.world_judge
     with atomic_dir(out) as tmp:
         accuracy = train_judge(tmp, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed)
+        mark(tmp, marker)
     log.info("judge accuracy on fresh renders: %s", accuracy)
+
+
+def mark(folder: Path, marker: str | None) -> None:
+    """Mark a folder made for --out as this script's, so that a rerun may replace it."""
+    if marker is not None:
+        (folder / marker).write_text("written by src/train_world.py; rerun replaces\n")
 
 
 def main() -> None:
@@ -67,8 +76,11 @@ def main() -> None:
             params.model_dump()
             | {section: getattr(params, section).model_dump() | {"steps": args.steps}}
         )
+    if args.out:  # replaced whole (atomic_dir): never a folder this script did not make
+        check_owned_out(Path(args.out), "train_world", TRAINED_MARKER)
     out = Path(args.out or getattr(params, section).out)
-    (teacher if args.what == "teacher" else judge)(params, out)
+    marker = TRAINED_MARKER if args.out else None
+    (teacher if args.what == "teacher" else judge)(params, out, marker)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 import yaml
 from PIL import Image
 
+from cdm import manifest
 from cdm.cache import load_condition
 from cdm.samplefiles import NOISE_SEED_BASE
 from cdm.sampling import inference_sigmas
@@ -85,6 +86,7 @@ def project(tmp_path_factory, tiny_teacher_dir) -> Path:
     shutil.copytree(path / "models/teacher", student)
     recipe = {"sigmas_raw": [1.0, 0.75, 0.5, 0.25], "shift": 2.0, "steps": 4, "guidance": 1.0}
     (student / "inference.json").write_text(json.dumps(recipe | {"method": "cdm"}))
+    manifest.write(student)  # as the distill stage completes an export
     (path / "logs/cdm").mkdir(parents=True)
     rows = "\n".join(f"{i},{1 / i:.4f},{2 / i:.4f}" for i in range(1, 21))
     (path / "logs/cdm/train.csv").write_text("step,loss_dm,loss_fake\n" + rows + "\n")

@@ -21,6 +21,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors import safe_open
 
+from cdm import manifest
 from cdm.backends import export, few_step, longcat, sd3
 from cdm.sampling import inference_sigmas
 from tests import tiny_pipelines
@@ -228,6 +229,7 @@ def test_publish_links_the_student_and_puts_the_results_in_its_own_card(exported
     _, _, folder, _, _ = exported
     students, results = tmp_path / "students", tmp_path / "results"
     shutil.copytree(folder, students / "cdm")
+    manifest.write(students / "cdm")  # as the distill stage completes an export
     card_before = (students / "cdm" / "README.md").read_text()
     (results / "plots").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(results / "plots" / "samples.png")

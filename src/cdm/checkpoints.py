@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from cdm import manifest, stagecode
 from cdm import params as P
-from cdm import stagecode
 from cdm.lock import ProjectBusy
+from cdm.manifest import damage
 
 if TYPE_CHECKING:
     from cdm.zero import PartitionedEMA
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 HASHED_BYTES = 256 * 2**20  # files up to this size are hashed too; larger ones by size only
 
 
@@ -111,39 +111,9 @@ def _stale(tmp: Path) -> bool:
 # --- trust: the manifest ----------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path) -> None:
     """Every file's size (and the sha256 of the small ones), recorded at save time."""
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
-        size = path.stat().st_size
-        files[str(path.relative_to(folder))] = {
-            "size": size, "sha256": _sha256(path) if size <= HASHED_BYTES else None,
-        }  # fmt: skip
-    (folder / MANIFEST).write_text(json.dumps(files, indent=0))
-
-
-def damage(folder: Path) -> str | None:
-    """Why a checkpoint folder cannot be trusted (a missing, truncated or altered file), or None."""
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return f"no {MANIFEST}"
-    for name, want in json.loads(manifest.read_text()).items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != want["size"]:
-            return f"{name} is truncated or altered ({path.stat().st_size} of {want['size']} bytes)"
-        if want["sha256"] is not None and _sha256(path) != want["sha256"]:
-            return f"{name} does not match its recorded sha256"
-    return None
+    manifest.write(folder, HASHED_BYTES)
 
 
 # --- save and resume (collective: every rank calls them) --------------------------------

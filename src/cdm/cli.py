@@ -127,9 +127,18 @@ def fault_line(exc: BaseException) -> str:
     """The cause of an unexpected failure, in the user's terms where it is a known fault."""
     for e in chain(exc):
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return f"no space left on the device holding {e.filename or Path.cwd()}"
+            # A write through an open file (PIL, torch) carries no name: the innermost path
+            # the failing frames were writing, else the fullest of the outputs' filesystems.
+            name = e.filename or path_in(e.__traceback__, "")
+            return no_space(Path(name) if name else fullest()[1])
         if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             return f"{e.filename or 'an output'} is not writable ({e.strerror})"
+        image = image_in(e.__traceback__) if isinstance(e, OSError) else None
+        if image is not None:  # Pillow names no file ("image file is truncated")
+            return (
+                f"{image}: {first_line(e)}; delete it and rerun "
+                "the stage that wrote it (for a sample, delete its set's folder)"
+            )
         match = UNREADABLE_WEIGHTS.search(str(e))
         if match or type(e).__name__ == "SafetensorError":
             name = match[1] if match else path_in(e.__traceback__, ".safetensors")
@@ -138,13 +147,36 @@ def fault_line(exc: BaseException) -> str:
                 f"{name or 'a weights file'} is truncated or not a safetensors file ({cause}); "
                 "rerun the stage that wrote it"
             )
-    free, fullest = min((shutil.disk_usage(p).free, p) for p in output_folders())
+    free, folder = fullest()
     if free < LOW_SPACE:
-        return (
-            f"no space left on the device holding {fullest} ({free // 2**10} KiB free): "
-            f"{first_line(exc)}"
-        )
+        return no_space(folder, f": {first_line(exc)}")
     return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def fullest() -> tuple[int, Path]:
+    """(free bytes, folder) of the output folder with the least space left."""
+    return min((shutil.disk_usage(p).free, p) for p in output_folders())
+
+
+def mount_of(path: Path) -> Path:
+    """The mount point of the filesystem holding `path` (or of its nearest existing parent)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def no_space(path: Path, cause: str = "") -> str:
+    """The full filesystem by its mount point, and what was written there: the project's
+    root says nothing when samples/ or checkpoints/ is a disk of its own."""
+    mount = mount_of(path)
+    free = shutil.disk_usage(mount).free // 2**10
+    return (
+        f"no space left on the device holding {path} (the filesystem mounted at {mount}, "
+        f"{free} KiB free{cause}); free space there or point that output at a larger disk"
+    )
 
 
 def output_folders() -> list[Path]:
@@ -155,13 +187,26 @@ def output_folders() -> list[Path]:
 
 
 def path_in(tb: TracebackType | None, suffix: str) -> str | None:
-    """The innermost file path ending in `suffix` among the failing frames' usual names."""
+    """The innermost file path ending in `suffix` ("": any) among the failing frames' usual
+    names."""
     found = None
     while tb is not None:
         for name in PATH_NAMES:
             value = tb.tb_frame.f_locals.get(name)
             if isinstance(value, (str, os.PathLike)) and str(value).endswith(suffix):
                 found = str(value)
+        tb = tb.tb_next
+    return found
+
+
+def image_in(tb: TracebackType | None) -> str | None:
+    """The file of the innermost Pillow image the failing frames were decoding."""
+    found = None
+    while tb is not None:
+        image = tb.tb_frame.f_locals.get("self")
+        name = getattr(image, "filename", None)
+        if type(image).__module__.startswith("PIL.") and isinstance(name, (str, os.PathLike)):
+            found = str(name) or found
         tb = tb.tb_next
     return found
 

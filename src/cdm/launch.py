@@ -52,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.CalledProcessError as exc:
         if verbose:
             raise
-        return exit_code(exc.returncode)
+        return failed({0: exc.returncode})
     except ChildFailedError as exc:
         if verbose:
             raise
-        return exit_code(*(failure.exitcode for failure in exc.failures.values()))
+        return failed({rank: failure.exitcode for rank, failure in exc.failures.items()})
     except (KeyboardInterrupt, SignalException) as exc:
         # Ctrl-C reaches the launcher with its workers, whose rank 0 says it in one line.
         if verbose:
@@ -72,6 +72,29 @@ def quiet(prefix: str) -> None:
     for name in [prefix, *logging.root.manager.loggerDict]:
         if name == prefix or name.startswith(prefix + "."):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def failed(codes: dict[int, int]) -> int:
+    """The exit code of a run whose failed workers ended with `codes` (rank: code; negative:
+    killed by that signal). A worker that failed said why itself, and the others were then
+    stopped (SIGTERM): nothing to add. When every one was killed, none could say it, so say
+    here which rank died of which signal (SIGTERM last: it is how the rest were stopped)."""
+    if any(code > 0 for code in codes.values()):
+        return exit_code(*(code for code in codes.values() if code > 0))
+    rank, code = min(codes.items(), key=lambda rc: (rc[1] == -signal.SIGTERM, rc[0]))
+    print(
+        f"error: worker rank {rank} was killed by {signal_name(-code)}, so the run stopped "
+        "(out of memory? see `dmesg`); rerun to resume from the newest checkpoint",
+        file=sys.stderr,
+    )
+    return exit_code(code)
+
+
+def signal_name(number: int) -> str:
+    try:
+        return f"{signal.Signals(number).name} (signal {number})"
+    except ValueError:
+        return f"signal {number}"
 
 
 def exit_code(*codes: int) -> int:

@@ -38,6 +38,9 @@ def apply(
     """Merge the overlay into params.yaml; returns the new text (written only if valid)."""
     yaml = YAML()
     yaml.preserve_quotes = True
+    # No rewrapping: at ruamel's default width (80) every longer line of params.yaml, the
+    # overlay's or not, came back folded, and the diff showed far more than the overlay.
+    yaml.width = 2**20
     yaml.representer.add_representer(
         type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
     )

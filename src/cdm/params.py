@@ -19,11 +19,11 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from cdm import safeyaml
 from cdm.places import inside_project
-from cdm.safeyaml import YAMLRefused, check_plain, check_size
+from cdm.safeyaml import YAMLRefused
 
 DEFAULT_PATH = Path("params.yaml")
 
@@ -615,15 +615,13 @@ def read_yaml(path: str | Path) -> Any:
     """A YAML file as plain Python, read as YAML 1.2 (as DVC writes and reads params):
     2e-5, 2e-05 and 1E4 are numbers, where YAML 1.1 (PyYAML) reads them as text.
     A file over the size bound is refused before it is read (cdm.safeyaml)."""
-    check_size(Path(path).stat().st_size)
-    return parse_yaml(Path(path).read_text())
+    return safeyaml.read(path)
 
 
 def parse_yaml(text: str) -> Any:
     """YAML 1.2 text as plain Python (see read_yaml); anchors, aliases and object tags are
     refused first (YAMLRefused, cdm.safeyaml)."""
-    check_plain(text)
-    return YAML(typ="safe", pure=True).load(text)
+    return safeyaml.parse(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,9 @@ from pathlib import Path, PurePosixPath
 OUTPUTS = ("models", "results", "samples", "samples_dpg", "cache", "checkpoints", "logs")
 # publish's mark on a folder it made: only such a folder (or a new or empty one) is replaced.
 PUBLISH_MARKER = ".cdm-published"
+# train_world's mark on a folder it made for --out (the configured `out` params need none:
+# they are checked to lie inside the project, inside_project).
+TRAINED_MARKER = ".cdm-trained"
 # The project's own folders, which a configured output may not be nor hold.
 SOURCES = ("src/cdm/world/render.py", "workflow", "configs", "docs", "tests", "bench", "data")
 
@@ -42,6 +45,13 @@ def _clash(out: Path, root: Path) -> str | None:
 def check_publish_out(out: Path) -> None:
     """Raise ValueError (one line) unless `out` is a new or empty folder, or one publish made
     (its marker inside), away from the project's root and outputs."""
+    check_owned_out(out, "publish", PUBLISH_MARKER)
+
+
+def check_owned_out(out: Path, writer: str, marker: str) -> None:
+    """Raise ValueError (one line) unless `out`, a folder `writer` replaces whole, is new or
+    empty, or one `writer` made (its `marker` inside), away from the project's root and
+    outputs."""
     if out.is_symlink():
         raise ValueError(f"--out {out} is a link; name a real folder (a new one, e.g. exports/M)")
     real = out.resolve()
@@ -49,14 +59,15 @@ def check_publish_out(out: Path) -> None:
         clash = _clash(real, root)
         if clash:
             raise ValueError(
-                f"--out {out} is {clash}; publish into a folder of its own (e.g. exports/<method>)"
+                f"--out {out} is {clash}; {writer} writes into a folder of its own "
+                "(e.g. exports/<name>)"
             )
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; name a new or empty folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / PUBLISH_MARKER).is_file():
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
         raise ValueError(
-            f"--out {out} holds files publish did not write; name a new or empty folder "
-            f"(publish replaces only a folder it made, marked by {PUBLISH_MARKER})"
+            f"--out {out} holds files {writer} did not write; name a new or empty folder "
+            f"({writer} replaces only a folder it made, marked by {marker})"
         )
 
 

@@ -16,9 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cdm import manifest
 from cdm.backends.export import add_results_to_card
 from cdm.backends.pipelines import link_tree
 from cdm.io import atomic_dir, read_json
+from cdm.manifest import check_export
 from cdm.places import PUBLISH_MARKER, check_publish_out
 
 SKIPPED = ("conventions", "skipped")  # long per-metric records: the report holds them
@@ -46,13 +48,15 @@ def publish(method: str, students: Path, results: Path, out: Path) -> Path:
         )
     if not (student / "model_index.json").is_file():
         raise FileNotFoundError(f"{student} holds no exported student; run distill for {method}")
+    check_export(student, f"delete it and rerun the pipeline (distill rebuilds {method})")
     table = card_metrics(read_json(results / "metrics.json", "rerun the score stage"), method)
     grid = results / "plots" / "samples.png"
     with atomic_dir(out) as tmp:
-        link_tree(student, tmp, fallback="copy", skip=("README.md",))
+        link_tree(student, tmp, fallback="copy", skip=("README.md", manifest.MANIFEST))
         shutil.copyfile(student / "README.md", tmp / "README.md")  # edited: never a link
         add_results_to_card(tmp, table, grid if grid.is_file() else None)
         (tmp / PUBLISH_MARKER).write_text("written by python -m cdm.publish; rerun replaces\n")
+        manifest.write(tmp)  # the card changed: the published folder checks against its own
     return out
 
 

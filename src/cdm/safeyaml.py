@@ -8,6 +8,9 @@ which costs time linear in the file and expands nothing; so is a file over MAX_B
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from ruamel.yaml import YAML
 from ruamel.yaml.events import AliasEvent, NodeEvent
 
@@ -48,3 +51,16 @@ def check_plain(text: str) -> None:
                 f"{line} has the tag {tag}: tags that construct objects are refused; "
                 "params hold plain values only"
             )
+
+
+def parse(text: str) -> Any:
+    """YAML 1.2 text as plain Python (2e-5 is a number, as DVC reads it, where PyYAML's 1.1
+    reads text); refused first (YAMLRefused) if it holds more than plain data."""
+    check_plain(text)
+    return YAML(typ="safe", pure=True).load(text)
+
+
+def read(path: str | Path) -> Any:
+    """A YAML file as plain Python (see parse); one over MAX_BYTES is refused unread."""
+    check_size(Path(path).stat().st_size)
+    return parse(Path(path).read_text(encoding="utf-8"))

@@ -28,6 +28,7 @@ from cdm.backends import backend_module
 from cdm.backends.few_step import exported_sigmas
 from cdm.cache import cached_prompts, load_condition
 from cdm.conditioning import Condition
+from cdm.manifest import check_export
 from cdm.samplefiles import COLUMNS, INDEX, dtype_name, part_name, png_name, save_png
 from cdm.sampling import inference_sigmas, sample_euler
 from cdm.world.evaluate import EvalPairs
@@ -94,6 +95,9 @@ def load_sampler(
     folder = students / model
     if not (folder / "inference.json").is_file():
         raise FileNotFoundError(f"no student at {folder}; run distill for method {model} first")
+    # Whole or refused: a truncated file the sampler never reads (a text encoder) would
+    # otherwise go on into the published student.
+    check_export(folder, f"delete it and rerun the pipeline (distill rebuilds {model})")
     recipe = json.loads((folder / "inference.json").read_text())
     velocity, shift, shape = backend.load_velocity(folder, params.teacher.resolution, dtype)
     return Sampler(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import yaml
+from cdm import safeyaml
 
 SOURCE = "src/"  # deps under it are code; the rest (data, models) each rule names itself
 
@@ -30,7 +30,7 @@ def stage_code(stage: str, dvc_file: str | Path = "dvc.yaml") -> list[str]:
     """The files of `stage`'s code deps in `dvc_file` (a foreach/matrix stage: its `do` or
     body), paths relative to the project root as the file's `wdir` makes them."""
     path = Path(dvc_file)
-    stages = yaml.safe_load(path.read_text())["stages"]
+    stages = safeyaml.read(path)["stages"]  # plain data only: no tags, aliases or bombs
     if stage not in stages:
         raise KeyError(f"no stage {stage!r} in {dvc_file}; the Snakemake rule names a DVC twin")
     body = stages[stage].get("do", stages[stage])

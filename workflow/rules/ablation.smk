@@ -66,7 +66,7 @@ rule ablation_score:
     params:
         judge=config["judge"],
         score=config["score"],
-    threads: workflow.cores
+    threads: all_cores
     log:
         "logs/ablation/score_seed{seed}.log",
     shell:

@@ -21,6 +21,14 @@ NODES = PARAMS.distill.nodes
 NODES_ARG = f"--nodes {NODES} " if NODES > 1 else ""
 MULTINODE = {"mpi": "srun", "tasks": NODES} if NODES > 1 else {}
 METHODS = config["distill"]["methods"]
+
+
+def all_cores(wildcards) -> int:
+    """Every core of the run, for the rules that use them all. Asked only when a job is
+    planned: a bare `workflow.cores` is read at parse time and makes `snakemake --unlock`
+    (which plans nothing and takes no --cores) fail with "requires a total number of cores"."""
+    return workflow.cores
+
 # The shapes world is scored by its judge; sd3 / longcat by the paper's preference scorers,
 # whose weights (and a hub teacher) fetch_weights downloads first on the login node.
 WORLD = config["teacher"]["backend"] == "shapes"

@@ -16,7 +16,7 @@ rule score:
     params:
         judge=config["judge"],
         score=config["score"],
-    threads: workflow.cores
+    threads: all_cores
     benchmark:
         "benchmarks/score.tsv"
     log:

@@ -16,7 +16,7 @@ rule prepare_teacher:
         teacher=config["teacher"],
         judge=config["judge"],
         stage=config["prepare_teacher"],
-    threads: workflow.cores
+    threads: all_cores
     benchmark:
         "benchmarks/prepare_teacher.tsv"
     log:

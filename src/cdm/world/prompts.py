@@ -54,7 +54,7 @@ class Attributes:
 
 
 def prompt_of(attrs: Attributes) -> str:
-    """English prompt, e.g. "a red triangle on the left on a light background"."""
+    """English prompt, e.g. "a red ring on the left on a light background"."""
     where = POSITIONS[attrs.position]
     place = "in the center" if where == "center" else f"on the {where}"
     colour, shape = COLOURS[attrs.colour], SHAPES[attrs.shape]
@@ -86,6 +86,10 @@ def parse_prompt(prompt: str) -> Attributes:
         raise ValueError(f"not a shapes-world prompt: {prompt!r}") from None
 
 
+# The example the refusal gives: built from the world's own words, so it always renders.
+EXAMPLE = prompt_of(Attributes(SHAPES.index("ring"), 0, POSITIONS.index("left"), 1))
+
+
 def check_renderable(prompts: list[str], source: str) -> None:
     """The shapes world scores only prompts it can render: refuse the others up front."""
     bad = []
@@ -98,7 +102,7 @@ def check_renderable(prompts: list[str], source: str) -> None:
         raise ValueError(
             f"{source}: {len(bad)} prompt(s) the shapes world cannot render (the first: "
             f"{prompts[bad[0]][:80]!r}); the world takes prompts like "
-            "'a red triangle on the left on a light background'"
+            f"{EXAMPLE!r}"
         )
 
 
