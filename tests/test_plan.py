@@ -216,7 +216,8 @@ def test_a_lora_reduce_bucket_is_no_bigger_than_the_adapter_it_reduces():
 
 def test_micro_batches_multiply_the_global_batch_not_the_memory(tmp_path):
     """distill.accumulation: the plan's global batch grows, its per-GPU rows stay one
-    micro-batch's (each graph is freed before the next is built)."""
+    micro-batch's (each graph is freed before the next is built); only the fp32 sum of the
+    micro-batches' gradients is new: 4 A / N per adapter, A the adapter's parameters."""
     text = (ROOT / "configs/sd3-medium-lora.yaml").read_text()
     assert "  accumulation: 1 " in text
     eight = tmp_path / "eight.yaml"
@@ -227,4 +228,15 @@ def test_micro_batches_multiply_the_global_batch_not_the_memory(tmp_path):
     more = plan.plan(str(eight), str(ROOT / "params.yaml"), None, None, 80)
     assert "batch 16 per GPU (global 16)" in one
     assert "batch 16 per GPU x 8 micro-batches (global 128)" in more
-    assert _total_gib(one) == _total_gib(more)
+    assert plan.ACCUMULATION_ROW not in one
+    adapter = int(re.search(r"([0-9,]+) parameters per adapter", more).group(1).replace(",", ""))
+    row = next(line for line in more.splitlines() if plan.ACCUMULATION_ROW in line)
+    assert float(row.split()[-1]) == round(2 * 4 * adapter / plan.GIB, 2)
+    assert _total_gib(more) - _total_gib(one) == pytest.approx(float(row.split()[-1]), abs=0.011)
+
+
+def test_bf16_accumulation_counts_each_engines_fp32_gradient_partition():
+    m = plan.Model("m", 1000, 10, 4, 8, 4, 2, 8, 64)
+    one, two = (plan.estimate(m, 1, 4, 2, accumulation=a) for a in (1, 2))
+    assert plan.ACCUMULATION_ROW not in one and two[plan.ACCUMULATION_ROW] == 2 * 4 * 1000 / 4
+    assert plan.ACCUMULATION_ROW not in plan.estimate(m, 1, 4, 2, weight_bytes=4, accumulation=2)

@@ -17,6 +17,8 @@ in fp32 on CPUs; N = GPUs):
 - gradients per engine: w P / N partitioned, the reduce bucket, and a transient fp32 copy
   of the partition (4 P / N) while an engine steps (one at a time)
 - student EMA: fp32, partitioned like the optimizer state (zero.PartitionedEMA): 4 P / N
+- with accumulation > 1 in bf16, each engine sums its micro-batches' gradient partition in
+  fp32 (zero.ds_config: data_types.grad_accum_dtype): 4 P / N per engine
 - activations with gradient checkpointing: each block's input for the student's forward
   with gradient (B_s = 2 B samples with the CDM point, else B), plus one block recomputed in
   backward, or, whichever is larger, the no-grad working set of the teacher's batched call
@@ -141,6 +143,7 @@ PUBLISHED: dict[str, dict[str, Any]] = {
 BLOCK_UNITS = 18.1
 STASH_UNITS = 1.09
 TEACHER_UNITS = 20.0
+ACCUMULATION_ROW = "fp32 gradient accumulation (2 engines)"
 LORA_GPUS = (24, 48, 80)  # one-GPU sizes the LoRA plan reports (GiB)
 SD3_TEXT_TOKENS = 77 + 256  # CLIP tokens + T5 max_sequence_length of StableDiffusion3Pipeline
 LONGCAT_TEXT_TOKENS = 512  # LongCatImagePipeline.tokenizer_max_length
@@ -235,6 +238,7 @@ def estimate(
     cdm: bool = True,
     weight_bytes: int = 2,
     reduce_bucket: int = DS_REDUCE_BUCKET_DEFAULT,
+    accumulation: int = 1,
 ) -> dict[str, float]:
     """Bytes per GPU of each part of a run (see the module docstring for the formulas)."""
     w, p, n = weight_bytes, m.params, gpus
@@ -251,6 +255,8 @@ def estimate(
         rows = _lora_rows(m, n, w, reduce_bucket)
     else:
         rows = _full_rows(m, n, w, reduce_bucket, weights)
+    if accumulation > 1 and w == 2:
+        rows[ACCUMULATION_ROW] = 2 * 4 * trained_parameters(m) / n
     rows |= {
         "activations": activations,
         "latents and loss tensors (fp32)": 24 * 4 * m.latent_numel * grad_batch,
@@ -385,7 +391,7 @@ def plan(
     prompts = _count_lines(params.prompts.train_file) or train_prompts
     rows = estimate(
         model, cfg.batch_size, gpus, zero, cfg.gradient_checkpointing, cdm,
-        reduce_bucket=_reduce_bucket(zero),
+        reduce_bucket=_reduce_bucket(zero), accumulation=cfg.accumulation,
     )  # fmt: skip
     total = sum(rows.values())
     side = int(model.image_tokens**0.5)
@@ -419,7 +425,8 @@ def plan(
             b
             for b in range(1, 257)
             if sum(estimate(model, b, gpus, zero, cfg.gradient_checkpointing, cdm,
-                            reduce_bucket=_reduce_bucket(zero)).values())
+                            reduce_bucket=_reduce_bucket(zero),
+                            accumulation=cfg.accumulation).values())
             <= gib * GIB
         ]  # fmt: skip
         return max(fitting) if fitting else "none"

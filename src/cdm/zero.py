@@ -68,7 +68,10 @@ def ds_config(
     """DeepSpeed config: the file's settings (configs/deepspeed/) overridden by params.
 
     bf16 checks its gradients for overflow: a step over accumulated micro-batches with a
-    non-finite one is discarded by DeepSpeed (`cdm.engine.update`)."""
+    non-finite one is discarded by DeepSpeed (`cdm.engine.update`), and sums them in fp32
+    (data_types.grad_accum_dtype; DeepSpeed's default is the model's dtype, where a
+    micro-batch's gradient under half an ulp of the running sum is lost): 4 P / N bytes
+    per engine (cdm.plan)."""
     config = dict(base or {})
     config |= {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -87,6 +90,7 @@ def ds_config(
                 "deepspeed or set distill.accumulation: 1"
             )
         config["bf16"]["check_grad_overflow"] = True
+        config["data_types"] = dict(config.get("data_types", {})) | {"grad_accum_dtype": "fp32"}
     return config
 
 
