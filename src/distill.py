@@ -68,10 +68,15 @@ def main() -> None:
         backend.load_decoder(args.teacher), train_cond.take(slice(0, cfg.preview_images)), shift,
         latent_shape, cfg.inference_sigmas, seed, logs / "previews", device,
     )  # fmt: skip
+    export_dtype = torch.float32
+    if cfg.lora is not None:  # the merged student is built in the dtype it is saved in
+        from cdm.backends.export import weights_dtype
+
+        export_dtype = weights_dtype(Path(args.teacher) / "transformer")
     ema = train(
         velocity, train_cond, null, shift, latent_shape, method, cfg,
         RunPaths(run_dir, run_dir / "train.csv", logs / "train.csv"),
-        seed, device, json.loads(ds_file.read_text()), args.stop_after, preview,
+        seed, device, json.loads(ds_file.read_text()), args.stop_after, preview, export_dtype,
     )  # fmt: skip
     if args.stop_after is not None and args.stop_after < cfg.iterations:
         return

@@ -227,12 +227,21 @@ def test_micro_batches_multiply_the_global_batch_not_the_memory(tmp_path):
     )
     more = plan.plan(str(eight), str(ROOT / "params.yaml"), None, None, 80)
     assert "batch 16 per GPU (global 16)" in one
+    assert "LoRA preview / export, rank 0 host (base + adapter)" in one
     assert "batch 16 per GPU x 8 micro-batches (global 128)" in more
     assert plan.ACCUMULATION_ROW not in one
     adapter = int(re.search(r"([0-9,]+) parameters per adapter", more).group(1).replace(",", ""))
     row = next(line for line in more.splitlines() if plan.ACCUMULATION_ROW in line)
     assert float(row.split()[-1]) == round(2 * 4 * adapter / plan.GIB, 2)
     assert _total_gib(more) - _total_gib(one) == pytest.approx(float(row.split()[-1]), abs=0.011)
+
+
+def test_lora_preview_and_export_peaks_are_the_base_in_the_export_dtype():
+    """Rank 0 host: the base in the export dtype + the fp32 adapter; GPU: that copy drawn in
+    bf16 (no fp32 base on the GPU: cdm.lora.student_module)."""
+    m = plan.Model("m", 1000, 10, 4, 8, 4, 2, 8, 64, adapter=30)
+    host, gpu = plan.lora_peaks(m, weight_bytes=2, export_bytes=2).values()
+    assert (host, gpu) == (2 * 1000 + 4 * 30, 2 * (1000 + 30))
 
 
 def test_bf16_accumulation_counts_each_engines_fp32_gradient_partition():

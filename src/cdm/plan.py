@@ -34,7 +34,8 @@ LoRA mode (`--lora`, or distill.lora set; cdm.lora): one frozen base w P shared 
 student and fake score; each adapter's A parameters (rank r on every target linear,
 r (in + out) each) take the place of P in the weights, EMA, optimizer and gradient rows.
 Activations are the full mode's (the backward still runs through the frozen base). With
---lora the plan also prints the largest batch on one GPU of 24, 48 and 80 GiB.
+--lora the plan also prints the largest batch on one GPU of 24, 48 and 80 GiB, and the
+preview / export peaks (lora_peaks: built on the CPU in the export dtype).
 """
 
 from __future__ import annotations
@@ -322,6 +323,18 @@ def peaks(m: Model, gpus: int, zero: int, weight_bytes: int = 2) -> dict[str, fl
     }
 
 
+def lora_peaks(m: Model, weight_bytes: int = 2, export_bytes: int = 2) -> dict[str, float]:
+    """Bytes of a LoRA run's preview and export on rank 0 (cdm.lora.student_module): the base
+    read tensor by tensor into a CPU copy in the export dtype (the teacher's on disk: e bytes,
+    2 for the published bf16 / fp16 checkpoints) with the fp32 EMA adapter; a preview then
+    draws that copy on the GPU in bf16 (+w (P + A)); the export merges it on the CPU."""
+    p, a = m.params, m.adapter
+    return {
+        "LoRA preview / export, rank 0 host (base + adapter)": export_bytes * p + 4 * a,
+        "LoRA preview, rank 0 GPU (+bf16 copy drawn)": weight_bytes * (p + a),
+    }
+
+
 def checkpoint_bytes(m: Model, weight_bytes: int = 2) -> float:
     """One checkpoint on disk: per engine its weights (w P) and the fp32 master + AdamW m, v
     (12 P, the ranks' partitions together), and the EMA's partitions (4 P): 32 P in bf16."""
@@ -449,6 +462,7 @@ def plan(
     if lora_cfg is not None:
         sizes = ", ".join(f"{g} GiB: {largest(g)}" for g in LORA_GPUS)
         lines.append(f"  largest batch per GPU on {gpus} GPU(s) of {sizes}")
+        lines += [""] + [f"  {k:<58}{v / GIB:>8.2f}" for k, v in lora_peaks(model).items()]
     return "\n".join(lines)
 
 

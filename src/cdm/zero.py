@@ -268,6 +268,12 @@ def cpu_fp32_copy(template: torch.nn.Module) -> torch.nn.Module:
     return _cpu_copy(template, torch.float32, values=False)
 
 
+def cpu_copy(template: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of `template` with its values on the CPU in `dtype`, read tensor by tensor from
+    wherever `template` lives (nothing duplicated on its device)."""
+    return _cpu_copy(template, dtype, values=True)
+
+
 def trainable_copy(
     teacher: torch.nn.Module, dtype: torch.dtype, config: dict[str, Any]
 ) -> torch.nn.Module:
