@@ -19,12 +19,13 @@ in fp32 on CPUs; N = GPUs):
 - student EMA: fp32, partitioned like the optimizer state (zero.PartitionedEMA): 4 P / N
 - with accumulation > 1 in bf16, each engine sums its micro-batches' gradient partition in
   fp32 (zero.ds_config: data_types.grad_accum_dtype): 4 P / N per engine
-- activations with gradient checkpointing: each block's input for the student's forward
-  with gradient (B_s = 2 B samples with the CDM point, else B), plus one block recomputed in
-  backward, or, whichever is larger, the no-grad working set of the teacher's batched call
-  (4 B samples: CA cond + uncond, DM, CDM) at ~10 values per token x hidden; without
-  checkpointing every block keeps its values for the backward. The per-block constants are
-  fitted to measurements on an H100 (student_activations)
+- activations (live_activations), in the order the engine runs: the student's forward with
+  gradient (B_s = 2 B samples with the CDM point, else B) keeps each checkpointed block's
+  input while the teacher's no-grad batched call (4 B samples: CA cond + uncond, DM, CDM;
+  ~10 values per token x hidden), then the fake score's (B_s), then the backward's one
+  recomputed block run: stash + the largest of the three; without checkpointing every
+  block keeps its values. The per-block constants are fitted to measurements on an H100
+  (student_activations) and checked against live tensor bytes measured on the CPU
 - prompt embeddings: only each batch's (B prompts + the null prompt); the training cache
   stays on disk in shards the engine reads batch by batch (its size is printed, not counted)
 - latents and loss tensors (fp32): ~24 latent-sized tensors of B_s samples
@@ -138,11 +139,14 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         "vae_factor": 8,
     },
 }
-# The activation model's constants, in bytes per (token, hidden unit) of a sample in 16-bit, fitted
-# to the H100 measurements in student_activations (the textbook 34 of Korthikanti et al.
-# 2022 and a 2-value stash overestimated them 1.9x), and the teacher's no-grad working set.
+# The activation model's constants, in bytes per (token, hidden unit) of a sample in 16-bit:
+# a block's values for its backward, fitted to the H100 measurement without checkpointing
+# (student_activations; the textbook 34 of Korthikanti et al. 2022 overestimated it 1.9x);
+# a checkpointed block's input, its hidden and context states (1.1 values: measured live on
+# the CPU, tests/test_activations.py; the H100 figure with checkpointing, 1.09, lay below
+# that input's own size); and the teacher's no-grad working set.
 BLOCK_UNITS = 18.1
-STASH_UNITS = 1.09
+STASH_UNITS = 2.2
 TEACHER_UNITS = 20.0
 ACCUMULATION_ROW = "fp32 gradient accumulation (2 engines)"
 LORA_GPUS = (24, 48, 80)  # one-GPU sizes the LoRA plan reports (GiB)
@@ -246,12 +250,7 @@ def estimate(
     gathered = 2 * m.block_params * w if zero == 3 else 0
     weights = (w * p if zero == 2 else w * p / n) + gathered
     grad_batch = 2 * batch if cdm else batch
-    unit = _unit(m, w)
-    teacher_set = TEACHER_UNITS * unit * 4 * batch  # the teacher's no-grad batched call
-    if checkpointing:
-        activations = max(student_activations(m, grad_batch, True, w), teacher_set)
-    else:
-        activations = student_activations(m, grad_batch, False, w) + teacher_set
+    activations = live_activations(m, batch, checkpointing, cdm, w)
     if m.adapter:
         rows = _lora_rows(m, n, w, reduce_bucket)
     else:
@@ -351,15 +350,34 @@ def _unit(m: Model, weight_bytes: int) -> float:
     return (m.image_tokens + m.text_tokens) * m.hidden * weight_bytes / 2
 
 
+def live_activations(
+    m: Model, batch: int, checkpointing: bool = True, cdm: bool = True, weight_bytes: int = 2
+) -> float:
+    """Bytes of activations live at an iteration's peak, in the order cdm.engine runs it: the
+    student's forward with gradient (B_s = 2 B samples with the CDM point, else B) keeps its
+    stash (each checkpointed block's input; without checkpointing every block's values) while
+    the teacher's no-grad call (4 B samples: CA cond + uncond, DM, CDM) and then the fake
+    score's (B_s: DM, CDM) run, and the backward recomputes one block at a time:
+    stash + max(recomputed block, teacher set, fake set)."""
+    w, student = weight_bytes, 2 * batch if cdm else batch
+    unit = _unit(m, w)
+    teacher_set = TEACHER_UNITS * unit * 4 * batch
+    fake_set = TEACHER_UNITS * unit * student
+    if not checkpointing:  # the backward needs nothing recomputed
+        return student_activations(m, student, False, w) + max(teacher_set, fake_set)
+    stash = m.blocks * STASH_UNITS * unit * student
+    return stash + max(BLOCK_UNITS * unit * student, teacher_set, fake_set)
+
+
 def student_activations(
     m: Model, samples: int, checkpointing: bool, weight_bytes: int = 2
 ) -> float:
     """Bytes the student's forward with gradient keeps for its backward, `samples` samples.
 
     Calibrated on one H100 (bf16, SDPA, SD3-Medium's config at 1024 px, random weights):
-    0.28 GiB per sample with gradient checkpointing, 2.75 GiB without. Per (token, hidden
-    unit), a block keeps BLOCK_UNITS bytes for its backward; a checkpointed block keeps only
-    its input (STASH_UNITS bytes), plus one block recomputed at a time."""
+    2.75 GiB per sample without gradient checkpointing. Per (token, hidden unit), a block
+    keeps BLOCK_UNITS bytes for its backward; a checkpointed block keeps only its input
+    (STASH_UNITS bytes, measured on the CPU), plus one block recomputed at a time."""
     unit = _unit(m, weight_bytes) * samples
     if checkpointing:
         return m.blocks * STASH_UNITS * unit + BLOCK_UNITS * unit
