@@ -97,6 +97,24 @@ def test_sd35_from_their_published_configs():
     assert sd3.params < medium.params < 2.5e9
 
 
+def test_sd35_large_overlay_keeps_the_recipes_global_batch_the_plan_picks():
+    """Every way to 128 multiplies out to it; the overlay's nodes, batch and accumulation are
+    the plan's pick (fewest nodes within 80% of 80 GiB, then fewest micro-batches): no way of
+    one node fits, so 2 x 8 x 8 x 1."""
+    large, _ = plan.describe("sd3", "stabilityai/stable-diffusion-3.5-large", 1024)
+    ways = plan.batch_ways(large, 128, 8, 3, reduce_bucket=plan._reduce_bucket(3))
+    assert all(w.nodes * 8 * w.batch * w.accumulation == 128 for w in ways)
+    assert {(w.nodes, w.batch, w.accumulation) for w in ways if w.nodes == 1} == {
+        (1, 16, 1), (1, 8, 2), (1, 4, 4), (1, 2, 8), (1, 1, 16)
+    }  # fmt: skip
+    assert all(w.bytes > 0.8 * 80 * plan.GIB for w in ways if w.nodes == 1)
+    distill = yaml.safe_load((ROOT / "configs/sd35-large.yaml").read_text())["distill"]
+    pick = plan.pick_way(ways, 80.0)
+    overlay = (distill["nodes"], distill["batch_size"], distill.get("accumulation", 1))
+    assert (pick.nodes, pick.batch, pick.accumulation) == overlay == (2, 8, 1)
+    assert distill["num_processes"] * distill["nodes"] * distill["batch_size"] == 128
+
+
 def test_sd35_large_overlay_needs_its_second_node():
     """The overlay's 2 nodes x 8 GPUs at ZeRO-3 fit 80 GiB with room; ZeRO partitions over
     every GPU of the job, so one node holds more of each partition."""

@@ -322,6 +322,60 @@ def peaks(m: Model, gpus: int, zero: int, weight_bytes: int = 2) -> dict[str, fl
     }
 
 
+# The authors' global batch per backend: SD3's recipe 8 GPUs x 16 (docs/method.md), their
+# LongCat-Image preset 8 x 8 (configs/longcat-image.yaml).
+RECIPE_GLOBAL_BATCH = {"sd3": 128, "longcat": 64}
+HEADROOM = 0.8  # of a GPU's memory the plan may fill: the CUDA context and fragmentation
+
+
+@dataclass(frozen=True)
+class BatchWay:
+    """One way to train a global batch: nodes x GPUs per node x accumulation x batch."""
+
+    nodes: int
+    batch: int  # per GPU, one micro-batch
+    accumulation: int
+    bytes: float  # per GPU (estimate's total)
+
+
+def batch_ways(
+    m: Model,
+    global_batch: int,
+    gpus_per_node: int,
+    zero: int,
+    checkpointing: bool = True,
+    cdm: bool = True,
+    reduce_bucket: int = DS_REDUCE_BUCKET_DEFAULT,
+    max_nodes: int = 4,
+) -> list[BatchWay]:
+    """Every (nodes, per-GPU batch, accumulation) whose product with the GPUs per node is
+    `global_batch`, with the memory per GPU of each: nodes divide the optimizer's partitions,
+    accumulation multiplies the time per step but not the memory (its fp32 gradient sum
+    aside), the per-GPU batch the activations."""
+    ways = []
+    for nodes in range(1, max_nodes + 1):
+        gpus = nodes * gpus_per_node
+        if global_batch % gpus:
+            continue
+        per_gpu = global_batch // gpus
+        for accumulation in (a for a in range(1, per_gpu + 1) if per_gpu % a == 0):
+            batch = per_gpu // accumulation
+            rows = estimate(
+                m, batch, gpus, zero, checkpointing, cdm, reduce_bucket=reduce_bucket,
+                accumulation=accumulation,
+            )  # fmt: skip
+            ways.append(BatchWay(nodes, batch, accumulation, sum(rows.values())))
+    return ways
+
+
+def pick_way(ways: list[BatchWay], memory_gib: float) -> BatchWay | None:
+    """The way an overlay takes: of those within HEADROOM of the GPU, the fewest nodes (each
+    one more to schedule, and ZeRO-3 gathers across them), then the fewest micro-batches
+    (each one more multiplies the time per step). None: no way fits."""
+    fitting = [w for w in ways if w.bytes <= HEADROOM * memory_gib * GIB]
+    return min(fitting, key=lambda w: (w.nodes, w.accumulation), default=None)
+
+
 def lora_peaks(m: Model, weight_bytes: int = 2, export_bytes: int = 2) -> dict[str, float]:
     """Bytes of a LoRA run's preview and export on rank 0 (cdm.lora.student_module): the base
     read tensor by tensor into a CPU copy in the export dtype (the teacher's on disk: e bytes,
@@ -467,6 +521,25 @@ def plan(
         f"  {verdict} in {memory_gib:g} GiB (not counted: CUDA context, fragmentation); "
         f"largest batch per GPU that fits: {largest(memory_gib)}",
     ]
+    if lora_cfg is None:  # the ways to the recipe's global batch that fit
+        recipe = RECIPE_GLOBAL_BATCH[teacher.backend]
+        ways = batch_ways(
+            model, recipe, per_node, zero, cfg.gradient_checkpointing, cdm, _reduce_bucket(zero)
+        )
+        lines += [
+            "",
+            f"  ways to the authors' global batch {recipe} "
+            f"(nodes x {per_node} GPUs x batch x accumulation; GiB per GPU):",
+        ]
+        chosen = pick_way(ways, memory_gib)
+        for way in ways:
+            fits = way.bytes <= HEADROOM * memory_gib * GIB
+            mark = f"{'within' if fits else 'over'} {HEADROOM:.0%} of {memory_gib:g} GiB"
+            mark += "; the pick: fewest nodes, then micro-batches" if way == chosen else ""
+            lines.append(
+                f"    {way.nodes} x {per_node} x {way.batch} x {way.accumulation}: "
+                f"{way.bytes / GIB:.2f} ({mark})"
+            )
     if lora_cfg is None:  # full fine-tuning: start-up, preview and checkpoint peaks
         lines += [""] + [f"  {k:<58}{v / GIB:>8.2f}" for k, v in peaks(model, gpus, zero).items()]
         one = checkpoint_bytes(model)
