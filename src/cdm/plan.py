@@ -299,14 +299,17 @@ def _full_rows(m: Model, n: int, w: int, reduce_bucket: int, weights: float) -> 
     }
 
 
-def peaks(m: Model, gpus: int, zero: int, weight_bytes: int = 2) -> dict[str, float]:
+def peaks(
+    m: Model, gpus: int, zero: int, weight_bytes: int = 2, per_node: int = 8
+) -> dict[str, float]:
     """Bytes of the moments outside the steady state (cdm.engine, cdm.zero).
 
     Start-up, per GPU: the teacher (w P), then the student and the fake score each built on
     the CPU in bf16 and moved into its engine one at a time (ZeRO-2: w P each, plus w P while
     DeepSpeed flattens one engine's weights into its groups; ZeRO-3: partitioned as built,
     w P / N each plus one block whole) and their fp32 master partitions (2 x 4 P / N).
-    Host, per process: the teacher read in fp32 (4 P) before it moves to the GPU.
+    Host, per process: the teacher read in the training dtype (w P; distill.load_teacher)
+    before it moves to the GPU; per node, each of its `per_node` processes does.
     Preview (and export), rank 0 only: the EMA gathered parameter by parameter into an fp32
     CPU copy (4 P host) drawn on the GPU in bf16 (+w P); the other ranks hold one gathered
     tensor at a time (at most a block)."""
@@ -315,7 +318,8 @@ def peaks(m: Model, gpus: int, zero: int, weight_bytes: int = 2) -> dict[str, fl
     engines = 2 * w * p + w * p if zero == 2 else 2 * w * p / n + block
     return {
         "start-up peak per GPU (before the first step)": w * p + engines + 2 * 4 * p / n,
-        "start-up host RAM per process (teacher read in fp32)": 4 * p,
+        "start-up host RAM per process (teacher read in bf16)": w * p,
+        f"start-up host RAM per node ({per_node} processes)": per_node * w * p,
         "preview / export peak on rank 0: GPU (+bf16 EMA)": w * p,
         "preview / export peak on rank 0: host (fp32 EMA)": 4 * p,
         "preview / export peak on other ranks: GPU (one block)": 4 * m.block_params,
@@ -541,7 +545,10 @@ def plan(
                 f"{way.bytes / GIB:.2f} ({mark})"
             )
     if lora_cfg is None:  # full fine-tuning: start-up, preview and checkpoint peaks
-        lines += [""] + [f"  {k:<58}{v / GIB:>8.2f}" for k, v in peaks(model, gpus, zero).items()]
+        lines += [""] + [
+            f"  {k:<58}{v / GIB:>8.2f}"
+            for k, v in peaks(model, gpus, zero, per_node=per_node).items()
+        ]
         one = checkpoint_bytes(model)
         alive = cfg.keep_checkpoints + 1  # the kept ones and the one being written
         lines += [
