@@ -96,3 +96,33 @@ def test_the_real_backends_sample_in_bf16(tiny_dirs, tmp_path, backend):
     _, _, reference = run(torch.float32)
     assert reference.std() > 0  # images, not a flat fill that any dtype would match
     assert images.shape == reference.shape and np.abs(images - reference).max() <= 16
+
+
+def test_pngs_are_written_off_the_sampling_thread_and_all_before_the_index(
+    tiny_teacher_dir, tmp_path, monkeypatch
+):
+    """sample_pairs hands each PNG to a writer thread (the next batch samples meanwhile) and
+    returns only when every file is written; a failed write fails the set."""
+    import threading
+
+    from cdm import sampler as S
+
+    threads: set[str] = set()
+    save = S.save_png
+
+    def recording(image, target):
+        threads.add(threading.current_thread().name)
+        save(image, target)
+
+    monkeypatch.setattr(S, "save_png", recording)
+    (tmp_path / "a").mkdir()
+    seen, _, images = _sample(tiny_teacher_dir, torch.float32, tmp_path / "a")
+    assert len(images) == 3 and threading.current_thread().name not in threads
+
+    def failing(image, target):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(S, "save_png", failing)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        _sample(tiny_teacher_dir, torch.float32, tmp_path / "b")
