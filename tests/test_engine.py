@@ -292,6 +292,14 @@ def _bf16_sgd_engine(accumulation: int, stage: int, fp32_accumulation: bool):
     return eng
 
 
+def test_bf16_accumulation_is_refused_where_deepspeed_cannot_sum_in_fp32(monkeypatch):
+    assert zero._zero_accumulates_in_fp32()  # the pinned DeepSpeed can
+    monkeypatch.setattr(zero, "_zero_accumulates_in_fp32", lambda: False)
+    with pytest.raises(ValueError, match="sums gradients in fp32"):
+        zero.ds_config(1, 2, True, 0.0, {}, 2)
+    assert "data_types" not in zero.ds_config(1, 2, True, 0.0, {}, 1)  # one micro-batch: none
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_bf16_micro_batches_accumulate_in_fp32(stage, monkeypatch):
     """Each micro-batch's gradient is x / 2 (DeepSpeed scales the loss by 1 / accumulation),

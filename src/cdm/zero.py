@@ -90,6 +90,12 @@ def ds_config(
                 "deepspeed or set distill.accumulation: 1"
             )
         config["bf16"]["check_grad_overflow"] = True
+        if not _zero_accumulates_in_fp32():
+            raise ValueError(
+                "distill.accumulation > 1 in bf16 needs a DeepSpeed whose ZeRO-2/3 sums "
+                "gradients in fp32 (data_types.grad_accum_dtype); upgrade deepspeed or set "
+                "distill.accumulation: 1"
+            )
         config["data_types"] = dict(config.get("data_types", {})) | {"grad_accum_dtype": "fp32"}
     return config
 
@@ -100,6 +106,19 @@ def _bf16_checks_overflow() -> bool:
     except ImportError:  # older releases: no such check
         return False
     return "check_grad_overflow" in DeepSpeedBF16Config.model_fields
+
+
+def _zero_accumulates_in_fp32() -> bool:
+    """Whether this DeepSpeed's ZeRO optimizers take a gradient-accumulation dtype other than
+    the model's (older releases refuse bf16 weights with fp32 accumulation at ZeRO-2/3)."""
+    import inspect
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    check = inspect.getsource(DeepSpeedEngine._do_optimizer_sanity_check)
+    takes = "gradient_accumulation_dtype" in inspect.signature(DeepSpeedZeroOptimizer).parameters
+    return takes and "must be equal to use ZeRO" not in check
 
 
 def make_engine(
