@@ -26,6 +26,7 @@ import copy
 import importlib.util
 import io
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -163,6 +164,9 @@ def compare_decode(
     moved = (outs[torch.float32] - outs[torch.bfloat16]).abs()
     result["bf16_levels_moved_fraction"] = round(float((moved > 0).float().mean()), 5)
     result["bf16_levels_moved_max"] = int(moved.max())
+    # PSNR of the bf16 images against fp32's, 10 log10(255^2 / MSE): inf where none moved.
+    mse = float(moved.double().pow(2).mean())
+    result["bf16_psnr_db"] = round(10 * math.log10(255**2 / mse), 2) if mse else math.inf
     return result
 
 

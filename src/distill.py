@@ -20,13 +20,19 @@ from cdm.backends import backend_module
 from cdm.cache import open_condition
 from cdm.checkpoints import claim_run, run_name
 from cdm.cli import run_stage, stage_parser
-from cdm.engine import RunPaths, train
+from cdm.engine import RunPaths, train, weights_dtype
 from cdm.io import atomic_dir, atomic_write_text
 from cdm.lifeline import launched, tie_to_parent
 from cdm.preview import preview_writer
 
 log = logging.getLogger("distill")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_teacher(backend, path: str, resolution: int | None, device: torch.device):
+    """The teacher's velocity read from disk in the dtype it trains in (bf16 on GPUs): every
+    rank reads it, so fp32 would hold 4 P bytes of host memory per process, 8 per node."""
+    return backend.load_velocity(path, resolution, weights_dtype(device))
 
 
 def main() -> None:
@@ -51,12 +57,13 @@ def main() -> None:
     train_cond, _ = open_condition(args.cache, "train")  # sharded: read batch by batch
     null, _ = open_condition(args.cache, "null")
     backend = backend_module(params.teacher.backend)
-    velocity, shift, latent_shape = backend.load_velocity(args.teacher, params.teacher.resolution)
-
     device = (
         torch.device("cuda", zero.local_rank())
         if torch.cuda.is_available()
         else torch.device("cpu")
+    )
+    velocity, shift, latent_shape = load_teacher(
+        backend, args.teacher, params.teacher.resolution, device
     )
     ds_file = ROOT / "configs" / "deepspeed" / f"zero{cfg.zero_stage}.json"
     seed = params.seed if args.seed is None else args.seed
@@ -68,10 +75,15 @@ def main() -> None:
         backend.load_decoder(args.teacher), train_cond.take(slice(0, cfg.preview_images)), shift,
         latent_shape, cfg.inference_sigmas, seed, logs / "previews", device,
     )  # fmt: skip
+    export_dtype = torch.float32
+    if cfg.lora is not None:  # the merged student is built in the dtype it is saved in
+        from cdm.backends.export import weights_dtype
+
+        export_dtype = weights_dtype(Path(args.teacher) / "transformer")
     ema = train(
         velocity, train_cond, null, shift, latent_shape, method, cfg,
         RunPaths(run_dir, run_dir / "train.csv", logs / "train.csv"),
-        seed, device, json.loads(ds_file.read_text()), args.stop_after, preview,
+        seed, device, json.loads(ds_file.read_text()), args.stop_after, preview, export_dtype,
     )  # fmt: skip
     if args.stop_after is not None and args.stop_after < cfg.iterations:
         return

@@ -4,6 +4,7 @@ the unsharded cache bit for bit. DVC keeps the cache out of its own cache."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 
 from cdm.cache import SHARD, encode_shards, index_shards
 from cdm.conditioning import Condition
@@ -149,3 +151,33 @@ def test_dvc_does_not_copy_the_prompt_cache_or_checkpoints(dvc):
     for path, options in outs:
         if path.startswith(("cache/", "checkpoints")):
             assert options.get("cache") is False, f"{dvc}: {path} would be copied into DVC's cache"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_shard_is_written_batch_by_batch_with_one_batch_in_memory(tmp_path, dtype):
+    """write_shard: the same file, byte for byte, as save_condition of the whole shard (what
+    the cache wrote before), while the live tensor bytes peak at one batch's (the tracker of
+    tests/test_activations.py), not the shard's twice."""
+    from cdm.cache import save_condition, write_shard
+    from tests.test_activations import LiveBytes
+
+    names = [f"p{i}" for i in range(64)]
+    batch = 4
+
+    def batches():
+        for j in range(0, len(names), batch):
+            gen = torch.Generator().manual_seed(j)
+            n = min(batch, len(names) - j)
+            embeds = torch.randn(n, 77, 64, generator=gen, dtype=dtype)
+            yield Condition(embeds, torch.randn(n, 32, generator=gen, dtype=dtype))
+
+    tracker = LiveBytes()
+    with tracker:
+        write_shard(tmp_path / "streamed.safetensors", names, batches())
+    one = batch * (77 * 64 + 32) * torch.finfo(dtype).bits // 8
+    assert tracker.peak <= 2 * one < len(names) // batch * one
+    save_condition(tmp_path / "whole.safetensors", Condition.cat(list(batches())), names)
+    streamed = tmp_path / "streamed.safetensors"
+    assert streamed.read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+    with safe_open(str(streamed), "pt") as f:
+        assert json.loads(f.metadata()["prompts"]) == names

@@ -10,6 +10,7 @@ import math
 import time
 from pathlib import Path
 
+import deepspeed
 import pytest
 import torch
 
@@ -275,3 +276,44 @@ def test_a_run_of_two_micro_batches_resumes_to_the_uninterrupted_one(tmp_path, t
         tmp_path / "single", tiny_teacher_dir, cfg.model_copy(update={"accumulation": 1})
     )
     assert not all(torch.equal(a[k], single.state_dict()[k]) for k in a)
+
+
+def _bf16_sgd_engine(accumulation: int, stage: int, fp32_accumulation: bool):
+    """A one-weight bf16 engine under SGD (lr 1): its step is exactly minus the accumulated
+    gradient, so the accumulation's rounding shows in the fp32 master."""
+    zero.init_distributed(torch.device("cpu"))
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    conf = zero.ds_config(1, stage, True, 0.0, {}, accumulation)
+    if not fp32_accumulation:
+        conf["data_types"] = {"grad_accum_dtype": "bf16"}  # DeepSpeed's default: the model's
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    eng, *_ = deepspeed.initialize(model=model, optimizer=opt, config=conf)
+    return eng
+
+
+def test_bf16_accumulation_is_refused_where_deepspeed_cannot_sum_in_fp32(monkeypatch):
+    assert zero._zero_accumulates_in_fp32()  # the pinned DeepSpeed can
+    monkeypatch.setattr(zero, "_zero_accumulates_in_fp32", lambda: False)
+    with pytest.raises(ValueError, match="sums gradients in fp32"):
+        zero.ds_config(1, 2, True, 0.0, {}, 2)
+    assert "data_types" not in zero.ds_config(1, 2, True, 0.0, {}, 1)  # one micro-batch: none
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_micro_batches_accumulate_in_fp32(stage, monkeypatch):
+    """Each micro-batch's gradient is x / 2 (DeepSpeed scales the loss by 1 / accumulation),
+    exact in bf16: 1/2 and 2^-10. Their fp32 sum 1/2 + 2^-10 is the step; in bf16 (8 bits of
+    significand) the 2^-10 is below half an ulp of 1/2 (2^-9) and vanishes."""
+    monkeypatch.setattr(torch.nn.functional, "linear", torch.nn.functional.linear)
+    assert zero.ds_config(1, stage, True, 0.0, {}, 2)["data_types"] == {"grad_accum_dtype": "fp32"}
+    x = torch.tensor([[1.0], [2.0**-9]])
+
+    def step(eng) -> float:
+        loss = lambda i: eng(x[i : i + 1].to(torch.bfloat16)).sum()  # noqa: E731
+        assert engine.update(eng, [0, 1], loss)[1]
+        ((_, w),) = zero.full_fp32_params(eng)
+        return w.item()
+
+    assert step(_bf16_sgd_engine(2, stage, fp32_accumulation=True)) == -(0.5 + 2.0**-10)
+    assert step(_bf16_sgd_engine(2, stage, fp32_accumulation=False)) == -0.5

@@ -351,3 +351,59 @@ def test_the_exported_lora_loads_on_the_stock_sd3_pipeline_and_gives_the_student
         merged = lora.merged(student)(x, s, cond)  # the project's own full student
         assert (want - merged).abs().max().item() <= 1e-5
     assert not lora.is_lora(student)
+
+
+# --- the student EMA for previews and the export (lora.student_module, lora.merged) --------
+
+
+def _ema_student(tiny_teacher_dir, base_dtype: torch.dtype, export_dtype: torch.dtype):
+    """(student module, base weights, EMA state) of a LoRA run whose base is in `base_dtype`
+    (bf16 on GPUs: the adapters are added after the teacher is placed, so they are fp32)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    velocity, _, _ = load_velocity(tiny_teacher_dir)
+    velocity.to(base_dtype)
+    _, view, _ = lora.networks(velocity, LORA, seed=0, checkpointing=False)
+    gen = torch.Generator().manual_seed(3)
+    ema = {f"weights.{i}": torch.randn(p.shape, generator=gen) for i, p in enumerate(view.weights)}
+    base = {n: p.detach().clone() for n, p in velocity.named_parameters() if "lora_" not in n}
+
+    made: dict[int, int] = {}  # fp32 storages the ops make (not views of their inputs): bytes
+
+    class Made(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    assert t.device.type == "cpu"
+                    made[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return out
+
+    with Made():
+        student = lora.student_module(velocity, ema, view, export_dtype)
+    live = {p.untyped_storage().data_ptr() for p in student.parameters()}
+    return student, base, ema, view, sum(v for k, v in made.items() if k in live)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_lora_student_is_built_on_the_cpu_in_the_export_dtype(tiny_teacher_dir, dtype):
+    """The base in the export dtype (a bf16 base is never copied to fp32: the only fp32
+    tensors made and kept are the EMA adapter's), the adapter in fp32; merged, each target linear is
+    W + (alpha / r) B A added once and rounded once to the export dtype."""
+    student, base, ema, view, fp32_bytes = _ema_student(tiny_teacher_dir, dtype, dtype)
+    if dtype is torch.bfloat16:
+        assert fp32_bytes <= sum(t.numel() * 4 for t in ema.values())
+    params = dict(student.named_parameters())
+    assert {p.device.type for p in params.values()} == {"cpu"}
+    assert {p.dtype for n, p in params.items() if "lora_" not in n} == {dtype}
+    assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
+    state = {n: ema[f"weights.{i}"] for i, n in enumerate(view.names)}
+    lora.merged(student)
+    merged = dict(student.named_parameters())
+    scaling = LORA.alpha / LORA.rank
+    linears = {n.removesuffix(".lora_A.student.weight") for n in state if ".lora_A." in n}
+    assert linears
+    for name in linears:
+        a, b = state[f"{name}.lora_A.student.weight"], state[f"{name}.lora_B.student.weight"]
+        w = base[f"{name}.base_layer.weight"].float()
+        assert torch.equal(merged[f"{name}.weight"], (w + (b @ a) * scaling).to(dtype)), name

@@ -51,3 +51,78 @@ def test_the_transformer_runs_in_the_sampling_dtype(tiny_teacher_dir, tmp_path, 
         ref_dir.mkdir()
         _, _, reference = _sample(tiny_teacher_dir, torch.float32, ref_dir)
         assert np.abs(images - reference).max() <= 16
+
+
+@pytest.mark.parametrize("backend", ["sd3", "longcat"])
+def test_the_real_backends_sample_in_bf16(tiny_dirs, tmp_path, backend):
+    """The sample stage's path for a real teacher (load_sampler -> backend.load_velocity with
+    torch_dtype -> sample_pairs -> the backend's decoder) on the tiny pipelines, in bf16
+    against fp32: the weights are read in bf16, every transformer call runs in it, and the
+    images agree within bf16's rounding."""
+    from cdm import params as P
+    from cdm.backends import backend_module
+    from cdm.sampler import load_sampler
+    from tests.conftest import ROOT
+
+    folder = tiny_dirs[backend]
+    base = P.load(ROOT / "params.yaml")
+    teacher = base.teacher.model_copy(update={"backend": backend, "path": str(folder)})
+    params = base.model_copy(update={"teacher": teacher})
+    module = backend_module(backend)
+    prompts = ["a red square", "two blue circles"]
+    text = module.load(folder)
+    cond, null = text.encode(prompts), text.encode([""])
+    decode = module.load_decoder(folder)
+
+    def run(dtype: torch.dtype) -> tuple[set, list, np.ndarray]:
+        sampler = load_sampler("teacher_cfg", params, folder, tmp_path, dtype)
+        weights = {p.dtype for p in sampler.velocity.transformer.parameters()}
+        assert weights == {dtype}  # read in the sampling dtype, not cast later
+        seen: set[tuple[torch.dtype, torch.dtype]] = set()
+        sampler.velocity.transformer.register_forward_pre_hook(
+            lambda m, a, kw: seen.add((m.dtype, kw["hidden_states"].dtype)), with_kwargs=True
+        )
+        out = tmp_path / str(dtype)
+        out.mkdir()
+        index = sample_pairs(
+            sampler, decode, EvalPairs.of(prompts, [0, 1]), [0, 1], cond, null, 2, 2, out,
+            "teacher_cfg", torch.device("cpu"), dtype,
+        )  # fmt: skip
+        images = [np.asarray(Image.open(out / f)) for f in index["file"]]
+        return seen, index["dtype"].tolist(), np.stack(images).astype(np.int16)
+
+    seen, named, images = run(torch.bfloat16)
+    assert seen == {(torch.bfloat16, torch.bfloat16)} and named == ["bfloat16"] * 2
+    _, _, reference = run(torch.float32)
+    assert reference.std() > 0  # images, not a flat fill that any dtype would match
+    assert images.shape == reference.shape and np.abs(images - reference).max() <= 16
+
+
+def test_pngs_are_written_off_the_sampling_thread_and_all_before_the_index(
+    tiny_teacher_dir, tmp_path, monkeypatch
+):
+    """sample_pairs hands each PNG to a writer thread (the next batch samples meanwhile) and
+    returns only when every file is written; a failed write fails the set."""
+    import threading
+
+    from cdm import sampler as S
+
+    threads: set[str] = set()
+    save = S.save_png
+
+    def recording(image, target):
+        threads.add(threading.current_thread().name)
+        save(image, target)
+
+    monkeypatch.setattr(S, "save_png", recording)
+    (tmp_path / "a").mkdir()
+    seen, _, images = _sample(tiny_teacher_dir, torch.float32, tmp_path / "a")
+    assert len(images) == 3 and threading.current_thread().name not in threads
+
+    def failing(image, target):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(S, "save_png", failing)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        _sample(tiny_teacher_dir, torch.float32, tmp_path / "b")

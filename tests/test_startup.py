@@ -64,3 +64,27 @@ def test_startup_holds_no_more_than_the_plan_says():
     assert got >= (want - 2 * p) * 0.98, (got / p, want / p)
     # Each copy reaches its engine in bf16: never an fp32 copy beside the teacher.
     assert d["held"][0] <= 2 * 2 * p * 1.02, d["held"][0] / p
+
+
+def test_every_rank_reads_the_teacher_in_the_dtype_it_trains_in():
+    """distill.load_teacher: bf16 on a GPU (2 P bytes of host memory per process, not fp32's
+    4 P), fp32 on the CPU; the plan's host rows count w P per process and per node."""
+    import runpy
+
+    import torch
+
+    load_teacher = runpy.run_path(str(ROOT / "src" / "distill.py"), run_name="distill")[
+        "load_teacher"
+    ]
+
+    class Backend:
+        @staticmethod
+        def load_velocity(path, resolution, dtype=None):
+            return dtype
+
+    assert load_teacher(Backend, "t", None, torch.device("cuda", 0)) is torch.bfloat16
+    assert load_teacher(Backend, "t", None, torch.device("cpu")) is torch.float32
+    m = plan.Model("m", 1000, 10, 4, 8, 4, 2, 8, 64)
+    rows = plan.peaks(m, 16, 3, per_node=8)
+    assert rows["start-up host RAM per process (teacher read in bf16)"] == 2 * 1000
+    assert rows["start-up host RAM per node (8 processes)"] == 8 * 2 * 1000

@@ -302,9 +302,11 @@ def train(
     ds_base: dict | None = None,  # DeepSpeed settings when accelerate did not launch with any
     stop_after: int | None = None,  # stop early (tests); the run resumes from its checkpoint
     preview: Preview | None = None,  # called every cfg.preview_every student steps
+    export_dtype: torch.dtype = torch.float32,  # LoRA: the merged student's (the teacher's on disk)
 ) -> torch.nn.Module | None:
-    """Distil `teacher_model` into a few-step student; returns the student EMA (an fp32 module
-    on the CPU) on rank 0, None on the other ranks."""
+    """Distil `teacher_model` into a few-step student; returns the student EMA (a module on
+    the CPU: fp32, or in LoRA mode the base in `export_dtype` with the fp32 adapter) on rank
+    0, None on the other ranks."""
     rank, _, launched = zero.init_distributed(device, cfg.process_group_timeout)
     dtype = weights_dtype(device)
     bf16 = dtype == torch.bfloat16
@@ -338,12 +340,14 @@ def train(
     ema = zero.PartitionedEMA(student)
 
     def ema_student() -> torch.nn.Module | None:
-        """The student EMA as an fp32 module on rank 0's CPU, None on the other ranks;
-        collective."""
+        """The student EMA as a module on rank 0's CPU (fp32; LoRA: the base in the export
+        dtype), None on the other ranks; collective."""
         if cfg.lora is None:
             return ema.module(teacher_model)
         state = ema.state_dict()  # the adapter's weights only: small
-        return lora.student_module(teacher_model, state, student.module) if rank == 0 else None
+        if rank != 0:
+            return None
+        return lora.student_module(teacher_model, state, student.module, export_dtype)
 
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
     start = checkpoints.load_latest(paths.checkpoints, student, fake, ema)

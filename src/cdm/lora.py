@@ -184,15 +184,24 @@ def engine_adapter(engine) -> contextlib.AbstractContextManager:
 
 
 def student_module(
-    shared: torch.nn.Module, ema_state: dict[str, torch.Tensor], view: AdapterView
+    shared: torch.nn.Module,
+    ema_state: dict[str, torch.Tensor],
+    view: AdapterView,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.nn.Module:
-    """A fp32 copy of the base with the student adapter holding the EMA weights (by the
-    view's parameter order: `ema_state` keys are the view's `weights.<i>`), the fake-score
-    adapter removed, the student active (preview, `save_diffusers_lora`, `merged`)."""
-    out = copy.deepcopy(shared).float().requires_grad_(False).eval()
+    """A copy of the base on the CPU in `dtype` (the export's: the teacher's on disk) with
+    the student adapter holding the fp32 EMA weights (by the view's parameter order:
+    `ema_state` keys are the view's `weights.<i>`), the fake-score adapter removed, the
+    student active (preview, `save_diffusers_lora`, `merged`). The base is read tensor by
+    tensor from wherever it lives (rank 0's GPU in a run) straight into the CPU copy: no
+    second base on the GPU; `dtype` P bytes of host memory (cdm.plan)."""
+    from cdm.zero import cpu_copy
+
+    out = cpu_copy(shared, dtype).requires_grad_(False).eval()
     params = dict(out.named_parameters())
     for i, name in enumerate(view.names):
-        params[name].copy_(ema_state[f"weights.{i}"])
+        # fp32 whatever the base's dtype: the merge adds the delta once, rounded once.
+        params[name].data = ema_state[f"weights.{i}"].detach().to("cpu", torch.float32, copy=True)
     for layer in _tuner_layers(out):
         layer.delete_adapter(FAKE)
     out.transformer.peft_config.pop(FAKE, None)

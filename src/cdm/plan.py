@@ -17,12 +17,15 @@ in fp32 on CPUs; N = GPUs):
 - gradients per engine: w P / N partitioned, the reduce bucket, and a transient fp32 copy
   of the partition (4 P / N) while an engine steps (one at a time)
 - student EMA: fp32, partitioned like the optimizer state (zero.PartitionedEMA): 4 P / N
-- activations with gradient checkpointing: each block's input for the student's forward
-  with gradient (B_s = 2 B samples with the CDM point, else B), plus one block recomputed in
-  backward, or, whichever is larger, the no-grad working set of the teacher's batched call
-  (4 B samples: CA cond + uncond, DM, CDM) at ~10 values per token x hidden; without
-  checkpointing every block keeps its values for the backward. The per-block constants are
-  fitted to measurements on an H100 (student_activations)
+- with accumulation > 1 in bf16, each engine sums its micro-batches' gradient partition in
+  fp32 (zero.ds_config: data_types.grad_accum_dtype): 4 P / N per engine
+- activations (live_activations), in the order the engine runs: the student's forward with
+  gradient (B_s = 2 B samples with the CDM point, else B) keeps each checkpointed block's
+  input while the teacher's no-grad batched call (4 B samples: CA cond + uncond, DM, CDM;
+  ~10 values per token x hidden), then the fake score's (B_s), then the backward's one
+  recomputed block run: stash + the largest of the three; without checkpointing every
+  block keeps its values. The per-block constants are fitted to measurements on an H100
+  (student_activations) and checked against live tensor bytes measured on the CPU
 - prompt embeddings: only each batch's (B prompts + the null prompt); the training cache
   stays on disk in shards the engine reads batch by batch (its size is printed, not counted)
 - latents and loss tensors (fp32): ~24 latent-sized tensors of B_s samples
@@ -32,7 +35,8 @@ LoRA mode (`--lora`, or distill.lora set; cdm.lora): one frozen base w P shared 
 student and fake score; each adapter's A parameters (rank r on every target linear,
 r (in + out) each) take the place of P in the weights, EMA, optimizer and gradient rows.
 Activations are the full mode's (the backward still runs through the frozen base). With
---lora the plan also prints the largest batch on one GPU of 24, 48 and 80 GiB.
+--lora the plan also prints the largest batch on one GPU of 24, 48 and 80 GiB, and the
+preview / export peaks (lora_peaks: built on the CPU in the export dtype).
 """
 
 from __future__ import annotations
@@ -135,12 +139,16 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         "vae_factor": 8,
     },
 }
-# The activation model's constants, in bytes per (token, hidden unit) of a sample in 16-bit, fitted
-# to the H100 measurements in student_activations (the textbook 34 of Korthikanti et al.
-# 2022 and a 2-value stash overestimated them 1.9x), and the teacher's no-grad working set.
+# The activation model's constants, in bytes per (token, hidden unit) of a sample in 16-bit:
+# a block's values for its backward, fitted to the H100 measurement without checkpointing
+# (student_activations; the textbook 34 of Korthikanti et al. 2022 overestimated it 1.9x);
+# a checkpointed block's input, its hidden and context states (1.1 values: measured live on
+# the CPU, tests/test_activations.py; the H100 figure with checkpointing, 1.09, lay below
+# that input's own size); and the teacher's no-grad working set.
 BLOCK_UNITS = 18.1
-STASH_UNITS = 1.09
+STASH_UNITS = 2.2
 TEACHER_UNITS = 20.0
+ACCUMULATION_ROW = "fp32 gradient accumulation (2 engines)"
 LORA_GPUS = (24, 48, 80)  # one-GPU sizes the LoRA plan reports (GiB)
 SD3_TEXT_TOKENS = 77 + 256  # CLIP tokens + T5 max_sequence_length of StableDiffusion3Pipeline
 LONGCAT_TEXT_TOKENS = 512  # LongCatImagePipeline.tokenizer_max_length
@@ -235,22 +243,20 @@ def estimate(
     cdm: bool = True,
     weight_bytes: int = 2,
     reduce_bucket: int = DS_REDUCE_BUCKET_DEFAULT,
+    accumulation: int = 1,
 ) -> dict[str, float]:
     """Bytes per GPU of each part of a run (see the module docstring for the formulas)."""
     w, p, n = weight_bytes, m.params, gpus
     gathered = 2 * m.block_params * w if zero == 3 else 0
     weights = (w * p if zero == 2 else w * p / n) + gathered
     grad_batch = 2 * batch if cdm else batch
-    unit = _unit(m, w)
-    teacher_set = TEACHER_UNITS * unit * 4 * batch  # the teacher's no-grad batched call
-    if checkpointing:
-        activations = max(student_activations(m, grad_batch, True, w), teacher_set)
-    else:
-        activations = student_activations(m, grad_batch, False, w) + teacher_set
+    activations = live_activations(m, batch, checkpointing, cdm, w)
     if m.adapter:
         rows = _lora_rows(m, n, w, reduce_bucket)
     else:
         rows = _full_rows(m, n, w, reduce_bucket, weights)
+    if accumulation > 1 and w == 2:
+        rows[ACCUMULATION_ROW] = 2 * 4 * trained_parameters(m) / n
     rows |= {
         "activations": activations,
         "latents and loss tensors (fp32)": 24 * 4 * m.latent_numel * grad_batch,
@@ -293,14 +299,17 @@ def _full_rows(m: Model, n: int, w: int, reduce_bucket: int, weights: float) -> 
     }
 
 
-def peaks(m: Model, gpus: int, zero: int, weight_bytes: int = 2) -> dict[str, float]:
+def peaks(
+    m: Model, gpus: int, zero: int, weight_bytes: int = 2, per_node: int = 8
+) -> dict[str, float]:
     """Bytes of the moments outside the steady state (cdm.engine, cdm.zero).
 
     Start-up, per GPU: the teacher (w P), then the student and the fake score each built on
     the CPU in bf16 and moved into its engine one at a time (ZeRO-2: w P each, plus w P while
     DeepSpeed flattens one engine's weights into its groups; ZeRO-3: partitioned as built,
     w P / N each plus one block whole) and their fp32 master partitions (2 x 4 P / N).
-    Host, per process: the teacher read in fp32 (4 P) before it moves to the GPU.
+    Host, per process: the teacher read in the training dtype (w P; distill.load_teacher)
+    before it moves to the GPU; per node, each of its `per_node` processes does.
     Preview (and export), rank 0 only: the EMA gathered parameter by parameter into an fp32
     CPU copy (4 P host) drawn on the GPU in bf16 (+w P); the other ranks hold one gathered
     tensor at a time (at most a block)."""
@@ -309,10 +318,77 @@ def peaks(m: Model, gpus: int, zero: int, weight_bytes: int = 2) -> dict[str, fl
     engines = 2 * w * p + w * p if zero == 2 else 2 * w * p / n + block
     return {
         "start-up peak per GPU (before the first step)": w * p + engines + 2 * 4 * p / n,
-        "start-up host RAM per process (teacher read in fp32)": 4 * p,
+        "start-up host RAM per process (teacher read in bf16)": w * p,
+        f"start-up host RAM per node ({per_node} processes)": per_node * w * p,
         "preview / export peak on rank 0: GPU (+bf16 EMA)": w * p,
         "preview / export peak on rank 0: host (fp32 EMA)": 4 * p,
         "preview / export peak on other ranks: GPU (one block)": 4 * m.block_params,
+    }
+
+
+# The authors' global batch per backend: SD3's recipe 8 GPUs x 16 (docs/method.md), their
+# LongCat-Image preset 8 x 8 (configs/longcat-image.yaml).
+RECIPE_GLOBAL_BATCH = {"sd3": 128, "longcat": 64}
+HEADROOM = 0.8  # of a GPU's memory the plan may fill: the CUDA context and fragmentation
+
+
+@dataclass(frozen=True)
+class BatchWay:
+    """One way to train a global batch: nodes x GPUs per node x accumulation x batch."""
+
+    nodes: int
+    batch: int  # per GPU, one micro-batch
+    accumulation: int
+    bytes: float  # per GPU (estimate's total)
+
+
+def batch_ways(
+    m: Model,
+    global_batch: int,
+    gpus_per_node: int,
+    zero: int,
+    checkpointing: bool = True,
+    cdm: bool = True,
+    reduce_bucket: int = DS_REDUCE_BUCKET_DEFAULT,
+    max_nodes: int = 4,
+) -> list[BatchWay]:
+    """Every (nodes, per-GPU batch, accumulation) whose product with the GPUs per node is
+    `global_batch`, with the memory per GPU of each: nodes divide the optimizer's partitions,
+    accumulation multiplies the time per step but not the memory (its fp32 gradient sum
+    aside), the per-GPU batch the activations."""
+    ways = []
+    for nodes in range(1, max_nodes + 1):
+        gpus = nodes * gpus_per_node
+        if global_batch % gpus:
+            continue
+        per_gpu = global_batch // gpus
+        for accumulation in (a for a in range(1, per_gpu + 1) if per_gpu % a == 0):
+            batch = per_gpu // accumulation
+            rows = estimate(
+                m, batch, gpus, zero, checkpointing, cdm, reduce_bucket=reduce_bucket,
+                accumulation=accumulation,
+            )  # fmt: skip
+            ways.append(BatchWay(nodes, batch, accumulation, sum(rows.values())))
+    return ways
+
+
+def pick_way(ways: list[BatchWay], memory_gib: float) -> BatchWay | None:
+    """The way an overlay takes: of those within HEADROOM of the GPU, the fewest nodes (each
+    one more to schedule, and ZeRO-3 gathers across them), then the fewest micro-batches
+    (each one more multiplies the time per step). None: no way fits."""
+    fitting = [w for w in ways if w.bytes <= HEADROOM * memory_gib * GIB]
+    return min(fitting, key=lambda w: (w.nodes, w.accumulation), default=None)
+
+
+def lora_peaks(m: Model, weight_bytes: int = 2, export_bytes: int = 2) -> dict[str, float]:
+    """Bytes of a LoRA run's preview and export on rank 0 (cdm.lora.student_module): the base
+    read tensor by tensor into a CPU copy in the export dtype (the teacher's on disk: e bytes,
+    2 for the published bf16 / fp16 checkpoints) with the fp32 EMA adapter; a preview then
+    draws that copy on the GPU in bf16 (+w (P + A)); the export merges it on the CPU."""
+    p, a = m.params, m.adapter
+    return {
+        "LoRA preview / export, rank 0 host (base + adapter)": export_bytes * p + 4 * a,
+        "LoRA preview, rank 0 GPU (+bf16 copy drawn)": weight_bytes * (p + a),
     }
 
 
@@ -332,15 +408,34 @@ def _unit(m: Model, weight_bytes: int) -> float:
     return (m.image_tokens + m.text_tokens) * m.hidden * weight_bytes / 2
 
 
+def live_activations(
+    m: Model, batch: int, checkpointing: bool = True, cdm: bool = True, weight_bytes: int = 2
+) -> float:
+    """Bytes of activations live at an iteration's peak, in the order cdm.engine runs it: the
+    student's forward with gradient (B_s = 2 B samples with the CDM point, else B) keeps its
+    stash (each checkpointed block's input; without checkpointing every block's values) while
+    the teacher's no-grad call (4 B samples: CA cond + uncond, DM, CDM) and then the fake
+    score's (B_s: DM, CDM) run, and the backward recomputes one block at a time:
+    stash + max(recomputed block, teacher set, fake set)."""
+    w, student = weight_bytes, 2 * batch if cdm else batch
+    unit = _unit(m, w)
+    teacher_set = TEACHER_UNITS * unit * 4 * batch
+    fake_set = TEACHER_UNITS * unit * student
+    if not checkpointing:  # the backward needs nothing recomputed
+        return student_activations(m, student, False, w) + max(teacher_set, fake_set)
+    stash = m.blocks * STASH_UNITS * unit * student
+    return stash + max(BLOCK_UNITS * unit * student, teacher_set, fake_set)
+
+
 def student_activations(
     m: Model, samples: int, checkpointing: bool, weight_bytes: int = 2
 ) -> float:
     """Bytes the student's forward with gradient keeps for its backward, `samples` samples.
 
     Calibrated on one H100 (bf16, SDPA, SD3-Medium's config at 1024 px, random weights):
-    0.28 GiB per sample with gradient checkpointing, 2.75 GiB without. Per (token, hidden
-    unit), a block keeps BLOCK_UNITS bytes for its backward; a checkpointed block keeps only
-    its input (STASH_UNITS bytes), plus one block recomputed at a time."""
+    2.75 GiB per sample without gradient checkpointing. Per (token, hidden unit), a block
+    keeps BLOCK_UNITS bytes for its backward; a checkpointed block keeps only its input
+    (STASH_UNITS bytes, measured on the CPU), plus one block recomputed at a time."""
     unit = _unit(m, weight_bytes) * samples
     if checkpointing:
         return m.blocks * STASH_UNITS * unit + BLOCK_UNITS * unit
@@ -385,7 +480,7 @@ def plan(
     prompts = _count_lines(params.prompts.train_file) or train_prompts
     rows = estimate(
         model, cfg.batch_size, gpus, zero, cfg.gradient_checkpointing, cdm,
-        reduce_bucket=_reduce_bucket(zero),
+        reduce_bucket=_reduce_bucket(zero), accumulation=cfg.accumulation,
     )  # fmt: skip
     total = sum(rows.values())
     side = int(model.image_tokens**0.5)
@@ -419,7 +514,8 @@ def plan(
             b
             for b in range(1, 257)
             if sum(estimate(model, b, gpus, zero, cfg.gradient_checkpointing, cdm,
-                            reduce_bucket=_reduce_bucket(zero)).values())
+                            reduce_bucket=_reduce_bucket(zero),
+                            accumulation=cfg.accumulation).values())
             <= gib * GIB
         ]  # fmt: skip
         return max(fitting) if fitting else "none"
@@ -429,8 +525,30 @@ def plan(
         f"  {verdict} in {memory_gib:g} GiB (not counted: CUDA context, fragmentation); "
         f"largest batch per GPU that fits: {largest(memory_gib)}",
     ]
+    if lora_cfg is None:  # the ways to the recipe's global batch that fit
+        recipe = RECIPE_GLOBAL_BATCH[teacher.backend]
+        ways = batch_ways(
+            model, recipe, per_node, zero, cfg.gradient_checkpointing, cdm, _reduce_bucket(zero)
+        )
+        lines += [
+            "",
+            f"  ways to the authors' global batch {recipe} "
+            f"(nodes x {per_node} GPUs x batch x accumulation; GiB per GPU):",
+        ]
+        chosen = pick_way(ways, memory_gib)
+        for way in ways:
+            fits = way.bytes <= HEADROOM * memory_gib * GIB
+            mark = f"{'within' if fits else 'over'} {HEADROOM:.0%} of {memory_gib:g} GiB"
+            mark += "; the pick: fewest nodes, then micro-batches" if way == chosen else ""
+            lines.append(
+                f"    {way.nodes} x {per_node} x {way.batch} x {way.accumulation}: "
+                f"{way.bytes / GIB:.2f} ({mark})"
+            )
     if lora_cfg is None:  # full fine-tuning: start-up, preview and checkpoint peaks
-        lines += [""] + [f"  {k:<58}{v / GIB:>8.2f}" for k, v in peaks(model, gpus, zero).items()]
+        lines += [""] + [
+            f"  {k:<58}{v / GIB:>8.2f}"
+            for k, v in peaks(model, gpus, zero, per_node=per_node).items()
+        ]
         one = checkpoint_bytes(model)
         alive = cfg.keep_checkpoints + 1  # the kept ones and the one being written
         lines += [
@@ -442,6 +560,7 @@ def plan(
     if lora_cfg is not None:
         sizes = ", ".join(f"{g} GiB: {largest(g)}" for g in LORA_GPUS)
         lines.append(f"  largest batch per GPU on {gpus} GPU(s) of {sizes}")
+        lines += [""] + [f"  {k:<58}{v / GIB:>8.2f}" for k, v in lora_peaks(model).items()]
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -137,34 +138,43 @@ def sample_pairs(
     bar = tqdm(
         range(0, len(ids), batch_size), desc=f"sample {model}@{steps}", mininterval=5, unit="batch"
     )
-    for lo in bar:
-        hi = min(lo + batch_size, len(ids))
-        start = time.perf_counter()
-        x = sample_euler(
-            velocity,
-            noise[lo:hi].to(device),
-            sigmas,
-            cond.take(index[lo:hi]).to(device),
-            null,
-            sampler.guidance,
-        )
-        images = decode(x).cpu().numpy()
-        share = (time.perf_counter() - start) / (hi - lo)
-        for k, pair in enumerate(ids[lo:hi]):
-            save_png(images[k], out / png_name(pair))
-            rows.append(
-                {
-                    "prompt": pairs.prompts[lo + k],
-                    "pair": pair,
-                    "seed": pairs.seeds[lo + k],
-                    "model": model,
-                    "steps": steps,
-                    "nfe": sampler.nfe(steps),
-                    "seconds": share,
-                    "file": png_name(pair),
-                    "dtype": dtype_name(dtype),
-                }
+    # PNGs are encoded on a writer thread while the next batch samples (zlib releases the
+    # GIL); at most the previous batch waits there, so memory holds two batches of images.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        previous: list[Future] = []
+        for lo in bar:
+            hi = min(lo + batch_size, len(ids))
+            start = time.perf_counter()
+            x = sample_euler(
+                velocity,
+                noise[lo:hi].to(device),
+                sigmas,
+                cond.take(index[lo:hi]).to(device),
+                null,
+                sampler.guidance,
             )
+            images = decode(x).cpu().numpy()
+            share = (time.perf_counter() - start) / (hi - lo)
+            for done in previous:  # a failed write fails the set
+                done.result()
+            previous = []
+            for k, pair in enumerate(ids[lo:hi]):
+                previous.append(writer.submit(save_png, images[k], out / png_name(pair)))
+                rows.append(
+                    {
+                        "prompt": pairs.prompts[lo + k],
+                        "pair": pair,
+                        "seed": pairs.seeds[lo + k],
+                        "model": model,
+                        "steps": steps,
+                        "nfe": sampler.nfe(steps),
+                        "seconds": share,
+                        "file": png_name(pair),
+                        "dtype": dtype_name(dtype),
+                    }
+                )
+        for done in previous:
+            done.result()
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

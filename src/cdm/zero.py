@@ -68,7 +68,10 @@ def ds_config(
     """DeepSpeed config: the file's settings (configs/deepspeed/) overridden by params.
 
     bf16 checks its gradients for overflow: a step over accumulated micro-batches with a
-    non-finite one is discarded by DeepSpeed (`cdm.engine.update`)."""
+    non-finite one is discarded by DeepSpeed (`cdm.engine.update`), and sums them in fp32
+    (data_types.grad_accum_dtype; DeepSpeed's default is the model's dtype, where a
+    micro-batch's gradient under half an ulp of the running sum is lost): 4 P / N bytes
+    per engine (cdm.plan)."""
     config = dict(base or {})
     config |= {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -87,6 +90,13 @@ def ds_config(
                 "deepspeed or set distill.accumulation: 1"
             )
         config["bf16"]["check_grad_overflow"] = True
+        if not _zero_accumulates_in_fp32():
+            raise ValueError(
+                "distill.accumulation > 1 in bf16 needs a DeepSpeed whose ZeRO-2/3 sums "
+                "gradients in fp32 (data_types.grad_accum_dtype); upgrade deepspeed or set "
+                "distill.accumulation: 1"
+            )
+        config["data_types"] = dict(config.get("data_types", {})) | {"grad_accum_dtype": "fp32"}
     return config
 
 
@@ -96,6 +106,19 @@ def _bf16_checks_overflow() -> bool:
     except ImportError:  # older releases: no such check
         return False
     return "check_grad_overflow" in DeepSpeedBF16Config.model_fields
+
+
+def _zero_accumulates_in_fp32() -> bool:
+    """Whether this DeepSpeed's ZeRO optimizers take a gradient-accumulation dtype other than
+    the model's (older releases refuse bf16 weights with fp32 accumulation at ZeRO-2/3)."""
+    import inspect
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    check = inspect.getsource(DeepSpeedEngine._do_optimizer_sanity_check)
+    takes = "gradient_accumulation_dtype" in inspect.signature(DeepSpeedZeroOptimizer).parameters
+    return takes and "must be equal to use ZeRO" not in check
 
 
 def make_engine(
@@ -262,6 +285,12 @@ class PartitionedEMA:
 def cpu_fp32_copy(template: torch.nn.Module) -> torch.nn.Module:
     """A copy of `template` on the CPU with fp32 parameters left to fill (its buffers copied)."""
     return _cpu_copy(template, torch.float32, values=False)
+
+
+def cpu_copy(template: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of `template` with its values on the CPU in `dtype`, read tensor by tensor from
+    wherever `template` lives (nothing duplicated on its device)."""
+    return _cpu_copy(template, dtype, values=True)
 
 
 def trainable_copy(
