@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed
 LOCK   ?= constraints.txt
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install run ablation test test-fast cpu-ops browser lint format world-judge world-teacher dry-run clean
+.PHONY: install run ablation test test-fast cpu-ops browser lint format world-judge world-teacher dry-run clean \
+	slurm-up slurm-down
 
 install: $(STAMP)
 
@@ -67,6 +68,14 @@ world-judge: $(STAMP)
 
 world-teacher: $(STAMP)
 	snakemake --cores all --force world_teacher
+
+# A real Slurm on this machine (root, Debian): munge, MariaDB + slurmdbd, slurmctld and two
+# slurmd as hosts node1 and node2, for `snakemake --cores all --profile slurm` (docs/cluster.md).
+slurm-up:
+	workflow/scripts/local-slurm.sh up
+
+slurm-down:
+	workflow/scripts/local-slurm.sh down
 
 dry-run: $(STAMP)
 	snakemake --cores all -n
