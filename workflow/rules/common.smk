@@ -1,7 +1,16 @@
 # Shared settings of every rule.
+import os
+import secrets
+
 from cdm import params as P
+from cdm.lock import RUN
 from cdm.lock import release as release_lock
 from cdm.stagecode import stage_code
+
+# This run's token (cdm.lock): onstart's claim records it, and every job inherits it, on a
+# SLURM node too (sbatch and srun export the environment), so the lock knows its own jobs
+# whatever their host. A job's own snakemake parses this file again and keeps the token.
+os.environ.setdefault(RUN, secrets.token_hex(8))
 
 PARAMS_FILE = "params.yaml"
 # The validated params (read as YAML 1.2, as the scripts and DVC read them).
