@@ -85,6 +85,8 @@ write_configs() {
 			SlurmUser=root
 			SlurmdUser=root
 			AuthType=auth/munge
+			# A requeued job waits cred_expire seconds (120 by default) before it starts again.
+			AuthInfo=cred_expire=10
 			CredType=cred/munge
 			StateSaveLocation=$STATE/ctld
 			SlurmctldPidFile=$RUN/slurmctld.pid
