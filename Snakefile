@@ -33,7 +33,16 @@ if _OVERRIDDEN or workflow.config_settings.configfiles:
 _KEPT = {}  # set once this run holds the lock and its links: only then are they its own
 
 
+# On SLURM, first every job's request against its partition (cdm.fits): a request no node
+# can hold would pend for ever (PartitionConfig); refused here, before any submission.
 onstart:
+    if on_slurm():
+        from cdm.fits import check
+
+        jobs = workflow.dag.needrun_jobs()
+        misfits = check((j.rule.name, dict(j.resources.items())) for j in jobs if not j.is_local)
+        if misfits:
+            raise WorkflowError("\n".join(misfits))
     shell(f"{PYTHON} -m cdm.validate {PARAMS_FILE}")
     _KEPT["files"] = keep.snapshot()
 

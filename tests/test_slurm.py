@@ -52,7 +52,9 @@ FAKES = {
     "sacctmgr": f"#!/bin/sh\necho {ACCOUNT}\n",  # account check
     "sshare": f"#!/bin/sh\necho {ACCOUNT}\n",
     "scontrol": "#!/bin/sh\necho 'MaxArraySize = 1001'\necho 'MinJobAge = 300 sec'\n",
-    "sinfo": f"#!/bin/sh\necho {PARTITION}\n",
+    # `sinfo -o %P` (the plugin), or the partition's nodes for cdm.fits: 4 nodes of 8 GPUs.
+    "sinfo": f"#!/bin/sh\ncase \"$*\" in *%c*) echo '{PARTITION}*|128|1000000|gpu:8|4|infinite' ;;"
+    f" *) echo {PARTITION} ;; esac\n",
     "scancel": "#!/bin/sh\nexit 0\n",
     "srun": "#!/bin/sh\necho 'srun runs inside a job, not on the submit host' >&2\nexit 1\n",
 }
@@ -60,23 +62,25 @@ FAKES = {
 # What each rule's sbatch line must hold, beside the per-run --job-name, --output, -D,
 # --comment and --wrap: one task (GPU jobs: no --ntasks*, sbatch's default of one task per
 # node; CPU jobs: --ntasks=1), the GPUs as --gres, the CPUs as --cpus-per-task.
-COMMON = {"--parsable", "--export=ALL", "--requeue", f"-A {ACCOUNT}", f"-p {PARTITION}"}
-EXPECTED = {
-    "prepare_teacher": {"-t 60", "--mem 64000", "--cpus-per-task=8", "--gres=gpu:1"},
-    "cache_teacher": {"-t 60", "--mem 64000", "--cpus-per-task=8", "--gres=gpu:1"},
-    "distill": {
+COMMON = {"--parsable", "--export=ALL", "--requeue", "--open-mode=append", f"-A {ACCOUNT}"}
+COMMON |= {f"-p {PARTITION}"}
+EXPECTED = {  # cdm.resources for configs/sd3-medium.yaml (P = 2,028,328,000) and the world
+    "prepare_teacher": {"-t 60", "--mem 42474", "--cpus-per-task=8", "--gres=gpu:1"},
+    "cache_teacher": {"-t 60", "--mem 42474", "--cpus-per-task=8", "--gres=gpu:1"},
+    "distill": {  # 8 processes: 8 x (4 P + 8 GiB) + rank 0's fp32 EMA (4 P)
         "-t 1440",
-        "--mem 480000",
+        "--mem 141740",
         "--nodes=1",
         "--cpus-per-task=64",
         "--gres=gpu:8",
     },
-    "sample_part": {"-t 240", "--mem 64000", "--cpus-per-task=8", "--gres=gpu:1"},
+    "sample_part": {"-t 240", "--mem 42474", "--cpus-per-task=8", "--gres=gpu:1"},
     "sample": {"-t 30", "--mem 8000", "--ntasks=1", "--cpus-per-task=2"},  # merge of parts
-    "score": {"-t 240", "--mem 96000", "--cpus-per-task=8", "--gres=gpu:1"},  # the scorers
-    "report": {"-t 30", "--mem 8000", "--ntasks=1", "--cpus-per-task=2"},
+    # The shapes world runs on CPUs: its score and report ask for no GPU.
+    "score": {"-t 240", "--mem 4000", "--ntasks=1", "--cpus-per-task=2"},
+    "report": {"-t 30", "--mem 4000", "--ntasks=1", "--cpus-per-task=2"},
 }
-GPUS = {"prepare_teacher": 1, "cache_teacher": 1, "distill": 8, "sample_part": 1, "score": 1}
+GPUS = {"prepare_teacher": 1, "cache_teacher": 1, "distill": 8, "sample_part": 1}
 PER_RUN = ("--job-name", "--output", "-D", "--comment")
 
 
@@ -357,3 +361,29 @@ def test_no_requeue_outside_a_batch_job_or_from_a_node_task(scontrol, monkeypatc
     assert requeue(env) is False
     log = Path(scontrol["FAKE_SCONTROL_LOG"])
     assert "requeue 77" not in (log.read_text() if log.exists() else "")
+
+
+def test_a_request_the_partition_cannot_hold_is_refused_before_submission(tmp_path):
+    """The real-run distill (8 GPUs, 64 CPUs) on nodes of 2 CPUs and 2 GPUs (sinfo): one line
+    naming the rule, its request and the partition, and nothing submitted."""
+    cluster = FakeCluster(tmp_path)
+    (cluster.bin / "sinfo").write_text(
+        "#!/bin/sh\ncase \"$*\" in *%c*) echo 'gpu*|2|9039|gpu:2|2|infinite' ;; *) echo gpu ;; esac\n"
+    )
+    work = copy_project(tmp_path / "sd3")
+    apply(work / "configs/sd3-medium.yaml", work / "params.yaml")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    _make(work, "models/weights.json", params["prompts"]["eval_file"])
+    _make(work, "models/teacher", "results/teacher.json", "cache/prompts")
+    (work / params["prompts"]["train_file"]).write_text("a cat\n")
+    cmd = ["snakemake", "--cores", "all", "--profile", "slurm", "models/students/cdm"]
+    proc = subprocess.run(
+        cmd, cwd=work, env=cluster.env, capture_output=True, text=True, timeout=300
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and not cluster.log.exists(), out[-3000:]
+    assert (
+        "rule distill asks for 1 node(s) of 64 CPUs, 141740 MB, 8 GPUs, 1440 min; partition "
+        "'gpu' has 2 node(s), the largest 2 CPUs, 9039 MB, 2 GPUs, no time limit" in out
+    ), out[-3000:]
+    assert not (work / ".cdm-run.lock").exists()  # refused before the lock was taken

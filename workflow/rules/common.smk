@@ -3,6 +3,7 @@ import os
 import secrets
 
 from cdm import params as P
+from cdm import resources as R
 from cdm.lock import RUN
 from cdm.lock import release as release_lock
 from cdm.stagecode import stage_code
@@ -29,6 +30,40 @@ NPROC = PARAMS.distill.num_processes
 NODES = PARAMS.distill.nodes
 NODES_ARG = f"--nodes {NODES} " if NODES > 1 else ""
 MULTINODE = {"mpi": "srun", "tasks": NODES} if NODES > 1 else {}
+# What each rule asks SLURM for, derived from the params (cdm.resources; CDM_SLURM_SCALE=small
+# scales every rule to a small node), and only on SLURM: the executor is known when a job's
+# resources are evaluated, not while this file is read.
+SLURM_SIZE = R.scale()
+
+
+def on_slurm():
+    plugin = workflow.executor_plugin
+    return plugin is not None and plugin.name.startswith("slurm")  # or its job step
+
+
+def slurm(rule):
+    """The rule's gres, cpus_per_task, mem_mb and runtime on SLURM; elsewhere none (0 for the
+    sized ones, which Snakemake wants as numbers: no local run constrains them)."""
+
+    def get(key):
+        def value(wildcards):
+            if not on_slurm():
+                return 0 if key in ("mem_mb", "runtime") else None
+            shards = int(config.get("shards", 1))
+            return R.rule_resources(PARAMS, rule, shards, SLURM_SIZE).get(key)
+
+        return value
+
+    return {key: get(key) for key in ("gres", "cpus_per_task", "mem_mb", "runtime")}
+
+
+def threads_for(rule, local):
+    """OMP threads: the job's CPUs per process on SLURM, `local` elsewhere."""
+    return lambda wildcards: (
+        R.threads(PARAMS, rule, int(config.get("shards", 1)), SLURM_SIZE) if on_slurm() else local
+    )
+
+
 METHODS = config["distill"]["methods"]
 # The shapes world is scored by its judge; sd3 / longcat by the paper's preference scorers,
 # whose weights (and a hub teacher) fetch_weights downloads first on the login node.
@@ -36,7 +71,7 @@ WORLD = config["teacher"]["backend"] == "shapes"
 RESOLUTION = config["teacher"].get("resolution")
 # Accelerate config variant: "" (1 process by default) locally; the SLURM profile sets
 # accelerate_suffix=-8gpu (configs/accelerate/zero{2,3}-8gpu.yaml, bf16).
-ACCELERATE_SUFFIX = config.get("accelerate_suffix", "")
+ACCELERATE_SUFFIX = config.get("accelerate_suffix") or ""  # `--config accelerate_suffix=`: None
 # The ablation's stages for DVC: their code deps are its rules' code inputs (stage_code).
 ABLATION_DVC = "workflow/ablation/dvc.yaml"
 
