@@ -271,7 +271,8 @@ def test_distill_asks_for_one_task_per_node(distill_job):
 
 SCONTROL_JOB = """#!/bin/sh
 echo "$@" >> "$FAKE_SCONTROL_LOG"
-[ "$1" = show ] && echo "JobId=77 NumNodes=2 NumCPUs=128 BatchFlag=$FAKE_BATCH Requeue=1"
+[ "$1" = show ] && echo "JobId=77 JobState=${FAKE_STATE:-RUNNING} NumNodes=2 NumCPUs=128"
+[ "$1" = show ] && echo "   BatchFlag=$FAKE_BATCH Requeue=1"
 exit 0
 """
 
@@ -347,15 +348,17 @@ def test_a_stop_to_resume_requeues_the_batch_job(tmp_path, scontrol, code):
     assert ("SLURM job 77 requeued" in proc.stderr) == (code == 75), proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("case", ["salloc", "node-task", "outside"])
+@pytest.mark.parametrize("case", ["salloc", "node-task", "outside", "cancelled"])
 def test_no_requeue_outside_a_batch_job_or_from_a_node_task(scontrol, monkeypatch, case):
     """An salloc shell cannot be requeued (the user reruns); a task of the multi-node step
-    leaves it to the launcher that ran the step; outside SLURM there is no job."""
+    leaves it to the launcher that ran the step; outside SLURM there is no job; a job
+    scancel'ed (whose SIGTERM made distill checkpoint and stop) stays ended."""
     from cdm.requeue import IN_STEP, requeue
 
     monkeypatch.setenv("PATH", scontrol["PATH"])
     monkeypatch.setenv("FAKE_SCONTROL_LOG", scontrol["FAKE_SCONTROL_LOG"])
     monkeypatch.setenv("FAKE_BATCH", "0" if case == "salloc" else "1")
+    monkeypatch.setenv("FAKE_STATE", "CANCELLED" if case == "cancelled" else "RUNNING")
     env = {"SLURM_JOB_ID": "77"} if case != "outside" else {}
     env |= {IN_STEP: "1"} if case == "node-task" else {}
     assert requeue(env) is False

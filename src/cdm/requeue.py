@@ -7,7 +7,9 @@ SLURM executor plugin sees the job pending then running (not failed), and distil
 from the checkpoint. This replaces Snakemake's `retries`, which are a fixed count per rule
 and would resubmit every failure, the deterministic ones (an input, a lock, a params error)
 too: now every other failure fails once, with its own line. Outside a batch job (an
-`salloc` shell, a local run) the exit code stays and a rerun resumes. Slurm caps requeues
+`salloc` shell, a local run), or when the job was cancelled (`scancel`'s SIGTERM also makes
+distill checkpoint and stop: the job is then no longer RUNNING), the exit code stays and a
+rerun resumes. Slurm caps requeues
 (MaxBatchRequeue, 5 by default).
 """
 
@@ -41,6 +43,9 @@ def requeue(env: dict[str, str] | None = None) -> bool:
     info = shown.stdout if shown is not None else ""
     if not re.search(r"\bBatchFlag=1\b", info):
         return False  # an salloc shell (or no scontrol): the user reruns, which resumes
+    state = re.search(r"\bJobState=(\S+)", info)
+    if state is None or state[1] != "RUNNING":
+        return False  # scancel'ed (its SIGTERM stopped distill): the job stays ended
     if re.search(r"\bRequeue=0\b", info):
         print(
             f"note: SLURM job {job} is not requeueable (sbatch --requeue, or JobRequeue=1 in "
