@@ -56,6 +56,13 @@ onerror:
     back = keep.restore() if _KEPT else []
     if back:
         print(f"kept: the previous {', '.join(back)} put back (its job failed)", file=sys.stderr)
+    if on_slurm() and log:  # a job SLURM ended (scancel, time limit): which rule's, in one line
+        from pathlib import Path
+
+        from cdm.jobends import ended_jobs
+
+        for line in ended_jobs(Path(log).read_text(errors="replace")):
+            print(line, file=sys.stderr)
     release_lock()
 
 

@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "cdm.cache", "cdm.sampler", "cdm.baselines", "cdm.preview", "cdm.cli", "cdm.lock",
         "cdm.lifeline", "cdm.launch", "cdm.nodes", "cdm.overlay", "cdm.plan", "cdm.fetch",
         "cdm.validate", "cdm.publish", "cdm.stagecode", "cdm.keep", "cdm.safeload",
-        "cdm.requeue", "cdm.resources", "cdm.fits",
+        "cdm.requeue", "cdm.resources", "cdm.fits", "cdm.jobends",
     ),
     ("cdm.report",),
 )  # fmt: skip

@@ -88,3 +88,23 @@ def test_a_missing_partition_and_a_time_limit_are_refused():
     limited = "short*|2|9039|(null)|2|1:00:00\n"
     [line] = check([("distill", res | {"slurm_partition": "short", "runtime": 1440})], limited)
     assert "1440 min" in line and "time limit 60 min" in line
+
+
+def test_a_job_slurm_ended_is_one_line_naming_the_rule_and_the_job():
+    from cdm.jobends import ended_jobs
+
+    log = (
+        "Error in rule distill:\n"
+        "    message: SLURM-job '12' failed, SLURM status is: 'CANCELLED'. For further ...\n"
+        "    log: logs/distill_cdm.log, .snakemake/slurm_logs/rule_distill/cdm/12.log (check)\n"
+        "Error in rule report:\n"
+        "    message: SLURM-job '14' failed, SLURM status is: 'FAILED'\n"  # its own error line
+        "SLURM-job '15' failed, SLURM status is: 'TIMEOUT'\n"
+        "    log: .snakemake/slurm_logs/rule_score/15.log\n"
+    )
+    assert ended_jobs(log) == [
+        "error: rule distill (SLURM job 12, cdm) was cancelled (scancel, or the scheduler); "
+        "finished outputs are kept; rerun to resume from its last checkpoint",
+        "error: rule score (SLURM job 15) reached its SLURM time limit; finished outputs are "
+        "kept; rerun to run it again",
+    ]
