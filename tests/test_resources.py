@@ -108,3 +108,9 @@ def test_a_job_slurm_ended_is_one_line_naming_the_rule_and_the_job():
         "error: rule score (SLURM job 15) reached its SLURM time limit; finished outputs are "
         "kept; rerun to run it again",
     ]
+
+
+def test_without_sinfo_the_check_is_skipped_with_a_note(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sinfo: sbatch itself will say what is wrong
+    assert check([("report", {"cpus_per_task": 1})]) == []
+    assert "note: requests not checked against the partitions: sinfo:" in capsys.readouterr().err
