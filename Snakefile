@@ -56,12 +56,14 @@ onerror:
     back = keep.restore() if _KEPT else []
     if back:
         print(f"kept: the previous {', '.join(back)} put back (its job failed)", file=sys.stderr)
-    if on_slurm() and log:  # a job SLURM ended (scancel, time limit): which rule's, in one line
+    if on_slurm():  # a job SLURM ended (scancel, time limit): which rule's, in one line
         from pathlib import Path
 
         from cdm.jobends import ended_jobs
 
-        for line in ended_jobs(Path(log).read_text(errors="replace")):
+        logs = [Path(f) for f in (log if isinstance(log, (list, tuple)) else [log]) if f]
+        text = "".join(f.read_text(errors="replace") for f in logs if f.is_file())
+        for line in ended_jobs(text):
             print(line, file=sys.stderr)
     release_lock()
 

@@ -114,3 +114,29 @@ def test_without_sinfo_the_check_is_skipped_with_a_note(monkeypatch, tmp_path, c
     monkeypatch.setenv("PATH", str(tmp_path))  # no sinfo: sbatch itself will say what is wrong
     assert check([("report", {"cpus_per_task": 1})]) == []
     assert "note: requests not checked against the partitions: sinfo:" in capsys.readouterr().err
+
+
+def test_a_cancelled_job_reads_cancelled_to_the_slurm_plugin():
+    """sacct says 'CANCELLED by 0'; the plugin (2.8) knows only 'CANCELLED' and would wait for
+    ever. The wrapped query (the Snakefile installs it) drops the suffix, once."""
+    import asyncio
+
+    import snakemake_executor_plugin_slurm as plugin
+
+    from cdm.slurmstate import patch_plugin, plain_states
+
+    async def sacct(*args):
+        return {"12": "CANCELLED by 0", "13": "COMPLETED", "14": "RUNNING"}, 0.1
+
+    states, _ = asyncio.run(plain_states(sacct)())
+    assert states == {"12": "CANCELLED", "13": "COMPLETED", "14": "RUNNING"}
+    before = plugin.query_job_status
+    try:
+        assert patch_plugin() and patch_plugin()
+        assert plugin.query_job_status.cdm_plain_states
+        assert plugin.query_job_status is not before or before.cdm_plain_states
+        patched = plugin.query_job_status
+        patch_plugin()
+        assert plugin.query_job_status is patched  # not wrapped twice
+    finally:
+        plugin.query_job_status = before

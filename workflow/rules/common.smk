@@ -4,6 +4,7 @@ import secrets
 
 from cdm import params as P
 from cdm import resources as R
+from cdm import slurmstate
 from cdm.lock import RUN
 from cdm.lock import release as release_lock
 from cdm.stagecode import stage_code
@@ -34,6 +35,9 @@ MULTINODE = {"mpi": "srun", "tasks": NODES} if NODES > 1 else {}
 # scales every rule to a small node), and only on SLURM: the executor is known when a job's
 # resources are evaluated, not while this file is read.
 SLURM_SIZE = R.scale()
+# A scancel'ed job reads 'CANCELLED by <uid>' in sacct, which the plugin (2.8) counts as
+# running for ever: cdm.slurmstate makes it read 'CANCELLED'.
+slurmstate.patch_plugin()
 
 
 def on_slurm():
