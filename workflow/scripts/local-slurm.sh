@@ -270,7 +270,12 @@ down() {
 
 status() {
 	local ok=0 name comm pid f
-	for f in munged:munged mariadbd:mariadbd slurmdbd:slurmdbd slurmctld:slurmctld $(nodes | sed 's/.*/slurmd-&:slurmd/'); do
+	# munge may be the system's (up then uses it): what counts is that it answers.
+	if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then echo "munge: answers"; else
+		echo "munge: not answering"
+		ok=1
+	fi
+	for f in mariadbd:mariadbd slurmdbd:slurmdbd slurmctld:slurmctld $(nodes | sed 's/.*/slurmd-&:slurmd/'); do
 		name=${f%%:*} comm=${f##*:}
 		if pid=$(running "$name" "$comm"); then
 			echo "$name: running (pid $pid)"
