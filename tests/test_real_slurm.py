@@ -152,6 +152,12 @@ def _checkpoint(work: Path, iteration: int) -> bool:
     return bool(list(work.glob(f"checkpoints/cdm-*/it-{iteration:07d}/state.json")))
 
 
+def _newest(work: Path) -> int:
+    """The newest complete checkpoint's iteration (0: none yet)."""
+    done = work.glob("checkpoints/cdm-*/it-*/state.json")
+    return max((int(p.parent.name[3:]) for p in done), default=0)
+
+
 def test_the_tiny_world_dag_runs_to_the_report_and_equals_a_local_run(
     slurm, snakemade, tiny_teacher_dir, tmp_path
 ):
@@ -210,12 +216,13 @@ def test_scancel_of_a_running_distill_job_is_named_and_the_rerun_resumes(slurm, 
     work = clone(finished, tmp_path / "p")
     for part in ("models/students/cdm", "checkpoints"):
         shutil.rmtree(work / part)
-    # Long enough to be cancelled while it runs; a checkpoint every 2 iterations.
-    edit_params(work / "params.yaml", distill={"iterations": 60, "checkpoint_every": 1})
+    # A checkpoint every 2 iterations (about 0.1 s each); cancelled halfway, so that the
+    # rerun is short but the job does not end before the scancel reaches it.
+    edit_params(work / "params.yaml", distill={"iterations": 200, "checkpoint_every": 1})
     _profile(work)
     before = digest(work)
     run = Run(work, "models/students/cdm")
-    assert run.wait(420, until=lambda: _checkpoint(work, 2) and run.jobs) is None, run.out
+    assert run.wait(420, until=lambda: _newest(work) >= 100 and run.jobs) is None, run.out
     [job] = run.jobs
     subprocess.run(["scancel", job], check=True)
     # Snakemake must notice: sacct says "CANCELLED by <uid>", which the plugin (2.8) alone
@@ -231,7 +238,8 @@ def test_scancel_of_a_running_distill_job_is_named_and_the_rerun_resumes(slurm, 
     kept = {k: v for k, v in before.items() if not k.startswith(("checkpoints/", "logs/"))}
     assert {k: after.get(k) for k in kept} == kept
     assert not (work / "models/students/cdm").exists()
-    newest = max(int(p.parent.name[3:]) for p in work.glob("checkpoints/cdm-*/it-*/state.json"))
+    newest = _newest(work)
+    assert 100 <= newest < 200
     rerun = _snakemake(work, "models/students/cdm", name="rerun")
     assert rerun.proc.returncode == 0, rerun.out[-4000:]
     log = (work / "logs/distill_cdm.log").read_text()
