@@ -286,18 +286,26 @@ def test_two_nodes_through_real_srun_equal_one_node_of_two_processes(
         assert run.proc.returncode == 0, run.out[-4000:]
         [job] = run.jobs
         out = run.out
-    else:  # docs/cluster.md: `dvc repro` inside `salloc -N 2`
+    else:  # docs/cluster.md: `dvc repro` inside `salloc -N 2` (-t above stop_before_limit)
         for cmd in (["git", "init", "-q"], ["dvc", "init", "-q", "--force"]):
             subprocess.run(cmd, cwd=work, env=ENV, check=True, capture_output=True)
-        proc = subprocess.run(
-            ["salloc", "-N", "2", "-p", "gpu", "-A", "my-account", "-c", "1", "--mem", "2000",
-             "-t", "10", "dvc", "repro", "--single-item", "distill@cdm"],
-            cwd=work, env=ENV, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 0, out[-4000:]
+        salloc = ["salloc", "-N", "2", "-p", "gpu", "-A", "my-account", "-c", "1", "--mem",
+                  "2000", "-t", "30", "dvc", "repro"]  # fmt: skip
+        # The whole chain (validate first, which takes the project lock), then distill alone
+        # again, as a rerun after a stop is (its finished checkpoint: nothing to train).
+        for args in (["distill@cdm"], ["--force", "--single-item", "distill@cdm"]):
+            proc = subprocess.run(
+                [*salloc, *args], cwd=work, env=ENV, capture_output=True, text=True, timeout=600
+            )
+            out = proc.stdout + proc.stderr
+            assert proc.returncode == 0, out[-4000:]
+            _same_student(one, work, f"dvc repro {' '.join(args)}")
         job = re.search(r"Granted job allocation (\d+)", out).group(1)
     assert _hosts([job]) == {"node1", "node2"}, out[-2000:]
+    _same_student(one, work, orchestrator)
+
+
+def _same_student(one: Path, work: Path, label: str) -> None:
     diff = _max_diff(_student(one, "cdm"), _student(work, "cdm"))
-    print(f"{orchestrator}: 2 nodes x 1 process (real srun) vs 1 node x 2, max abs diff {diff:.3g}")
+    print(f"{label}: 2 nodes x 1 process (real srun) vs 1 node x 2, max abs diff {diff:.3g}")
     assert diff <= 1e-6
