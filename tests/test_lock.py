@@ -130,3 +130,15 @@ def test_a_job_of_the_run_is_let_through_in_process(held):
     assert claim(held, me, {RUN: "tok"})["run"] == "tok"
     with pytest.raises(Exception, match="another run holds this project"):
         claim(held, me, {})
+
+
+def test_the_srun_step_of_a_dvc_runs_first_stage_carries_a_token(tmp_path):
+    """distill as the first stage `dvc repro` runs (a rerun after a stop): no stage has drawn
+    the token yet when cdm.launch starts the step; it claims first, so its tasks carry it."""
+    fake = _fake(tmp_path, "dvc")
+    step = [PYTHON, "-c", "import os; print(os.environ.get('CDM_RUN'))"]
+    code = f"from cdm.launch import run_step; run_step({step!r})"
+    proc = subprocess.run([str(fake), code], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    token = json.loads((tmp_path / LOCK).read_text())["run"]
+    assert proc.stdout.strip() == token and len(token) == 16

@@ -73,9 +73,13 @@ def main(argv: list[str] | None = None) -> int:
 def run_step(step: list[str]) -> int:
     """Run the multi-node srun step; its tasks carry this run's token (cdm.lock), and the
     step is aborted if the orchestrator ends (its tasks are no descendants to die with it)."""
-    from cdm.lock import RUN, run_token, watch
+    from cdm.lock import RUN, claim, run_token, watch
 
     print("+", shlex.join(step), file=sys.stderr, flush=True)  # the job log shows it
+    # Claimed here, before the step: when distill is the first stage a `dvc repro` runs (a
+    # rerun after a stop), no stage has drawn the run's token yet, and tasks without one
+    # are taken for orphans of an ended run and killed.
+    claim()
     token = run_token()
     env = os.environ | ({RUN: token} if token else {})
     srun = subprocess.Popen(step, env=env)
