@@ -10,7 +10,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # share ~/.cache/torch_extensions rebuild it in turn, a minute each (tests/conftest.py agrees).
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
-.PHONY: install run ablation test test-fast cpu-ops browser lint format world-judge world-teacher dry-run clean
+.PHONY: install run ablation test test-fast cpu-ops browser lint format world-judge world-teacher dry-run clean \
+	slurm-up slurm-down
 
 install: $(STAMP)
 
@@ -70,6 +71,14 @@ world-judge: $(STAMP)
 
 world-teacher: $(STAMP)
 	snakemake --cores all --force world_teacher
+
+# A real Slurm on this machine (root, Debian): munge, MariaDB + slurmdbd, slurmctld and two
+# slurmd as hosts node1 and node2, for `snakemake --cores all --profile slurm` (docs/cluster.md).
+slurm-up:
+	workflow/scripts/local-slurm.sh up
+
+slurm-down:
+	workflow/scripts/local-slurm.sh down
 
 dry-run: $(STAMP)
 	snakemake --cores all -n

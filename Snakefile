@@ -33,7 +33,16 @@ if _OVERRIDDEN or workflow.config_settings.configfiles:
 _KEPT = {}  # set once this run holds the lock and its links: only then are they its own
 
 
+# On SLURM, first every job's request against its partition (cdm.fits): a request no node
+# can hold would pend for ever (PartitionConfig); refused here, before any submission.
 onstart:
+    if on_slurm():
+        from cdm.fits import check
+
+        jobs = workflow.dag.needrun_jobs()
+        misfits = check((j.rule.name, dict(j.resources.items())) for j in jobs if not j.is_local)
+        if misfits:
+            raise WorkflowError("\n".join(misfits))
     shell(f"{PYTHON} -m cdm.validate {PARAMS_FILE}")
     _KEPT["files"] = keep.snapshot()
 
@@ -47,6 +56,15 @@ onerror:
     back = keep.restore() if _KEPT else []
     if back:
         print(f"kept: the previous {', '.join(back)} put back (its job failed)", file=sys.stderr)
+    if on_slurm():  # a job SLURM ended (scancel, time limit): which rule's, in one line
+        from pathlib import Path
+
+        from cdm.jobends import ended_jobs
+
+        logs = [Path(f) for f in (log if isinstance(log, (list, tuple)) else [log]) if f]
+        text = "".join(f.read_text(errors="replace") for f in logs if f.is_file())
+        for line in ended_jobs(text):
+            print(line, file=sys.stderr)
     release_lock()
 
 

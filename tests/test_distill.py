@@ -214,7 +214,7 @@ def test_sigusr1_checkpoints_exits_and_the_rerun_equals_an_uninterrupted_run(
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=600)
     last = err.strip().splitlines()[-1]  # one line after the progress bar
-    assert proc.returncode == 1 and last.startswith("error: SIGUSR1 at iteration "), err[-2000:]
+    assert proc.returncode == 75 and last.startswith("error: SIGUSR1 at iteration "), err[-2000:]
     stopped = int(last.split("iteration ")[1].split(":")[0])
     assert 7 <= stopped < 30
     assert list(warned.glob(f"checkpoints/dmd2-*/it-{stopped:07d}/state.json"))

@@ -26,6 +26,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "cdm.cache", "cdm.sampler", "cdm.baselines", "cdm.preview", "cdm.cli", "cdm.lock",
         "cdm.lifeline", "cdm.launch", "cdm.nodes", "cdm.overlay", "cdm.plan", "cdm.fetch",
         "cdm.validate", "cdm.publish", "cdm.stagecode", "cdm.keep", "cdm.safeload",
+        "cdm.requeue", "cdm.resources", "cdm.fits", "cdm.jobends",
+        "cdm.slurmstate",
     ),
     ("cdm.report",),
 )  # fmt: skip

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from cdm.overlay import apply
-from tests.conftest import PYTHON, copy_project
+from tests.conftest import PYTHON, ROOT, copy_project
 
 pytest.importorskip("snakemake_executor_plugin_slurm")
 
@@ -52,7 +52,9 @@ FAKES = {
     "sacctmgr": f"#!/bin/sh\necho {ACCOUNT}\n",  # account check
     "sshare": f"#!/bin/sh\necho {ACCOUNT}\n",
     "scontrol": "#!/bin/sh\necho 'MaxArraySize = 1001'\necho 'MinJobAge = 300 sec'\n",
-    "sinfo": f"#!/bin/sh\necho {PARTITION}\n",
+    # `sinfo -o %P` (the plugin), or the partition's nodes for cdm.fits: 4 nodes of 8 GPUs.
+    "sinfo": f"#!/bin/sh\ncase \"$*\" in *%c*) echo '{PARTITION}*|128|1000000|gpu:8|4|infinite' ;;"
+    f" *) echo {PARTITION} ;; esac\n",
     "scancel": "#!/bin/sh\nexit 0\n",
     "srun": "#!/bin/sh\necho 'srun runs inside a job, not on the submit host' >&2\nexit 1\n",
 }
@@ -60,23 +62,25 @@ FAKES = {
 # What each rule's sbatch line must hold, beside the per-run --job-name, --output, -D,
 # --comment and --wrap: one task (GPU jobs: no --ntasks*, sbatch's default of one task per
 # node; CPU jobs: --ntasks=1), the GPUs as --gres, the CPUs as --cpus-per-task.
-COMMON = {"--parsable", "--export=ALL", f"-A {ACCOUNT}", f"-p {PARTITION}"}
-EXPECTED = {
-    "prepare_teacher": {"-t 60", "--mem 64000", "--cpus-per-task=8", "--gres=gpu:1"},
-    "cache_teacher": {"-t 60", "--mem 64000", "--cpus-per-task=8", "--gres=gpu:1"},
-    "distill": {
+COMMON = {"--parsable", "--export=ALL", "--requeue", "--open-mode=append", f"-A {ACCOUNT}"}
+COMMON |= {f"-p {PARTITION}"}
+EXPECTED = {  # cdm.resources for configs/sd3-medium.yaml (P = 2,028,328,000) and the world
+    "prepare_teacher": {"-t 60", "--mem 42474", "--cpus-per-task=8", "--gres=gpu:1"},
+    "cache_teacher": {"-t 60", "--mem 42474", "--cpus-per-task=8", "--gres=gpu:1"},
+    "distill": {  # 8 processes: 8 x (4 P + 8 GiB) + rank 0's fp32 EMA (4 P)
         "-t 1440",
-        "--mem 480000",
+        "--mem 141740",
         "--nodes=1",
         "--cpus-per-task=64",
         "--gres=gpu:8",
     },
-    "sample_part": {"-t 240", "--mem 64000", "--cpus-per-task=8", "--gres=gpu:1"},
+    "sample_part": {"-t 240", "--mem 42474", "--cpus-per-task=8", "--gres=gpu:1"},
     "sample": {"-t 30", "--mem 8000", "--ntasks=1", "--cpus-per-task=2"},  # merge of parts
-    "score": {"-t 240", "--mem 96000", "--cpus-per-task=8", "--gres=gpu:1"},  # the scorers
-    "report": {"-t 30", "--mem 8000", "--ntasks=1", "--cpus-per-task=2"},
+    # The shapes world runs on CPUs: its score and report ask for no GPU.
+    "score": {"-t 240", "--mem 4000", "--ntasks=1", "--cpus-per-task=2"},
+    "report": {"-t 30", "--mem 4000", "--ntasks=1", "--cpus-per-task=2"},
 }
-GPUS = {"prepare_teacher": 1, "cache_teacher": 1, "distill": 8, "sample_part": 1, "score": 1}
+GPUS = {"prepare_teacher": 1, "cache_teacher": 1, "distill": 8, "sample_part": 1}
 PER_RUN = ("--job-name", "--output", "-D", "--comment")
 
 
@@ -261,3 +265,128 @@ def test_distill_asks_for_one_task_per_node(distill_job):
     assert sorted(options - ntasks) == sorted(
         (COMMON | EXPECTED["distill"]) - {"--nodes=1"} | {f"--nodes={nodes}"}
     )
+
+
+# ---------------------------------------------------------------- the job's side (issue 34)
+
+SCONTROL_JOB = """#!/bin/sh
+echo "$@" >> "$FAKE_SCONTROL_LOG"
+[ "$1" = show ] && echo "JobId=77 JobState=${FAKE_STATE:-RUNNING} NumNodes=2 NumCPUs=128"
+[ "$1" = show ] && echo "   BatchFlag=$FAKE_BATCH Requeue=1"
+exit 0
+"""
+
+
+@pytest.fixture
+def scontrol(tmp_path) -> dict[str, str]:
+    """A job's environment with a fake `scontrol` that logs its calls."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin/scontrol").write_text(SCONTROL_JOB)
+    (tmp_path / "bin/scontrol").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CDM_"))}
+    return env | {
+        "PATH": f"{tmp_path / 'bin'}:{BIN}:{os.environ['PATH']}",
+        "FAKE_SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+        "FAKE_BATCH": "1",
+        "SLURM_JOB_ID": "77",
+    }
+
+
+def test_the_srun_step_gets_the_jobs_cpus_per_node(scontrol, monkeypatch):
+    """srun (Slurm >= 22.05) does not inherit --cpus-per-task, and the plugin's job step drops
+    SLURM_*: the step asks for the node's share of the job itself."""
+    from cdm.nodes import cpus_per_node, srun_command
+
+    assert cpus_per_node({"SLURM_JOB_CPUS_PER_NODE": "64(x2)"}) == 64
+    assert cpus_per_node({"SLURM_JOB_CPUS_PER_NODE": "64,32(x3)"}) == 32
+    monkeypatch.setenv("PATH", scontrol["PATH"])
+    monkeypatch.setenv("FAKE_SCONTROL_LOG", scontrol["FAKE_SCONTROL_LOG"])
+    assert cpus_per_node({"SLURM_JOB_ID": "77"}) == 64  # scontrol: NumCPUs / NumNodes
+    assert cpus_per_node({}) is None
+    argv = ["--num_processes", "8", "src/distill.py", "--method", "cdm"]
+    step = srun_command(2, argv, 64)
+    assert "--cpus-per-task=64" in step[: step.index("bash")]
+    assert "--cpus-per-task" not in " ".join(srun_command(2, argv, None))
+
+
+def test_the_profile_retries_nothing():
+    """A failed job fails once, with its line: distill's stop before its time limit comes
+    back as a Slurm requeue of the same job (cdm.requeue), not as a Snakemake retry."""
+    profile = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
+    assert profile.get("retries", 0) == 0
+    assert profile.get("slurm-requeue") is True  # sbatch --requeue: the job may come back
+
+
+def test_a_stop_to_resume_exits_75(tmp_path):
+    code = (
+        "from cdm.cli import run_stage; from cdm.preemption import Preempted\n"
+        "def main(): raise Preempted('the SLURM time limit at iteration 3: checkpointed')\n"
+        "run_stage(main)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CDM_RUN"}
+    proc = subprocess.run(
+        [PYTHON, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 75
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: the SLURM time limit")
+
+
+@pytest.mark.parametrize("code", [75, 2], ids=["resume", "other-failure"])
+def test_a_stop_to_resume_requeues_the_batch_job(tmp_path, scontrol, code):
+    """cdm.launch of a worker that exits 75 (resume) in a batch job: `scontrol requeue` of
+    that job, once; any other failure fails as it is."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"import sys; sys.exit({code})\n")
+    proc = subprocess.run(
+        [PYTHON, "-m", "cdm.launch", "--num_processes", "1", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(worker)],
+        cwd=tmp_path, env=scontrol, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == code, proc.stderr[-2000:]
+    calls = (tmp_path / "scontrol.log").read_text().splitlines() if code == 75 else []
+    assert ("requeue 77" in calls) == (code == 75), calls
+    assert ("SLURM job 77 requeued" in proc.stderr) == (code == 75), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("case", ["salloc", "node-task", "outside", "cancelled"])
+def test_no_requeue_outside_a_batch_job_or_from_a_node_task(scontrol, monkeypatch, case):
+    """An salloc shell cannot be requeued (the user reruns); a task of the multi-node step
+    leaves it to the launcher that ran the step; outside SLURM there is no job; a job
+    scancel'ed (whose SIGTERM made distill checkpoint and stop) stays ended."""
+    from cdm.requeue import IN_STEP, requeue
+
+    monkeypatch.setenv("PATH", scontrol["PATH"])
+    monkeypatch.setenv("FAKE_SCONTROL_LOG", scontrol["FAKE_SCONTROL_LOG"])
+    monkeypatch.setenv("FAKE_BATCH", "0" if case == "salloc" else "1")
+    monkeypatch.setenv("FAKE_STATE", "CANCELLED" if case == "cancelled" else "RUNNING")
+    env = {"SLURM_JOB_ID": "77"} if case != "outside" else {}
+    env |= {IN_STEP: "1"} if case == "node-task" else {}
+    assert requeue(env) is False
+    log = Path(scontrol["FAKE_SCONTROL_LOG"])
+    assert "requeue 77" not in (log.read_text() if log.exists() else "")
+
+
+def test_a_request_the_partition_cannot_hold_is_refused_before_submission(tmp_path):
+    """The real-run distill (8 GPUs, 64 CPUs) on nodes of 2 CPUs and 2 GPUs (sinfo): one line
+    naming the rule, its request and the partition, and nothing submitted."""
+    cluster = FakeCluster(tmp_path)
+    (cluster.bin / "sinfo").write_text(
+        "#!/bin/sh\ncase \"$*\" in *%c*) echo 'gpu*|2|9039|gpu:2|2|infinite' ;; *) echo gpu ;; esac\n"
+    )
+    work = copy_project(tmp_path / "sd3")
+    apply(work / "configs/sd3-medium.yaml", work / "params.yaml")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    _make(work, "models/weights.json", params["prompts"]["eval_file"])
+    _make(work, "models/teacher", "results/teacher.json", "cache/prompts")
+    (work / params["prompts"]["train_file"]).write_text("a cat\n")
+    cmd = ["snakemake", "--cores", "all", "--profile", "slurm", "models/students/cdm"]
+    proc = subprocess.run(
+        cmd, cwd=work, env=cluster.env, capture_output=True, text=True, timeout=300
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and not cluster.log.exists(), out[-3000:]
+    assert (
+        "rule distill asks for 1 node(s) of 64 CPUs, 141740 MB, 8 GPUs, 1440 min; partition "
+        "'gpu' has 2 node(s), the largest 2 CPUs, 9039 MB, 2 GPUs, no time limit" in out
+    ), out[-3000:]
+    assert not (work / ".cdm-run.lock").exists()  # refused before the lock was taken

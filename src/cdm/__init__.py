@@ -18,7 +18,10 @@ tests/test_layers.py), so each layer reads without the ones above it:
    adapters on one frozen base), `checkpoints` (the checkpoint store), `preemption` (signals
    and the SLURM deadline), `runlog`, `zero`, `cache`, `sampler`, `baselines` (the published
    models of `compare:`), `preview`, `cli`, `lock`, `lifeline`, `launch`, `nodes` (one
-   launcher per node under srun), `overlay`, `plan`, `fetch`, `validate`, `publish`,
+   launcher per node under srun), `requeue` (a run stopped to resume comes back as its SLURM
+   job), `resources` (what each rule asks SLURM for), `fits` (a request checked against the
+   partition), `jobends` (a SLURM job the scheduler ended, in one line),
+   `slurmstate` (a cancelled job seen as cancelled by the SLURM plugin), `overlay`, `plan`, `fetch`, `validate`, `publish`,
    `stagecode` (each stage's code, read from dvc.yaml for both orchestrators), `keep` (a
    Snakemake run's finished outputs, put back when a job fails), `safeload` (DeepSpeed
    checkpoints read as data only).

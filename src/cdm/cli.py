@@ -34,7 +34,9 @@ PATH_NAMES = ("path", "filename", "file", "checkpoint_file", "folder")
 
 
 class StageFailure(RuntimeError):
-    """A stage that cannot go on (e.g. a diverged run): one line on stderr, exit 1."""
+    """A stage that cannot go on (e.g. a diverged run): one line on stderr, exit `code`."""
+
+    code = 1
 
 
 def parse_shard(text: str | None, flag: str = "--shard") -> tuple[int, int] | None:
@@ -84,7 +86,7 @@ def run_stage(main: Callable[[], None]) -> None:
         sys.exit(2)
     except (StageFailure, ProjectBusy) as exc:  # the run went wrong, not its input: one line
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(getattr(exc, "code", 1))
     except KeyboardInterrupt:
         # Ctrl-C reaches every rank of a launched run: one line (rank 0's), no traceback each.
         if os.environ.get("RANK", "0") == "0":

@@ -9,6 +9,10 @@ killing it never leaves a worker writing checkpoints afterwards.
 
 A leading `--nodes N` (distill.nodes; `--num_processes` then counts the GPUs of one node)
 with N > 1 runs one such launcher per node of the SLURM allocation under srun (cdm.nodes).
+
+A run that stopped to resume (distill near its time limit: exit RESUME) inside a SLURM batch
+job asks Slurm to requeue that job (`cdm.requeue`): the same job comes back and resumes from
+its checkpoint, while every other failure fails once, with its own line (no `retries`).
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 
-from cdm.nodes import NodesError, require_allocation, split_nodes, srun_command
+from cdm.nodes import NodesError, cpus_per_node, require_allocation, split_nodes, srun_command
+from cdm.requeue import RESUME, requeue
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,14 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         nodes, argv = split_nodes(sys.argv[1:] if argv is None else argv)
         if nodes > 1:
             require_allocation(nodes)
-            step = srun_command(nodes, argv)
+            step = srun_command(nodes, argv, cpus_per_node())
     except NodesError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if nodes > 1:
-        print("+", shlex.join(step), file=sys.stderr, flush=True)  # the job log shows it
-        code = subprocess.run(step).returncode
-        return exit_code(code) if code else 0
+        return requeue_on_resume(run_step(step))
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -52,17 +56,54 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.CalledProcessError as exc:
         if verbose:
             raise
-        return failed({0: exc.returncode})
+        return requeue_on_resume(failed({0: exc.returncode}))
     except ChildFailedError as exc:
         if verbose:
             raise
-        return failed({rank: failure.exitcode for rank, failure in exc.failures.items()})
+        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
+        return requeue_on_resume(failed(codes))
     except (KeyboardInterrupt, SignalException) as exc:
         # Ctrl-C reaches the launcher with its workers, whose rank 0 says it in one line.
         if verbose:
             raise
         return 128 + getattr(exc, "sigval", signal.SIGINT)
     return 0
+
+
+def run_step(step: list[str]) -> int:
+    """Run the multi-node srun step; its tasks carry this run's token (cdm.lock), and the
+    step is aborted if the orchestrator ends (its tasks are no descendants to die with it)."""
+    from cdm.lock import RUN, claim, run_token, watch
+
+    print("+", shlex.join(step), file=sys.stderr, flush=True)  # the job log shows it
+    # Claimed here, before the step: when distill is the first stage a `dvc repro` runs (a
+    # rerun after a stop), no stage has drawn the run's token yet, and tasks without one
+    # are taken for orphans of an ended run and killed.
+    claim()
+    token = run_token()
+    env = os.environ | ({RUN: token} if token else {})
+    srun = subprocess.Popen(step, env=env)
+    watch(on_end=lambda: abort_step(srun))
+    try:
+        code = srun.wait()
+    except KeyboardInterrupt:  # srun got it too: it passes it to the tasks and ends
+        code = srun.wait()
+    return exit_code(code) if code else 0
+
+
+def abort_step(srun: subprocess.Popen) -> None:
+    """srun's own abort: two SIGINTs within a second end every task of the step (SIGTERM,
+    then SIGKILL), on every node; SIGKILL of srun alone would leave them running."""
+    for _ in range(2):
+        srun.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+
+
+def requeue_on_resume(code: int) -> int:
+    """`code`, after asking Slurm to requeue this batch job where the run stopped to resume."""
+    if code == RESUME:
+        requeue()
+    return code
 
 
 def quiet(prefix: str) -> None:

@@ -12,14 +12,21 @@ The node rank and the first host are expanded by each task's own shell, never by
 shell (which runs on node 0 only, and whose SLURM variables Snakemake's job step drops).
 DeepSpeed's `standard` launcher is torchrun per node: no pdsh, no ssh between nodes.
 `--kill-on-bad-exit=1`: a node that dies ends the step instead of leaving the others
-waiting in a collective.
+waiting in a collective. `--cpus-per-task`: since Slurm 22.05 srun no longer inherits it
+from the allocation, and the SLURM executor's job step drops every SLURM_* variable, so
+without it each node's launcher and all its workers would share one core; the value is the
+job's CPUs per node (one task per node), read from the allocation.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
+import subprocess
 import sys
+
+from cdm.requeue import IN_STEP
 
 # The first host of the allocation: the rendezvous of every node's torchrun.
 FIRST_HOST = '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
@@ -56,16 +63,42 @@ def total_processes(argv: list[str], nodes: int) -> list[str]:
     raise NodesError("a multi-node launch needs --num_processes (the GPUs of each node)")
 
 
-def srun_command(nodes: int, argv: list[str]) -> list[str]:
-    """The job step: one `cdm.launch` per node, its rank and the first host expanded there."""
+def cpus_per_node(env: dict[str, str] | None = None) -> int | None:
+    """The job's CPUs on each node (the fewest, on a mixed allocation): SLURM_JOB_CPUS_PER_NODE
+    ("64(x2)" or "64,32") where the shell still has it (salloc), else `scontrol show job`'s
+    NumCPUs / NumNodes (the SLURM executor's job step drops SLURM_* but keeps SLURM_JOB_ID);
+    None when neither tells."""
+    env = os.environ if env is None else env
+    counts = re.findall(r"(\d+)(?:\(x\d+\))?", env.get("SLURM_JOB_CPUS_PER_NODE", ""))
+    if counts:
+        return min(int(c) for c in counts)
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    cpus, nodes = re.search(r"\bNumCPUs=(\d+)", out), re.search(r"\bNumNodes=(\d+)", out)
+    if cpus is None or nodes is None or int(nodes[1]) < 1:
+        return None
+    return max(1, int(cpus[1]) // int(nodes[1]))
+
+
+def srun_command(nodes: int, argv: list[str], cpus: int | None = None) -> list[str]:
+    """The job step: one `cdm.launch` per node, its rank and the first host expanded there,
+    with `cpus` CPUs (the node's share of the job) for the launcher and its workers."""
     per_node = (
-        f"exec {shlex.quote(sys.executable)} -m cdm.launch --num_machines {nodes}"
+        f"{IN_STEP}=1 exec {shlex.quote(sys.executable)} -m cdm.launch --num_machines {nodes}"
         f' --machine_rank "$SLURM_NODEID" --main_process_ip {FIRST_HOST}'
         " --deepspeed_multinode_launcher standard " + shlex.join(total_processes(argv, nodes))
     )
     return [
         "srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1",
-        "--kill-on-bad-exit=1", "bash", "-c", per_node,
+        "--kill-on-bad-exit=1", *([f"--cpus-per-task={cpus}"] if cpus else []),
+        "bash", "-c", per_node,
     ]  # fmt: skip
 
 

@@ -1,7 +1,7 @@
 """When a distillation run must stop early: a signal (SIGUSR1 / SIGTERM) or the SLURM time limit.
 
 Either way the loop checkpoints at the end of the iteration and exits non-zero (`Preempted`),
-so that a rerun, a requeued job or Snakemake's `--retries` resumes from that checkpoint.
+so that a rerun or the requeued job (cdm.requeue) resumes from that checkpoint.
 SLURM sends USR1 ahead of the time limit (the profile's --signal), TERM at it. The end time
 is also read from the scheduler, once: the job stops when less than
 `distill.stop_before_limit` seconds of it remain. That does not rely on a signal: the SLURM
@@ -20,12 +20,16 @@ import time
 from datetime import datetime
 
 from cdm.cli import StageFailure
+from cdm.requeue import RESUME
 
 _END = re.compile(r"\bEndTime=(\S+)")
 
 
 class Preempted(StageFailure):
-    """Near the SLURM time limit, or SIGUSR1 / SIGTERM: checkpointed, exit for a retry."""
+    """Near the SLURM time limit, or SIGUSR1 / SIGTERM: checkpointed, exit RESUME, which
+    cdm.launch turns into a requeue of the SLURM batch job (cdm.requeue)."""
+
+    code = RESUME
 
 
 def slurm_end_time(job_id: str | None = None) -> float | None:

@@ -26,7 +26,10 @@ rule ablation_distill:
         inputs=lambda wc: P.student_inputs(PARAMS, wc.method, int(wc.seed)),
         zero=config["distill"]["zero_stage"],
         port=lambda wc: 29100 + (sum(map(ord, wc.method)) + 37 * int(wc.seed)) % 400,
-    threads: 1
+    threads: threads_for("ablation_distill", 1)
+    resources:
+        **slurm("ablation_distill"),
+        nodes=1,
     log:
         "logs/ablation/distill_{method}_seed{seed}.log",
     shell:
@@ -47,6 +50,9 @@ rule ablation_sample:
         "ablation/samples/seed{seed}/{method}/{steps}/index.parquet",
     params:
         pairs=config["prompts"]["eval_pairs"],
+    threads: threads_for("ablation_sample", 1)
+    resources:
+        **slurm("ablation_sample"),
     log:
         "logs/ablation/sample_{method}_{steps}_seed{seed}.log",
     shell:
@@ -66,7 +72,9 @@ rule ablation_score:
     params:
         judge=config["judge"],
         score=config["score"],
-    threads: all_cores
+    threads: threads_for("ablation_score")
+    resources:
+        **slurm("ablation_score"),
     log:
         "logs/ablation/score_seed{seed}.log",
     shell:
@@ -85,6 +93,8 @@ rule ablation:
     params:
         ablation=ABLATION,
         inputs=lambda wc: P.ablation_inputs(PARAMS),
+    resources:
+        **slurm("ablation"),
     log:
         "logs/ablation/summary.log",
     shell:

@@ -12,6 +12,9 @@ rule cache_teacher:
         backend=config["teacher"]["backend"],
         prompts=config["prompts"],
         stage=config["cache_teacher"],
+    threads: threads_for("cache_teacher", 1)
+    resources:
+        **slurm("cache_teacher"),
     benchmark:
         "benchmarks/cache_teacher.tsv"
     log:

@@ -23,8 +23,10 @@ rule distill:
         zero=config["distill"]["zero_stage"],
         resolution=RESOLUTION,
         port=distill_port,
-    threads: 1  # per process; the other cores sample the teacher meanwhile
+    # Per process (locally 1: the other cores sample the teacher meanwhile).
+    threads: threads_for("distill", 1)
     resources:
+        **slurm("distill"),
         nodes=NODES,
         **MULTINODE,
     benchmark:

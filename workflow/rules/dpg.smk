@@ -22,6 +22,9 @@ if DPG_SETS:
         params:
             backend=config["teacher"]["backend"],
             dpg_file=PARAMS.prompts.dpg_file,
+        threads: threads_for("cache_dpg", 1)
+        resources:
+            **slurm("cache_dpg"),
         log:
             "logs/cache_dpg.log",
         shell:
@@ -37,6 +40,9 @@ if DPG_SETS:
             model=sample_params,
             resolution=RESOLUTION,
             batch=config["sample"]["batch_size"],
+        threads: threads_for("sample_dpg", 1)
+        resources:
+            **slurm("sample_dpg"),
         benchmark:
             "benchmarks/sample_dpg_{model}_{steps}.tsv"
         log:
@@ -55,6 +61,9 @@ if DPG_SETS:
         params:
             vqa=config["dpg"]["vqa"],
             n_boot=config["score"]["n_boot"],
+        threads: threads_for("score_dpg", 1)
+        resources:
+            **slurm("score_dpg"),
         log:
             "logs/score_dpg.log",
         shell:

@@ -57,6 +57,9 @@ if SHARDS == 1:
             resolution=RESOLUTION,
             pairs=config["prompts"]["eval_pairs"],
             batch=config["sample"]["batch_size"],
+        threads: threads_for("sample", 1)
+        resources:
+            **slurm("sample"),
         benchmark:
             "benchmarks/sample_{model}_{steps}.tsv"
         log:
@@ -77,6 +80,9 @@ else:
             resolution=RESOLUTION,
             pairs=config["prompts"]["eval_pairs"],
             batch=config["sample"]["batch_size"],
+        threads: threads_for("sample_part", 1)
+        resources:
+            **slurm("sample_part"),
         log:
             "logs/sample/{model}_{steps}_part{i}of{n}.log",
         shell:
@@ -88,6 +94,9 @@ else:
             [f"samples/{{model}}/{{steps}}/part-{i}-of-{SHARDS}/index.parquet" for i in range(SHARDS)],
         output:
             "samples/{model}/{steps}/index.parquet",
+        threads: threads_for("sample", 1)
+        resources:
+            **slurm("sample"),
         log:
             "logs/sample/{model}_{steps}_merge.log",
         shell:

@@ -16,7 +16,9 @@ rule score:
     params:
         judge=config["judge"],
         score=config["score"],
-    threads: all_cores
+    threads: threads_for("score")
+    resources:
+        **slurm("score"),
     benchmark:
         "benchmarks/score.tsv"
     log:
@@ -44,6 +46,9 @@ rule report:
         compare=COMPARE,  # Table 1's protocol names each published model's recipe
         # What results/ablation.json must have run on for its verdicts to be shown.
         ablation_inputs=lambda wc: P.ablation_inputs(PARAMS),
+    threads: threads_for("report", 1)
+    resources:
+        **slurm("report"),
     log:
         "logs/report.log",
     shell:

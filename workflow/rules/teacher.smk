@@ -16,7 +16,9 @@ rule prepare_teacher:
         teacher=config["teacher"],
         judge=config["judge"],
         stage=config["prepare_teacher"],
-    threads: all_cores
+    threads: threads_for("prepare_teacher")
+    resources:
+        **slurm("prepare_teacher"),
     benchmark:
         "benchmarks/prepare_teacher.tsv"
     log:

@@ -7,6 +7,8 @@ rule world_judge:
         directory(config["world_judge"]["out"]),
     params:
         cfg=config["world_judge"],
+    resources:
+        **slurm("world_judge"),
     log:
         "logs/world_judge.log",
     shell:
@@ -19,6 +21,8 @@ rule world_teacher:
     params:
         cfg=config["world_teacher"],
         judge=config["judge"]["path"],
+    resources:
+        **slurm("world_teacher"),
     log:
         "logs/world_teacher.log",
     shell:
