@@ -47,20 +47,28 @@ def imports(code: str) -> tuple[float, set[str]]:
     return sum(int(us) for us, _ in rows) / 1e6, {name.split(".")[0] for _, name in rows}
 
 
-@pytest.fixture(scope="module")
-def torch_seconds() -> float:
-    return min(imports("import torch")[0] for _ in range(2))
+def against_torch(code: str, budget: float, tries: int = 3) -> tuple[float, set[str]]:
+    """(the smallest ratio of `code`'s import time to `import torch` measured just before it,
+    packages loaded): each try measures both back to back, so a load that comes and goes
+    (the other xdist worker) weighs on both; up to `tries`, until one is within budget."""
+    best, loaded = float("inf"), set()
+    for _ in range(tries):
+        torch_seconds = imports("import torch")[0]
+        seconds, loaded = imports(code)
+        best = min(best, seconds / torch_seconds)
+        if best <= budget:
+            break
+    return best, loaded
 
 
 @pytest.mark.parametrize("script", list(STAGES))
-def test_a_stage_script_imports_only_what_it_needs(script, torch_seconds):
+def test_a_stage_script_imports_only_what_it_needs(script):
     allowed, budget = STAGES[script]
-    seconds, loaded = imports(LOAD.format(path=str(ROOT / "src" / script)))
+    ratio, loaded = against_torch(LOAD.format(path=str(ROOT / "src" / script)), budget)
     heavy = {p for p in HEAVY if p in loaded}
     assert heavy <= allowed, f"{script} imports {sorted(heavy - allowed)} at start"
-    ratio = seconds / torch_seconds
-    print(f"{script}: {seconds:.2f} s of imports, {ratio:.2f}x torch ({torch_seconds:.2f} s)")
-    assert ratio <= budget, f"{script}: {seconds:.2f} s = {ratio:.2f}x torch, budget {budget}x"
+    print(f"{script}: {ratio:.2f}x torch")
+    assert ratio <= budget, f"{script}: {ratio:.2f}x torch's import time, budget {budget}x"
 
 
 # The stages started as modules (dvc.yaml, workflow/rules: `python -m ...`). cdm.fetch loaded
@@ -69,12 +77,12 @@ MODULE_STAGES = {"cdm.fetch": (set(), 0.7), "cdm.validate": (set(), 0.7)}
 
 
 @pytest.mark.parametrize("module", list(MODULE_STAGES))
-def test_a_stage_module_imports_only_what_it_needs(module, torch_seconds):
+def test_a_stage_module_imports_only_what_it_needs(module):
     allowed, budget = MODULE_STAGES[module]
-    seconds, loaded = imports(f"import {module}")
+    ratio, loaded = against_torch(f"import {module}", budget)
     heavy = {p for p in HEAVY if p in loaded}
     assert heavy <= allowed, f"{module} imports {sorted(heavy - allowed)} at start"
-    assert seconds / torch_seconds <= budget, f"{module}: {seconds:.2f} s, budget {budget}x torch"
+    assert ratio <= budget, f"{module}: {ratio:.2f}x torch's import time, budget {budget}x"
 
 
 def test_the_validator_and_the_params_load_without_torch():
