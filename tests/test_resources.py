@@ -8,7 +8,7 @@ import pytest
 from cdm import params as P
 from cdm.fits import check, gpus_of, minutes, parse_sinfo
 from cdm.overlay import apply
-from cdm.resources import ResourcesError, rule_resources, scale, threads
+from cdm.resources import PROCESS_GIB, ResourcesError, rule_resources, scale, threads
 from tests.conftest import ROOT
 
 # The one-node cluster of workflow/scripts/local-slurm.sh: 2 nodes of 2 CPUs, 9039 MB, 2 GPUs.
@@ -25,10 +25,23 @@ def _params(overlay: str | None = None) -> P.Params:
 def test_a_one_gpu_lora_distill_asks_for_one_gpu():
     lora = rule_resources(_params("configs/sd3-medium-lora.yaml"), "distill")
     assert lora["gres"] == "gpu:1" and lora["cpus_per_task"] == 8 and lora["nodes"] == 1
-    assert lora["mem_mb"] < 32000  # one process: the teacher read in fp32 (8 GB) + runtime
+    assert lora["mem_mb"] < 32000  # one process: the teacher read in bf16 (4 GB) + runtime
     full = rule_resources(_params("configs/sd3-medium.yaml"), "distill")
     assert full["gres"] == "gpu:8" and full["cpus_per_task"] == 64
     assert 100_000 < full["mem_mb"] < 480_000
+
+
+def test_a_distill_jobs_memory_is_the_plans_host_memory_per_node():
+    """Each process reads the teacher in bf16 (2 P), rank 0 gathers the fp32 EMA (4 P; a LoRA
+    run only its adapter), plus each process's runtime: in MB, rounded up."""
+    from cdm.plan import describe
+
+    for overlay, ema in (("configs/sd3-medium.yaml", 4), ("configs/sd3-medium-lora.yaml", 0)):
+        params = _params(overlay)
+        p = describe(params.teacher.backend, params.teacher.path, params.teacher.resolution)[0]
+        n = params.distill.num_processes
+        want = n * 2 * p.params + ema * p.params + n * PROCESS_GIB * 1024**3
+        assert rule_resources(params, "distill")["mem_mb"] == -(-want // 10**6), overlay
 
 
 def test_a_multi_node_distill_asks_per_node_one_task_each():
@@ -72,7 +85,8 @@ def test_a_request_the_partition_cannot_hold_is_refused_in_one_line():
     sd3 = _params("configs/sd3-medium.yaml")
     jobs = [(r, rule_resources(sd3, r) | {"slurm_partition": "gpu"}) for r in ("distill", "report")]
     [line] = check(jobs, SMALL)
-    assert line.startswith("rule distill asks for 1 node(s) of 64 CPUs, 141740 MB, 8 GPUs")
+    mem = jobs[0][1]["mem_mb"]
+    assert line.startswith(f"rule distill asks for 1 node(s) of 64 CPUs, {mem} MB, 8 GPUs")
     assert "partition 'gpu' has 2 node(s), the largest 2 CPUs, 9039 MB, 2 GPUs" in line
     assert "\n" not in line
     small = [(r, rule_resources(sd3, r, size="small")) for r in ("prepare_teacher", "report")]

@@ -67,9 +67,9 @@ COMMON |= {f"-p {PARTITION}"}
 EXPECTED = {  # cdm.resources for configs/sd3-medium.yaml (P = 2,028,328,000) and the world
     "prepare_teacher": {"-t 60", "--mem 42474", "--cpus-per-task=8", "--gres=gpu:1"},
     "cache_teacher": {"-t 60", "--mem 42474", "--cpus-per-task=8", "--gres=gpu:1"},
-    "distill": {  # 8 processes: 8 x (4 P + 8 GiB) + rank 0's fp32 EMA (4 P)
+    "distill": {  # 8 processes: 8 x (2 P + 8 GiB) + rank 0's fp32 EMA (4 P)
         "-t 1440",
-        "--mem 141740",
+        "--mem 109287",
         "--nodes=1",
         "--cpus-per-task=64",
         "--gres=gpu:8",
@@ -386,7 +386,7 @@ def test_a_request_the_partition_cannot_hold_is_refused_before_submission(tmp_pa
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and not cluster.log.exists(), out[-3000:]
     assert (
-        "rule distill asks for 1 node(s) of 64 CPUs, 141740 MB, 8 GPUs, 1440 min; partition "
+        "rule distill asks for 1 node(s) of 64 CPUs, 109287 MB, 8 GPUs, 1440 min; partition "
         "'gpu' has 2 node(s), the largest 2 CPUs, 9039 MB, 2 GPUs, no time limit" in out
     ), out[-3000:]
     assert not (work / ".cdm-run.lock").exists()  # refused before the lock was taken

@@ -326,6 +326,13 @@ def peaks(
     }
 
 
+def host_per_node(p: int, per_node: int, weight_bytes: int = 2, ema: bool = True) -> float:
+    """Host bytes of one node's distill processes at their peak (the SLURM job's memory,
+    cdm.resources): each reads the teacher in the training dtype (w P; distill.load_teacher);
+    rank 0 gathers the fp32 EMA for a preview or the export (4 P; a LoRA run its adapter)."""
+    return per_node * weight_bytes * p + (4 * p if ema else 0)
+
+
 # The authors' global batch per backend: SD3's recipe 8 GPUs x 16 (docs/method.md), their
 # LongCat-Image preset 8 x 8 (configs/longcat-image.yaml).
 RECIPE_GLOBAL_BATCH = {"sd3": 128, "longcat": 64}

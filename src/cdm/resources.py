@@ -5,9 +5,10 @@ plugin's settings; each rule's request comes from here, so it follows the run it
 
 - distill (and ablation_distill): `distill.num_processes` GPUs on each of `distill.nodes`
   nodes (one launcher per node starts them), CPUS_PER_GPU CPUs per GPU process, and host
-  memory per node from the plan: each process reads the teacher in fp32 (4 P bytes, P its
-  transformer's parameters) before moving it to its GPU, rank 0 gathers the fp32 EMA (4 P)
-  for previews and the export, plus PROCESS_GIB for each process's runtime. A one-GPU LoRA
+  memory per node from the plan (cdm.plan.host_per_node): each process reads the teacher in
+  bf16 (2 P bytes, P its transformer's parameters; distill.load_teacher) before moving it to
+  its GPU, rank 0 gathers the fp32 EMA (4 P) for previews and the export, plus PROCESS_GIB
+  for each process's runtime. A one-GPU LoRA
   run asks for one GPU; a 2-node SD3.5-Large run for 8 GPUs on each of 2 nodes.
 - every other GPU rule (the teacher's and the samplers' one-GPU jobs): one GPU, CPUS_PER_GPU
   CPUs, the teacher read in fp32 plus TEXT_GIB for its text encoders; the scorers' memory is
@@ -81,12 +82,16 @@ def rule_resources(params: P.Params, rule: str, shards: int = 1, size: str = "fu
     elif merge or rule in CPU_RULES:
         mem, cpus = MERGE_MB, 2
     else:
-        fp32 = 4 * _teacher_parameters(teacher.backend, teacher.path, teacher.resolution)
+        count = _teacher_parameters(teacher.backend, teacher.path, teacher.resolution)
+        fp32 = 4 * count
         if rule in DISTILL:
+            from cdm.plan import host_per_node
+
             gpus, nodes = cfg.num_processes, cfg.nodes
             cpus = CPUS_PER_GPU * gpus
-            ema = 0 if cfg.lora is not None else fp32  # LoRA: rank 0 gathers an adapter only
-            mem = gpus * (fp32 + PROCESS_GIB * 1024**3) + ema
+            # bf16 teachers on each process, rank 0's fp32 EMA (LoRA: an adapter only).
+            host = host_per_node(count, gpus, 2, ema=cfg.lora is None)
+            mem = host + gpus * PROCESS_GIB * 1024**3
         else:
             mem = fp32 + TEXT_GIB * 1024**3
         mem = SCORER_MB.get(rule, math.ceil(mem / 1e6))
