@@ -314,4 +314,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.multiproc)
         if module in GROUPED_MODULES:
             item.add_marker(pytest.mark.xdist_group(module))
+    if getattr(config.option, "loadgroup", False):
+        _group_ids(items)
     items.sort(key=_cost_rank)  # stable: the order within each rank is kept
+
+
+def _group_ids(items: list[pytest.Item]) -> None:
+    """`--dist loadgroup`'s "@group" suffix on each grouped test's id, which is how xdist's
+    scheduler keeps a group on one worker. xdist 3.8 writes it to `item._nodeid`, which
+    pytest 9 no longer reads (the id is `item._id`): every group was split across the
+    workers, module fixtures built twice and the real Slurm tests run side by side."""
+    try:
+        from _pytest.nodeid import coerce_node_id
+    except ImportError:  # pytest 8: xdist's own suffix works
+        return
+    for item in items:
+        names = {str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                 for m in item.iter_markers("xdist_group")}  # fmt: skip
+        if names and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(sorted(names))}")
