@@ -23,10 +23,9 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
 import sys
 
-from cdm.requeue import IN_STEP
+from cdm.requeue import IN_STEP, show_job
 
 # The first host of the allocation: the rendezvous of every node's torchrun.
 FIRST_HOST = '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
@@ -75,11 +74,8 @@ def cpus_per_node(env: dict[str, str] | None = None) -> int | None:
     job = env.get("SLURM_JOB_ID")
     if not job:
         return None
-    try:
-        out = subprocess.run(
-            ["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
+    out = show_job(job, timeout=30)
+    if out is None:
         return None
     cpus, nodes = re.search(r"\bNumCPUs=(\d+)", out), re.search(r"\bNumNodes=(\d+)", out)
     if cpus is None or nodes is None or int(nodes[1]) < 1:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import threading
 import time
 from datetime import datetime
 
 from cdm.cli import StageFailure
-from cdm.requeue import RESUME
+from cdm.requeue import RESUME, show_job
 
 _END = re.compile(r"\bEndTime=(\S+)")
 
@@ -38,11 +37,8 @@ def slurm_end_time(job_id: str | None = None) -> float | None:
     job_id = job_id or os.environ.get("SLURM_JOB_ID")
     if not job_id:
         return None
-    try:
-        out = subprocess.run(
-            ["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
+    out = show_job(job_id, timeout=30)
+    if out is None:
         return None
     match = _END.search(out)
     if match is None or match.group(1) in ("Unknown", "None"):

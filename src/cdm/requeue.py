@@ -26,11 +26,17 @@ RESUME = 75  # EX_TEMPFAIL: stopped early on purpose, the checkpoint is written
 IN_STEP = "CDM_NODE_STEP"
 
 
-def _scontrol(*args: str) -> subprocess.CompletedProcess | None:
+def _scontrol(*args: str, timeout: float = 60) -> subprocess.CompletedProcess | None:
     try:
-        return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+        return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def show_job(job: str, timeout: float = 60) -> str | None:
+    """`scontrol show job <job>`'s text, or None where scontrol cannot be run."""
+    shown = _scontrol("show", "job", job, timeout=timeout)
+    return None if shown is None else shown.stdout
 
 
 def requeue(env: dict[str, str] | None = None) -> bool:
@@ -39,8 +45,7 @@ def requeue(env: dict[str, str] | None = None) -> bool:
     job = env.get("SLURM_JOB_ID")
     if not job or env.get(IN_STEP):
         return False
-    shown = _scontrol("show", "job", job)
-    info = shown.stdout if shown is not None else ""
+    info = show_job(job) or ""
     if not re.search(r"\bBatchFlag=1\b", info):
         return False  # an salloc shell (or no scontrol): the user reruns, which resumes
     state = re.search(r"\bJobState=(\S+)", info)
