@@ -333,3 +333,26 @@ def _group_ids(items: list[pytest.Item]) -> None:
                  for m in item.iter_markers("xdist_group")}  # fmt: skip
         if names and "@" not in item.nodeid:
             item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(sorted(names))}")
+
+
+# ------------------------------------------------------------------------ the suite's timeline
+
+TIMELINE = "CDM_TEST_TIMELINE"  # a file: one JSON line per test phase (worker, start, seconds)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With CDM_TEST_TIMELINE set, where each worker spent the run: a gap between one test's
+    end and the next one's start, or a setup that waits on another worker's shared build, is
+    a core left idle (python bench/suite_timeline.py reads it)."""
+    path = os.environ.get(TIMELINE)
+    if not path or getattr(report, "node", None) is not None:  # xdist's controller: a copy
+        return
+    line = {
+        "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+        "test": report.nodeid,
+        "when": report.when,
+        "start": getattr(report, "start", None),
+        "seconds": round(report.duration, 3),
+    }
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
