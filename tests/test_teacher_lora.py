@@ -270,3 +270,21 @@ def test_the_teacher_loras_content_and_scale_enter_the_fingerprint(tmp_path):
     assert inputs(path=str(path), scale=0.5) != first
     save_file({"transformer.a.lora_A.weight": torch.ones(1)}, str(path))
     assert inputs(path=str(path)) != first  # a new file under the same name
+
+
+def test_a_dora_teacher_lora_is_refused_in_one_line(tmp_path, tiny_dirs):
+    """DoRA rescales each weight's columns: no low-rank delta to fuse or export against the
+    base, so it is refused naming the file."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = backend_module("sd3").load_velocity(tiny_dirs["sd3"])[0].transformer
+    dora = LoraConfig(r=2, lora_alpha=2, target_modules=["attn.to_q"], use_dora=True)
+    inject_adapter_in_model(dora, transformer, adapter_name="default")
+    state = get_peft_model_state_dict(transformer, adapter_name="default")
+    path = tmp_path / "dora.safetensors"
+    save_file({f"transformer.{k}": v.contiguous() for k, v in state.items()}, str(path))
+    transformer.unload_lora()
+    with pytest.raises(ValueError, match=r"dora.safetensors': .*DoRA") as err:
+        teacherlora.read(transformer, P.TeacherLora(path=str(path)))
+    assert "\n" not in str(err.value)

@@ -33,9 +33,9 @@ def from_peft(module: torch.nn.Module, adapter: str, scale: float = 1.0) -> Fact
             raise ValueError(
                 f"{name}: a DoRA or LoRA-bias adapter is not a low-rank delta; use a plain LoRA"
             )
+        base = type(layer.get_base_layer()).__name__
         if not isinstance(layer.get_base_layer(), torch.nn.Linear):
-            raise ValueError(f"{name}: LoRA on a {type(layer.get_base_layer()).__name__}; "
-                             "only linear layers are supported")  # fmt: skip
+            raise ValueError(f"{name}: a LoRA on a {base}; only linear layers are supported")
         a = layer.lora_A[adapter].weight.detach().to("cpu", torch.float32)
         b = layer.lora_B[adapter].weight.detach().to("cpu", torch.float32)
         out[name] = (a.clone(), b * (float(layer.scaling[adapter]) * scale))

@@ -76,6 +76,8 @@ def read(transformer: torch.nn.Module, cfg: TeacherLora) -> lorafactors.Factors:
         )
     try:
         factors = lorafactors.from_peft(transformer, ADAPTER, cfg.scale)
+    except ValueError as exc:  # name the file: the message names only the module
+        raise ValueError(f"teacher.lora.path '{path}': {exc}") from None
     finally:
         transformer.unload_lora()
     return factors
