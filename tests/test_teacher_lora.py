@@ -244,6 +244,10 @@ def test_a_missing_teacher_lora_file_is_named_before_any_stage(tmp_path, tiny_di
         (["lora_unet_blocks_0_attn.lora_down.weight"], "kohya/ComfyUI key layout"),
         (["transformer.proj_out.weight"], "no lora_A/lora_B weights"),
         (["transformer.no_such.lora_A.weight"], "module 'no_such' is not in this"),
+        (  # the module exists, the shapes are another model's
+            [f"transformer.transformer_blocks.0.attn.to_q.lora_{x}.weight" for x in "AB"],
+            "does not fit this SD3Transformer2DModel",
+        ),
     ],
 )
 def test_a_lora_the_teacher_cannot_take_is_refused_in_one_line(keys, message, tmp_path, tiny_dirs):

@@ -67,13 +67,22 @@ def read(transformer: torch.nn.Module, cfg: TeacherLora) -> lorafactors.Factors:
                 f"teacher.lora.path '{path}': module '{name}' is not in this "
                 f"{type(transformer).__name__}; the LoRA was trained for another model"
             )
-    if prefix == "base_model":  # peft's own file: keys without diffusers' transformer prefix
-        state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(path)).items()}
-        transformer.load_lora_adapter(state, prefix=None, adapter_name=ADAPTER)
-    else:
-        transformer.load_lora_adapter(
-            str(path.parent), weight_name=path.name, prefix=prefix, adapter_name=ADAPTER
-        )
+    try:
+        if prefix == "base_model":  # peft's own file: keys without diffusers' prefix
+            state = {
+                k.removeprefix("base_model.model."): v for k, v in load_file(str(path)).items()
+            }
+            transformer.load_lora_adapter(state, prefix=None, adapter_name=ADAPTER)
+        else:
+            transformer.load_lora_adapter(
+                str(path.parent), weight_name=path.name, prefix=prefix, adapter_name=ADAPTER
+            )
+    except (RuntimeError, ValueError) as exc:  # e.g. a size mismatch: another model's LoRA
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"teacher.lora.path '{path}' does not fit this {type(transformer).__name__} "
+            f"({reason}); was the LoRA trained for another model?"
+        ) from None
     try:
         factors = lorafactors.from_peft(transformer, ADAPTER, cfg.scale)
     except ValueError as exc:  # name the file: the message names only the module
