@@ -6,6 +6,7 @@ samples (cdm.lorafactors stacks the teacher's LoRA with the student's adapter)."
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,10 @@ from cdm import lora, lorafactors, teacherlora
 from cdm import params as P
 from cdm.backends import backend_module
 from cdm.validate import check_inputs
+from tests.conftest import copy_project, edit_params
 from tests.test_pipeline_backends import (
     BACKENDS,
+    ENV,
     GUARD,
     N_PAIRS,
     PROMPTS,
@@ -292,3 +295,23 @@ def test_a_dora_teacher_lora_is_refused_in_one_line(tmp_path, tiny_dirs):
     with pytest.raises(ValueError, match=r"dora.safetensors': .*DoRA") as err:
         teacherlora.read(transformer, P.TeacherLora(path=str(path)))
     assert "\n" not in str(err.value)
+
+
+def test_snakemake_reads_the_teacher_lora_file_as_an_input_of_prepare_teacher(tmp_path):
+    """New content under the same name reruns the teacher's stages under Snakemake (DVC
+    reruns on the `teacher` params; see docs/real-runs.md)."""
+    work = copy_project(tmp_path / "project", skip=("dvc.lock",))
+    mine = tmp_path / "mine.safetensors"
+    save_file({"transformer.a.lora_A.weight": torch.zeros(1)}, str(mine))
+    edit_params(
+        work / "params.yaml",
+        teacher={"backend": "sd3", "path": "someone/model", "lora": {"path": str(mine)}},
+        prompts={"train_file": "data/train.txt", "eval_file": "data/eval.txt"},
+    )
+    cmd = ["snakemake", "-n", "--cores", "1", "models/teacher"]
+    proc = subprocess.run(cmd, cwd=work, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = proc.stdout + proc.stderr
+    block = plan[plan.index("rule prepare_teacher:") :]
+    inputs = next(line for line in block.splitlines() if line.strip().startswith("input:"))
+    assert str(mine) in inputs
