@@ -5,15 +5,11 @@ samples (cdm.lorafactors stacks the teacher's LoRA with the student's adapter)."
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import yaml
-from PIL import Image
 from safetensors.torch import save_file
 
 from cdm import lora, lorafactors, teacherlora
@@ -24,12 +20,7 @@ from tests.conftest import copy_project, edit_params
 from tests.test_pipeline_backends import (
     BACKENDS,
     ENV,
-    GUARD,
-    N_PAIRS,
     PROMPTS,
-    _params,
-    _run,
-    _stock_images,
 )
 
 SCALE = 0.8  # the teacher LoRA's weight in these tests (not 1: the scale must be applied)
@@ -165,47 +156,8 @@ def test_the_exported_lora_on_the_stock_base_pipeline_samples_the_student(
     assert (_latents(alone, backend) - want).abs().max().item() > 1e-2  # the teacher's part counts
 
 
-@pytest.mark.e2e
-def test_the_stages_export_a_fine_tunes_few_step_lora_for_the_base(tiny_dirs, tmp_path):
-    """The stages wired together (LongCat, the cheaper tiny pipeline): prepare_teacher fuses,
-    cache_teacher, distill in LoRA mode, sample; the exported LoRA loaded on the stock base
-    pipeline with the student's scheduler gives the images sample.py wrote (at most 1 level
-    apart); the base alone does not."""
-    import diffusers
-
-    backend = "longcat"
-    _, cls_name, resolution, shape = BACKENDS[backend]
-    base = shutil.copytree(tiny_dirs[backend], tmp_path / f"tiny_{backend}")
-    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    mine = _teacher_lora(backend, base, tmp_path / "mine")
-    _params(tmp_path / "params.yaml", backend, lora={"path": str(mine), "scale": SCALE})
-    data = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    data["distill"].update(lora={"rank": 4, "alpha": 8.0}, lr_student=0.01, iterations=2)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
-    _run(tmp_path, "prepare_teacher.py")
-    _run(tmp_path, "cache_teacher.py")
-    _run(tmp_path, "distill.py", "--method", "cdm", env=GUARD)
-    _run(tmp_path, "sample.py", "--model", "cdm", "--steps", "4", env=GUARD)
-    report = yaml.safe_load((tmp_path / "results/teacher.json").read_text())
-    assert report["lora"]["scale"] == SCALE and report["lora"]["modules"] > 0
-    folder = tmp_path / "models/students/cdm"
-    assert not (folder / teacherlora.FACTORS).exists()  # the teacher's bookkeeping stays there
-    ours = [
-        np.asarray(Image.open(tmp_path / f"samples/cdm/4/{j:05d}.png")).astype(np.int16)
-        for j in range(N_PAIRS)
-    ]
-    cls = getattr(diffusers, cls_name)
-    stock_base = type(cls.from_pretrained(folder).transformer).from_pretrained(
-        base, subfolder="transformer"
-    )
-    pipe = cls.from_pretrained(folder, transformer=stock_base)  # the student's scheduler
-    bare = _stock_images(pipe, backend, resolution, shape)
-    _load_student_lora(pipe, backend, folder)
-    stock = _stock_images(pipe, backend, resolution, shape)
-    for j in range(N_PAIRS):
-        assert stock[j].shape == ours[j].shape == (resolution, resolution, 3)
-        assert np.abs(stock[j] - ours[j]).max() <= 1, j
-    assert max(np.abs(b - o).max() for b, o in zip(bare, ours, strict=True)) > 2
+# The stages wired together (prepare_teacher fusing, LoRA-mode distill, sample, the export
+# on the stock base pipeline): tests/test_pipeline_backends.py, its LoRA run on LongCat.
 
 
 # --- one-line refusals and the fingerprint ---------------------------------------------------
