@@ -5,8 +5,10 @@
 
 Per worker: its first start and last end, the seconds inside tests (setup, call, teardown)
 and the gaps between them (collection, xdist's scheduling), the setups that took longest
-(a shared fixture being built, or waited for while another worker builds it), and when each
-worker finished: a worker that ends minutes before the other left a core idle that long.
+(a shared fixture being built, or waited for while another worker builds it), the phases
+whose CPU seconds (the worker's and its subprocesses', not a Slurm job's) fall furthest short
+of their wall seconds, and when each worker finished: a worker that ends minutes before the
+other left a core idle that long.
 """
 
 from __future__ import annotations
@@ -29,18 +31,26 @@ def summarise(lines: list[dict], top: int = 15) -> dict:
     for worker, phases in sorted(by_worker.items()):
         phases.sort(key=lambda line: line["start"])
         busy = sum(line["seconds"] for line in phases)
+        cpu = sum(line.get("cpu", 0.0) for line in phases)
         first, last = phases[0]["start"], max(p["start"] + p["seconds"] for p in phases)
         workers[worker] = {
             "start_s": round(first - t0, 1),
             "end_s": round(last - t0, 1),
             "in_tests_s": round(busy, 1),
             "between_tests_s": round(last - first - busy, 1),
+            "cpu_s": round(cpu, 1),
             "tests": len({p["test"] for p in phases}),
         }
     setups = sorted(
         (line for line in lines if line["when"] == "setup"), key=lambda line: -line["seconds"]
     )[:top]
     calls = sorted(lines, key=lambda line: -line["seconds"])[:top]
+    # Phases that leave most of a core idle: wall seconds beyond their CPU seconds (waits on
+    # a scheduler, a poll, a sleep, a lock), the longest first.
+    waits = sorted(
+        (line for line in lines if "cpu" in line),
+        key=lambda line: -(line["seconds"] - line["cpu"]),
+    )[:top]
     ends = [w["end_s"] for w in workers.values()]
     return {
         "wall_s": round(max(ends), 1),
@@ -52,6 +62,10 @@ def summarise(lines: list[dict], top: int = 15) -> dict:
         "longest_phases": [
             {"test": c["test"], "when": c["when"], "worker": c["worker"], "seconds": c["seconds"]}
             for c in calls
+        ],
+        "longest_waits": [
+            {"test": w["test"], "when": w["when"], "seconds": w["seconds"], "cpu": w["cpu"]}
+            for w in waits
         ],
     }
 
