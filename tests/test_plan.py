@@ -200,7 +200,10 @@ def test_cli_error_is_one_line():
     cmd = [PYTHON, "-m", "cdm.plan", "configs/ablation.yaml", "--gpus", "8"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
-    assert proc.stderr.count("\n") == 1 and "covers the sd3 and longcat backends" in proc.stderr
+    assert (
+        proc.stderr.count("\n") == 1
+        and "covers the sd3, longcat, qwen-image backends" in proc.stderr
+    )
 
 
 # Measured on one H100 (bf16, torch 2.11, SDPA) with random weights of SD3-Medium's published

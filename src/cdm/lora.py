@@ -29,17 +29,21 @@ if TYPE_CHECKING:  # peft loads only in LoRA mode (the functions below import it
 
 STUDENT, FAKE = "student", "fake_score"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: load_lora_weights finds it
-BLOCKS = ("transformer_blocks", "single_transformer_blocks")  # SD3 / LongCat (Flux-style)
-# Relative names of the feed-forward linears: SD3's and LongCat's joint blocks (ff, ff_context)
-# and LongCat's single blocks (proj_mlp in, proj_out out of attention + MLP).
-FF_PREFIXES = ("ff.", "ff_context.")
+BLOCKS = (
+    "transformer_blocks",
+    "single_transformer_blocks",
+)  # SD3, Qwen-Image / LongCat (Flux-style)
+# Relative names of the feed-forward linears: SD3's and LongCat's joint blocks (ff, ff_context),
+# Qwen-Image's (img_mlp, txt_mlp) and LongCat's single blocks (proj_mlp in, proj_out out of
+# attention + MLP).
+FF_PREFIXES = ("ff.", "ff_context.", "img_mlp.", "txt_mlp.")
 SINGLE_FF = ("proj_mlp", "proj_out")
 
 
 def targets(transformer: torch.nn.Module, cfg: Lora) -> list[str]:
     """Full names of the linears that get adapters: every linear of each block's attention
-    (`attn.*`: SD3's to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out; LongCat's the same plus
-    its single blocks' to_q/k/v) and, with include_ff, the feed-forward linears.
+    (`attn.*`: SD3's and Qwen-Image's to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out; LongCat's
+    the same plus its single blocks' to_q/k/v) and, with include_ff, the feed-forward linears.
     `cfg.targets` (suffixes of names) replaces that choice."""
     names = []
     for name, module in transformer.named_modules():
