@@ -16,6 +16,8 @@ from cdm.flow import cfg, x0_from_v
 from cdm.losses import ca_loss
 from cdm.sampling import inference_sigmas, sample_euler
 from cdm.velocity import QwenImageVelocity, TransformerVelocity, unpack_longcat
+from tests.conftest import call_stage
+from tests.test_pipeline_backends import _params
 
 PROMPTS = ["a red cat", "a blue dog on a green mat"]
 SIZE = 32  # px: 16x16 latents with the tiny VAE's factor 2, 64 image tokens
@@ -149,6 +151,16 @@ def test_geometry_shift_and_resolution_errors(tiny_dirs):
     assert qwenimage.geometry(tiny_dirs["qwen-image"], None)[1] == (16, 128, 128)
     with pytest.raises(ValueError, match=r"^teacher.resolution \(34\) must be a multiple of 4 "):
         qwenimage.geometry(tiny_dirs["qwen-image"], 34)
+
+
+def test_a_resolution_off_the_packing_grid_stops_prepare_teacher_in_one_line(tiny_dirs, tmp_path):
+    (tmp_path / "tiny_qwen-image").symlink_to(tiny_dirs["qwen-image"])
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    _params(tmp_path / "params.yaml", "qwen-image", resolution=34)
+    code, err = call_stage(tmp_path, "prepare_teacher.py")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "teacher.resolution (34) must be a multiple of 4 (VAE factor 2 x packing 2)" in err
+    assert not (tmp_path / "models").exists()
 
 
 def test_an_exported_student_samples_like_our_sampler_at_1_2_4_steps(pipe, tiny_dirs, tmp_path):
