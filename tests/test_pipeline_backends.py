@@ -221,9 +221,13 @@ def test_a_lora_runs_adapter_on_the_stock_teacher_samples_the_students_images(pr
     )
     pipe = cls.from_pretrained(folder, transformer=transformer)
     bare = _stock_images(pipe, backend, resolution, shape)
+    card = (folder / "README.md").read_text()  # the card's own loading code is what runs here
+    assert f"pipe = {cls_name}.from_pretrained(" in card
     if backend in ("sd3", "qwen-image"):
+        assert 'pipe.load_lora_weights("<this folder>")' in card
         pipe.load_lora_weights(folder)
     else:
+        assert "pipe.transformer.load_lora_adapter(" in card
         # As the model card says (without weight_name diffusers looks for a .bin file).
         pipe.transformer.load_lora_adapter(folder, prefix="transformer", weight_name=LORA_FILE)
     stock = _stock_images(pipe, backend, resolution, shape)

@@ -262,21 +262,28 @@ def networks(
     return Teacher(teacher), AdapterView(teacher, STUDENT), AdapterView(teacher, FAKE)
 
 
-def card_section(base_model: str) -> str:
-    """The model card's paragraph on loading the exported adapter."""
+def card_section(base_model: str, pipeline: str = "StableDiffusion3Pipeline") -> str:
+    """The model card's paragraph on loading the exported adapter on the stock `pipeline`: with
+    its LoRA loader where it has one (SD3, Qwen-Image), else on its transformer (LongCat)."""
+    import diffusers
+
+    if hasattr(getattr(diffusers, pipeline), "load_lora_weights"):
+        load = 'pipe.load_lora_weights("<this folder>")\n'
+    else:  # without weight_name diffusers looks for a .bin file
+        load = (
+            'pipe.transformer.load_lora_adapter("<this folder>", prefix="transformer", '
+            f'weight_name="{LORA_FILE}")\n'
+        )
     return (
         "\n## LoRA student\n\n"
         "Trained in LoRA mode (`distill.lora`): the student is an adapter on the frozen teacher. "
         f"`{LORA_FILE}` in this folder is that adapter; `transformer/` holds it merged. Load "
         "the adapter on the stock teacher with the few-step scheduler of this folder:\n\n"
         "```python\n"
-        "from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline\n\n"
-        f'pipe = StableDiffusion3Pipeline.from_pretrained("{base_model}")\n'
-        'pipe.load_lora_weights("<this folder>")\n'
+        f"from diffusers import {pipeline}\n\n"
+        f'pipe = {pipeline}.from_pretrained("{base_model}")\n'
+        f"{load}"
         'pipe.scheduler = type(pipe.scheduler).from_pretrained("<this folder>", '
         'subfolder="scheduler")\n'
-        "```\n\n"
-        "For LongCat-Image (no pipeline-level LoRA loader): "
-        '`pipe.transformer.load_lora_adapter("<this folder>", prefix="transformer", '
-        f'weight_name="{LORA_FILE}")` (without `weight_name` diffusers looks for a .bin).\n'
+        "```\n"
     )
