@@ -175,6 +175,7 @@ def test_qwen_image_targets_its_attention_and_mlps_not_its_modulation():
     """Qwen-Image's blocks: attention (both streams) and img_mlp / txt_mlp get adapters, the
     img_mod / txt_mod modulation linears stay frozen; the adapters attach to the wrapped
     model and run as the student while the teacher runs bare."""
+    from cdm.guidance import guide_of
     from cdm.velocity import QwenImageVelocity
 
     transformer = tiny_pipelines.qwen_pipeline().transformer
@@ -196,6 +197,8 @@ def test_qwen_image_targets_its_attention_and_mlps_not_its_modulation():
     with torch.no_grad():
         assert not torch.allclose(teacher(x, sigma, cond), student(x, sigma, cond))
         assert torch.equal(teacher(x, sigma, cond), teacher(x, sigma, cond))
+    # The LoRA-mode teacher keeps Qwen-Image's true CFG for the CA loss (cdm.guidance).
+    assert guide_of(teacher) == QwenImageVelocity.guide
 
 
 # --- whole runs on the tiny world (src/distill.py, as tests/test_distill.py drives them) ---

@@ -202,3 +202,50 @@ def test_a_condition_of_one_length_for_every_prompt():
     assert both.embeds.shape == (3, qwenimage.TEXT_TOKENS, 3)
     assert both.pooled.sum(1).tolist() == [3.0, 5.0, 7.0]
     assert both.embeds[0, 5:].abs().sum() == 0 and both.embeds[2, :7].sum() == 21
+
+
+def test_the_engines_ca_loss_takes_the_rescaled_guided_teacher(pipe, monkeypatch):
+    """student_losses (CA only) with the Qwen-Image teacher: the CA direction comes from
+    _guided_x0 on the teacher's conditional and null velocities at the re-noised point, scale
+    g + 1; with the same network behind a linear-CFG wrapper, ca_loss gets no guided estimate."""
+    from cdm import params as P
+    from cdm.rollout import Rollout
+
+    seen: dict = {}
+    guided_x0, loss = engine._guided_x0, engine.ca_loss
+
+    def spy_guided(teacher, z, tau, v_c, v_u, g):
+        seen.update(z=z, tau=tau, v_c=v_c, v_u=v_u, g=g)
+        seen["out"] = guided_x0(teacher, z, tau, v_c, v_u, g)
+        return seen["out"]
+
+    def spy_loss(*args, guided=None, **kwargs):
+        seen["passed"] = guided
+        return loss(*args, guided=guided, **kwargs)
+
+    monkeypatch.setattr(engine, "_guided_x0", spy_guided)
+    monkeypatch.setattr(engine, "ca_loss", spy_loss)
+    velocity = QwenImageVelocity(pipe.transformer)
+    cond = qwenimage.pad(*pipe.encode_prompt(PROMPTS, device="cpu"))
+    null = qwenimage.pad(*pipe.encode_prompt([""], device="cpu"))
+    x = _noise(2)
+    roll = Rollout(x, torch.zeros_like(x), torch.tensor([0.9, 0.6]), x, 1)
+    method = P.Method(schedule="fixed", ca=True, dm=False, cdm=False)
+    cfg = P.Params().distill.model_copy(update={"guidance": 3.0})
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    with torch.no_grad():
+        engine.student_losses(velocity, velocity, velocity, roll, cond, null, method, cfg, gen())
+        assert seen["g"] == 3.0 and seen["passed"] is seen["out"]
+        torch.testing.assert_close(seen["v_c"], velocity(seen["z"], seen["tau"], cond))
+        torch.testing.assert_close(seen["v_u"], velocity(seen["z"], seen["tau"], null.expand(2)))
+        want = x0_from_v(
+            seen["z"], QwenImageVelocity.guide(seen["v_c"], seen["v_u"], 4.0), seen["tau"]
+        )
+        assert torch.equal(seen["out"], want)
+
+        class Linear(torch.nn.Module):  # the same network, the linear CFG of other families
+            def forward(self, *args):
+                return velocity(*args)
+
+        engine.student_losses(velocity, Linear(), velocity, roll, cond, null, method, cfg, gen())
+    assert seen["passed"] is None
