@@ -107,9 +107,11 @@ def main() -> None:
             if cfg.lora is not None and (tmp / "README.md").is_file():
                 readme = tmp / "README.md"
                 fine_tune = params.teacher.lora.path if params.teacher.lora else None
+                # Only the pipeline backends write a card: their FAMILY names the stock class.
                 section = lora.card_section(
-                    params.teacher.path, fine_tune, layout.name if layout else None
-                )
+                    params.teacher.path, backend.FAMILY.pipeline, fine_tune,
+                    layout.name if layout else None,
+                )  # fmt: skip
                 readme.write_text(readme.read_text() + section)
             (tmp / "params.json").write_text(json.dumps(resolved, indent=1))
             manifest.write(tmp)  # last: what the sampler and publish check the export against

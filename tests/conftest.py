@@ -168,16 +168,18 @@ def _tiny_pipelines(root: Path) -> None:
     from tests import tiny_pipelines
 
     for name, build in {
-        "sd3": tiny_pipelines.sd3_pipeline, "longcat": tiny_pipelines.longcat_pipeline
+        "sd3": tiny_pipelines.sd3_pipeline, "longcat": tiny_pipelines.longcat_pipeline,
+        "qwen-image": tiny_pipelines.qwen_pipeline,
     }.items():  # fmt: skip
         tiny_pipelines.save(build(), root / name)
 
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny random SD3 and LongCat-Image pipelines saved with save_pretrained (offline)."""
+    """Tiny random SD3, LongCat-Image and Qwen-Image pipelines saved with save_pretrained
+    (offline)."""
     root = shared(tmp_path_factory, "tiny_pipelines", _tiny_pipelines)
-    return {name: root / name for name in ("sd3", "longcat")}
+    return {name: root / name for name in ("sd3", "longcat", "qwen-image")}
 
 
 # ------------------------------------------------------------- tiny scorers (test_scorers, hpsv3)

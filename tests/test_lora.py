@@ -171,6 +171,36 @@ def test_longcat_targets_cover_its_attention_and_feed_forward_linears():
     assert len(student.names) == 2 * len(names)  # lora_A and lora_B per target
 
 
+def test_qwen_image_targets_its_attention_and_mlps_not_its_modulation():
+    """Qwen-Image's blocks: attention (both streams) and img_mlp / txt_mlp get adapters, the
+    img_mod / txt_mod modulation linears stay frozen; the adapters attach to the wrapped
+    model and run as the student while the teacher runs bare."""
+    from cdm.guidance import guide_of
+    from cdm.velocity import QwenImageVelocity
+
+    transformer = tiny_pipelines.qwen_pipeline().transformer
+    names = set(lora.targets(transformer, P.Lora()))
+    linears = {n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    wanted = {
+        n for n in linears
+        if n.startswith("transformer_blocks.") and (".attn." in n or "_mlp." in n)
+    }  # fmt: skip
+    assert names == wanted and any(".img_mod." in n for n in linears - names)
+    assert any("attn.add_q_proj" in n for n in names) and any("txt_mlp.net.2" in n for n in names)
+    velocity = QwenImageVelocity(transformer)
+    teacher, student, _ = lora.networks(velocity, P.Lora(rank=2, alpha=4.0), 0, False)
+    with torch.no_grad():
+        for p in student.weights:
+            p.normal_(std=0.1)
+    x, sigma = torch.randn(1, 16, 8, 8), torch.tensor([0.5])
+    cond = Condition(torch.randn(1, 6, 16), torch.ones(1, 6))
+    with torch.no_grad():
+        assert not torch.allclose(teacher(x, sigma, cond), student(x, sigma, cond))
+        assert torch.equal(teacher(x, sigma, cond), teacher(x, sigma, cond))
+    # The LoRA-mode teacher keeps Qwen-Image's true CFG for the CA loss (cdm.guidance).
+    assert guide_of(teacher) == QwenImageVelocity.guide
+
+
 # --- whole runs on the tiny world (src/distill.py, as tests/test_distill.py drives them) ---
 
 LORA_RUN = {"rank": 4, "alpha": 8.0}

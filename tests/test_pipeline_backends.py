@@ -1,4 +1,4 @@
-"""The sd3 and longcat backends end to end on tiny random pipelines built offline.
+"""The sd3, longcat and qwen-image backends end to end on tiny random pipelines built offline.
 
 prepare_teacher -> cache_teacher -> distill (ZeRO-2, one process) -> sample -> export run as
 subprocesses in a scratch project; distill and sample run under a guard that makes building
@@ -20,7 +20,7 @@ import torch
 import yaml
 from PIL import Image
 
-from cdm.backends import few_step, longcat, sd3
+from cdm.backends import few_step, longcat, qwenimage, sd3
 from cdm.cache import load_condition
 from cdm.sampling import inference_sigmas
 from cdm.world.evaluate import EvalPairs
@@ -37,6 +37,13 @@ N_PAIRS = 3
 BACKENDS = {
     "sd3": (tiny_pipelines.sd3_pipeline, "StableDiffusion3Pipeline", 16, (16, 8, 8)),
     "longcat": (tiny_pipelines.longcat_pipeline, "LongCatImagePipeline", 32, (16, 16, 16)),
+    "qwen-image": (tiny_pipelines.qwen_pipeline, "QwenImagePipeline", 32, (16, 16, 16)),
+}
+# The stock call without CFG, as each model card shows it.
+NO_CFG = {
+    "sd3": {"guidance_scale": 1.0},
+    "longcat": {"guidance_scale": 1.0, "enable_prompt_rewrite": False},
+    "qwen-image": {"true_cfg_scale": 1.0},
 }
 
 
@@ -114,12 +121,21 @@ def test_cache_holds_the_pipelines_own_prompt_encoding(project, tiny_dirs):
         )
         assert cond.embeds.shape == (4, 77 + 256, 16)
         torch.testing.assert_close(cond.pooled, pooled)
-    else:
+    elif backend == "longcat":
         from diffusers import LongCatImagePipeline
 
         pipe = LongCatImagePipeline.from_pretrained(tiny_dirs["longcat"])
         embeds, _ = pipe.encode_prompt(PROMPTS)
         assert cond.embeds.shape == (4, longcat.TEXT_TOKENS, 16)
+    else:  # per-prompt lengths, padded to one, the mask in pooled
+        from diffusers import QwenImagePipeline
+
+        pipe = QwenImagePipeline.from_pretrained(tiny_dirs["qwen-image"])
+        embeds, mask = pipe.encode_prompt(PROMPTS)
+        assert cond.embeds.shape == (4, qwenimage.TEXT_TOKENS, 16)
+        torch.testing.assert_close(cond.pooled[:, : mask.shape[1]], mask.float())
+        assert cond.pooled[:, mask.shape[1] :].sum() == 0 and null.pooled.sum() > 0
+        embeds = torch.nn.functional.pad(embeds, (0, 0, 0, qwenimage.TEXT_TOKENS - embeds.shape[1]))
     torch.testing.assert_close(cond.embeds, embeds)
 
 
@@ -127,15 +143,14 @@ def _stock_images(pipe, backend: str, resolution: int, shape) -> list[np.ndarray
     """The stock pipeline's default call on pair j's prompt and noise, as uint8 images."""
     pairs = EvalPairs.of(PROMPTS, range(N_PAIRS))
     noise = pairs.noise(shape)
-    extra = {"enable_prompt_rewrite": False} if backend == "longcat" else {}
     images = []
     for j in range(N_PAIRS):
         latents = noise[j : j + 1]
-        if backend == "longcat":
+        if backend != "sd3":  # packed 2x2 tokens
             latents = pipe._pack_latents(latents, 1, *shape)
         out = pipe(
-            pairs.prompts[j], num_inference_steps=4, guidance_scale=1.0, latents=latents,
-            height=resolution, width=resolution, output_type="np", **extra,
+            pairs.prompts[j], num_inference_steps=4, latents=latents, height=resolution,
+            width=resolution, output_type="np", **NO_CFG[backend],
         ).images[0]  # fmt: skip
         images.append((out * 255).round().astype(np.int16))
     return images
@@ -150,7 +165,8 @@ def test_export_is_a_stock_pipeline_that_samples_like_our_sampler(project):
     recipe = json.loads((folder / "inference.json").read_text())
     assert recipe["default_call_exact"] and recipe["sigmas_raw"] == [1.0, 0.75, 0.5, 0.25]
     card = (folder / "README.md").read_text()
-    assert "num_inference_steps=4, guidance_scale=1.0" in card
+    cfg_off = next(iter(NO_CFG[backend].items()))
+    assert f"num_inference_steps=4, {cfg_off[0]}={cfg_off[1]}" in card
     assert "| distill.lr_student |" in card and "[1.0, 0.75, 0.5, 0.25]" in card
 
     import diffusers
@@ -174,14 +190,15 @@ def test_a_lora_runs_adapter_on_the_stock_teacher_samples_the_students_images(pr
     """LoRA mode on the real classes, end to end: the adapter a distill run exports
     (pytorch_lora_weights.safetensors), loaded on the stock teacher transformer in the
     student's pipeline (its few-step scheduler), gives the images sample.py wrote for that
-    student (at most 1 level apart); the same pipeline without the adapter does not. SD3
-    loads it at pipeline level, LongCat (no pipeline loader) on its transformer.
+    student (at most 1 level apart); the same pipeline without the adapter does not. SD3 and
+    Qwen-Image load it at pipeline level, LongCat (no pipeline loader) on its transformer.
 
     On LongCat the teacher is a fine-tune (`teacher.lora`, issue 37): prepare_teacher fuses a
     LoRA into it, and the exported LoRA, against the *base* model, is loaded on the stock base
     transformer (the fine-tune's factors stacked with the student's, cdm.lorafactors)."""
     import diffusers
 
+    from cdm import loralayout
     from cdm.lora import LORA_FILE
     from tests.test_teacher_lora import SCALE, _teacher_lora
 
@@ -220,9 +237,13 @@ def test_a_lora_runs_adapter_on_the_stock_teacher_samples_the_students_images(pr
     )
     pipe = cls.from_pretrained(folder, transformer=transformer)
     bare = _stock_images(pipe, backend, resolution, shape)
-    if backend == "sd3":
+    card = (folder / "README.md").read_text()  # the card's own loading code is what runs here
+    assert f"pipe = {cls_name}.from_pretrained(" in card
+    if backend in ("sd3", "qwen-image"):
+        assert 'pipe.load_lora_weights("<this folder>")' in card
         pipe.load_lora_weights(folder)
     else:
+        assert "pipe.transformer.load_lora_adapter(" in card
         # As the model card says (without weight_name diffusers looks for a .bin file).
         pipe.transformer.load_lora_adapter(folder, prefix="transformer", weight_name=LORA_FILE)
     stock = _stock_images(pipe, backend, resolution, shape)
@@ -230,6 +251,18 @@ def test_a_lora_runs_adapter_on_the_stock_teacher_samples_the_students_images(pr
         assert stock[j].shape == ours[j].shape == (resolution, resolution, 3)
         assert np.abs(stock[j] - ours[j]).max() <= 1, j
     assert max(np.abs(b - o).max() for b, o in zip(bare, ours, strict=True)) > 2
+    # The ComfyUI / kohya copy (cdm.loralayout), read through diffusers' own conversion of
+    # non-diffusers LoRAs on a fresh stock pipeline, samples the same images.
+    kohya = folder / loralayout.FILE
+    if backend in loralayout.LAYOUTS:
+        pipe = cls.from_pretrained(folder, transformer=type(transformer).from_pretrained(
+            base, subfolder="transformer"))  # fmt: skip
+        pipe.load_lora_weights(folder, weight_name=kohya.name)
+        converted = _stock_images(pipe, backend, resolution, shape)
+        for j in range(N_PAIRS):
+            assert np.abs(converted[j] - ours[j]).max() <= 1, j
+    else:
+        assert not kohya.exists()
 
 
 def test_distill_and_sample_never_build_a_text_encoder(project, tmp_path):
@@ -258,6 +291,11 @@ def test_distill_and_sample_never_build_a_text_encoder(project, tmp_path):
             "holds a StableDiffusion3Pipeline, expected a LongCatImagePipeline",
         ),
         ("longcat", "prompts.txt", "is not a folder; expected a LongCatImagePipeline folder"),
+        (
+            "qwen-image",
+            "tiny_longcat",
+            "holds a LongCatImagePipeline, expected a QwenImagePipeline",
+        ),
         ("sd3", "empty", "has no model_index.json, so it is not a diffusers pipeline"),
     ],
 )

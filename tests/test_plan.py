@@ -12,6 +12,7 @@ import subprocess
 import pytest
 import yaml
 
+from cdm import params as P
 from cdm import plan
 from tests.conftest import PYTHON, ROOT
 
@@ -200,7 +201,10 @@ def test_cli_error_is_one_line():
     cmd = [PYTHON, "-m", "cdm.plan", "configs/ablation.yaml", "--gpus", "8"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
-    assert proc.stderr.count("\n") == 1 and "covers the sd3 and longcat backends" in proc.stderr
+    assert (
+        proc.stderr.count("\n") == 1
+        and "covers the sd3, longcat, qwen-image backends" in proc.stderr
+    )
 
 
 # Measured on one H100 (bf16, torch 2.11, SDPA) with random weights of SD3-Medium's published
@@ -277,3 +281,55 @@ def test_bf16_accumulation_counts_each_engines_fp32_gradient_partition():
     one, two = (plan.estimate(m, 1, 4, 2, accumulation=a) for a in (1, 2))
     assert plan.ACCUMULATION_ROW not in one and two[plan.ACCUMULATION_ROW] == 2 * 4 * 1000 / 4
     assert plan.ACCUMULATION_ROW not in plan.estimate(m, 1, 4, 2, weight_bytes=4, accumulation=2)
+
+
+def test_qwen_image_published_config_is_diffusers_defaults_and_its_plan_rows():
+    """The stored Qwen-Image config is QwenImageTransformer2DModel's defaults key by key; 20B
+    parameters in 60 blocks; the cache holds 512 tokens x 3584 (Qwen2.5-VL-7B) per prompt."""
+    import inspect
+
+    from diffusers import QwenImageTransformer2DModel
+
+    stored = plan.PUBLISHED["Qwen/Qwen-Image"]["transformer"]
+    defaults = inspect.signature(QwenImageTransformer2DModel.__init__).parameters
+    for key, value in stored.items():
+        if key != "_class_name":
+            default = defaults[key].default
+            assert (list(default) if isinstance(default, tuple) else default) == value, key
+    m, source = plan.describe("qwen-image", "Qwen/Qwen-Image", 1024)
+    assert "published config" in source and 20.0e9 < m.params < 20.9e9  # "20B"
+    assert (m.blocks, m.hidden, m.image_tokens, m.text_width) == (60, 3072, 4096, 3584)
+    from cdm.backends import qwenimage
+
+    assert m.text_tokens == qwenimage.TEXT_TOKENS
+    assert plan.cache_bytes(m, 1) == qwenimage.TEXT_TOKENS * 3584 * 2
+
+
+def test_qwen_image_full_fine_tuning_does_not_fit_one_eight_gpu_node():
+    """Full fine-tuning (student + fake score + frozen teacher + AdamW) under ZeRO-3 over 8
+    GPUs: the model states alone, 2 P replicated + 40 P / 8 bytes per GPU, exceed 80 GiB
+    before any activation; no way to the global batch 64 fits 80% of 80 GiB on up to 4 nodes.
+    LoRA does: one frozen base (2 P) and two small adapters."""
+    m, _ = plan.describe("qwen-image", "Qwen/Qwen-Image", 1024)
+    rows = plan.estimate(m, 1, 8, 3)
+    states = sum(
+        v for k, v in rows.items() if not k.startswith(("activations", "latents", "prompt"))
+    )
+    assert states > 80 * plan.GIB and states >= 7 * m.params  # 2 P + 40 P / 8
+    ways = plan.batch_ways(m, 64, 8, 3, reduce_bucket=plan._reduce_bucket(3))
+    assert ways and plan.pick_way(ways, 80) is None
+    lora, _ = plan.describe("qwen-image", "Qwen/Qwen-Image", 1024, P.Lora())
+    assert 0 < lora.adapter < 0.05 * lora.params
+    eight = plan.estimate(lora, 4, 8, 2, accumulation=2)
+    assert sum(eight.values()) <= plan.HEADROOM * 80 * plan.GIB
+    assert sum(plan.estimate(lora, 2, 1, 2).values()) <= 80 * plan.GIB  # one GPU, batch 2
+    assert sum(plan.estimate(lora, 1, 1, 2).values()) > 48 * plan.GIB  # not on 48 GiB
+
+
+def test_qwen_image_lora_overlay_plans_the_longcat_global_batch():
+    out = plan.plan(
+        str(ROOT / "configs/qwen-image-lora.yaml"), str(ROOT / "params.yaml"), None, None, 80
+    )
+    assert "QwenImageTransformer2DModel" in out and "8 GPUs, ZeRO-2" in out
+    assert "batch 4 per GPU x 2 micro-batches (global 64)" in out
+    assert "fits in 80 GiB" in out and "rank 64, alpha 128" in out

@@ -237,3 +237,50 @@ def test_a_configfile_overlay_is_refused_with_the_overlay_command():
     )  # fmt: skip
     assert proc.returncode != 0
     assert "python -m cdm.overlay" in proc.stdout + proc.stderr
+
+
+# configs/qwen-image-lora.yaml departs from the LongCat LoRA preset at these keys only (its
+# comments say why); every other value is carried over.
+QWEN_OWN = {
+    "teacher.backend", "teacher.path", "teacher.cfg_scale", "cache_teacher.batch_size",
+    "distill.batch_size", "distill.num_processes", "distill.accumulation", "sample.batch_size",
+}  # fmt: skip
+
+
+def test_qwen_image_lora_overlay_is_longcats_lora_preset_but_its_own_keys():
+    qwen = leaves(yaml.safe_load((ROOT / "configs/qwen-image-lora.yaml").read_text()))
+    longcat = leaves(yaml.safe_load((ROOT / "configs/longcat-image-lora.yaml").read_text()))
+    differ = {k for k in qwen.keys() | longcat.keys() if not _same(qwen.get(k), longcat.get(k))}
+    assert differ == QWEN_OWN
+    params = P.parse(
+        yaml.safe_load(
+            apply(ROOT / "configs/qwen-image-lora.yaml", ROOT / "params.yaml", write=False)
+        )
+    )
+    assert params.teacher.backend == "qwen-image" and params.distill.lora is not None
+    cfg = params.distill
+    assert cfg.num_processes * cfg.batch_size * cfg.accumulation == 64  # LongCat's global batch
+
+
+def test_qwen_image_lora_overlay_validates(tmp_path):
+    """`python -m cdm.validate` on params.yaml with the overlay applied (prompt files in
+    place) accepts it; without the training prompts it says so in one line."""
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    apply(ROOT / "configs/qwen-image-lora.yaml", work / "params.yaml")
+    (work / "data").mkdir()
+    for name in ("train_prompts.txt", "pickscore_test_prompts.txt"):
+        (work / "data" / name).write_text("a cat\n")
+    proc = subprocess.run(
+        [PYTHON, "-m", "cdm.validate", "params.yaml", "--no-lock"], cwd=work, env=ENV,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (work / "data" / "train_prompts.txt").unlink()
+    proc = subprocess.run(
+        [PYTHON, "-m", "cdm.validate", "params.yaml", "--no-lock"], cwd=work, env=ENV,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "prompts.train_file data/train_prompts.txt does not exist" in proc.stderr

@@ -1,4 +1,4 @@
-"""Tiny random SD3 and LongCat-Image pipelines, built offline and saved with save_pretrained.
+"""Tiny random SD3, LongCat-Image and Qwen-Image pipelines, built offline and saved with save_pretrained.
 
 Tokenizers come from files shipped by installed packages or from vocabularies made here:
 CLIP's BPE merges from open_clip's `bpe_simple_vocab_16e6.txt.gz` (cut to the first
@@ -118,26 +118,11 @@ def sd3_pipeline(seed: int = 0):
     )
 
 
-def longcat_pipeline(seed: int = 0):
-    """LongCatImagePipeline: 1 double + 1 single block, a 1-layer Qwen2.5-VL text encoder."""
-    from diffusers import LongCatImagePipeline, LongCatImageTransformer2DModel
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+def qwen_vl_encoder(tokenizer):
+    """A 1-layer Qwen2.5-VL (text and vision towers) for the byte-level Qwen2 `tokenizer`."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    torch.manual_seed(seed)
-    tokenizer = qwen_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(),
-        video_processor=Qwen2VLVideoProcessor(),
-        tokenizer=tokenizer,
-        chat_template="{% for m in messages %}{{ m['content'][0]['text'] }}{% endfor %}",
-    )
     text = dict(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
@@ -149,7 +134,7 @@ def longcat_pipeline(seed: int = 0):
         depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16,
         fullatt_block_indexes=[0],
     )  # fmt: skip
-    encoder = Qwen2_5_VLForConditionalGeneration(
+    return Qwen2_5_VLForConditionalGeneration(
         Qwen2_5_VLConfig(
             text_config=text,
             vision_config=vision,
@@ -159,6 +144,22 @@ def longcat_pipeline(seed: int = 0):
             vision_end_token_id=ids["<|vision_end|>"],
         )  # fmt: skip
     )
+
+
+def longcat_pipeline(seed: int = 0):
+    """LongCatImagePipeline: 1 double + 1 single block, a 1-layer Qwen2.5-VL text encoder."""
+    from diffusers import LongCatImagePipeline, LongCatImageTransformer2DModel
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = qwen_tokenizer()
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(),
+        video_processor=Qwen2VLVideoProcessor(),
+        tokenizer=tokenizer,
+        chat_template="{% for m in messages %}{{ m['content'][0]['text'] }}{% endfor %}",
+    )
+    encoder = qwen_vl_encoder(tokenizer)
     transformer = LongCatImageTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
@@ -174,6 +175,40 @@ def longcat_pipeline(seed: int = 0):
         text_encoder=encoder,
         tokenizer=tokenizer,
         text_processor=processor,
+        transformer=transformer,
+    )
+
+
+def qwen_vae():
+    """AutoencoderKLQwenImage (a causal video VAE) with Qwen-Image's 16 latent channels and
+    their published latents_mean / latents_std (its defaults); 2x downsampling, not 8x."""
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(
+        base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False]
+    )
+
+
+def qwen_pipeline(seed: int = 0):
+    """QwenImagePipeline: 1 double-stream block, a 1-layer Qwen2.5-VL text encoder, the
+    published scheduler config (dynamic shift to 8192 tokens, shift_terminal 0.02)."""
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer = qwen_tokenizer()
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=[2, 2, 4],
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+    )  # fmt: skip
+    return QwenImagePipeline(
+        scheduler=scheduler,
+        vae=qwen_vae(),
+        text_encoder=qwen_vl_encoder(tokenizer),
+        tokenizer=tokenizer,
         transformer=transformer,
     )
 

@@ -30,6 +30,7 @@ from cdm.cli import StageFailure
 from cdm.conditioning import Condition
 from cdm.ema import ema_decay
 from cdm.flow import add_noise, euler_step, x0_from_v
+from cdm.guidance import guide_of
 from cdm.losses import ca_loss, cdm_loss, dm_loss, fake_score_loss, renoise_tau
 from cdm.params import Distill, Method
 from cdm.preemption import Preempted, Preemption
@@ -121,13 +122,18 @@ def student_losses(
         z_cdm = add_noise(x0_off.detach(), randn(), t_cdm)
         t_in.append((z_cdm, t_cdm, cond))
         f_in.append((z_cdm, t_cdm, cond))
-    x0_t, nonfinite = _batched_x0(teacher, t_in, sanitize=True)
-    x0_f, _ = _batched_x0(fake, f_in)
+    v_t, nonfinite = _batched_v(teacher, t_in, sanitize=True)
+    x0_t = [x0_from_v(z, v, t) for (z, t, _), v in zip(t_in, v_t, strict=True)]
+    x0_f = [
+        x0_from_v(z, v, t) for (z, t, _), v in zip(f_in, _batched_v(fake, f_in)[0], strict=True)
+    ]
 
     total = x0_s.new_zeros(())
     stats: dict[str, float] = {}
     if method.ca:
-        ca = ca_loss(x0_s, x0_t.pop(0), x0_t.pop(0), cfg.guidance, cfg.normaliser_floor)
+        guided = _guided_x0(teacher, z_ca, t_ca, v_t[0], v_t[1], cfg.guidance)
+        x0_c, x0_u = x0_t.pop(0), x0_t.pop(0)
+        ca = ca_loss(x0_s, x0_c, x0_u, cfg.guidance, cfg.normaliser_floor, guided=guided)
         total, stats["loss_ca"], stats["w_ca"] = total + ca.loss, ca.loss.item(), ca.weight.item()
     if method.dm:
         dm = dm_loss(x0_s, x0_t.pop(0), x0_f.pop(0), cfg.normaliser_floor)
@@ -146,12 +152,12 @@ def student_losses(
 
 
 @torch.no_grad()
-def _batched_x0(
+def _batched_v(
     velocity: Velocity,
     inputs: list[tuple[torch.Tensor, torch.Tensor, Condition]],
     sanitize: bool = False,
 ) -> tuple[list[torch.Tensor], int]:
-    """Clean estimates of several (z, tau, cond) groups from one forward call.
+    """Velocities (float32) of several (z, tau, cond) groups from one forward call.
 
     `sanitize` (the teacher): outputs pass through nan_to_num before any loss direction is
     formed, as in the authors' code; returns how many entries were not finite.
@@ -165,8 +171,23 @@ def _batched_x0(
     if sanitize:
         nonfinite = int((~torch.isfinite(v)).sum())
         v = torch.nan_to_num(v)
-    x0 = x0_from_v(z, v, tau)
-    return list(x0.split([len(i[0]) for i in inputs])), nonfinite
+    return list(v.split([len(i[0]) for i in inputs])), nonfinite
+
+
+def _guided_x0(
+    teacher: Velocity,
+    z: torch.Tensor,
+    tau: torch.Tensor,
+    v_cond: torch.Tensor,
+    v_uncond: torch.Tensor,
+    g: float,
+) -> torch.Tensor | None:
+    """The CFG teacher's clean estimate where the family's pipeline combines velocities
+    non-linearly (guidance.guide_of; Qwen-Image's norm rescale) at its scale g + 1 (g is
+    Decoupled DMD's alpha - 1); None where the combination is linear and the CA loss forms
+    g (x0_c - x0_u) itself."""
+    guide = guide_of(teacher)
+    return None if guide is None else x0_from_v(z, guide(v_cond, v_uncond, g + 1.0), tau)
 
 
 def fake_score_step_loss(

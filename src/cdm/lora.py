@@ -31,17 +31,21 @@ if TYPE_CHECKING:  # peft loads only in LoRA mode (the functions below import it
 
 STUDENT, FAKE = "student", "fake_score"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: load_lora_weights finds it
-BLOCKS = ("transformer_blocks", "single_transformer_blocks")  # SD3 / LongCat (Flux-style)
-# Relative names of the feed-forward linears: SD3's and LongCat's joint blocks (ff, ff_context)
-# and LongCat's single blocks (proj_mlp in, proj_out out of attention + MLP).
-FF_PREFIXES = ("ff.", "ff_context.")
+BLOCKS = (
+    "transformer_blocks",
+    "single_transformer_blocks",
+)  # SD3, Qwen-Image / LongCat (Flux-style)
+# Relative names of the feed-forward linears: SD3's and LongCat's joint blocks (ff, ff_context),
+# Qwen-Image's (img_mlp, txt_mlp) and LongCat's single blocks (proj_mlp in, proj_out out of
+# attention + MLP).
+FF_PREFIXES = ("ff.", "ff_context.", "img_mlp.", "txt_mlp.")
 SINGLE_FF = ("proj_mlp", "proj_out")
 
 
 def targets(transformer: torch.nn.Module, cfg: Lora) -> list[str]:
     """Full names of the linears that get adapters: every linear of each block's attention
-    (`attn.*`: SD3's to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out; LongCat's the same plus
-    its single blocks' to_q/k/v) and, with include_ff, the feed-forward linears.
+    (`attn.*`: SD3's and Qwen-Image's to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out; LongCat's
+    the same plus its single blocks' to_q/k/v) and, with include_ff, the feed-forward linears.
     `cfg.targets` (suffixes of names) replaces that choice."""
     names = []
     for name, module in transformer.named_modules():
@@ -268,10 +272,25 @@ def networks(
     return Teacher(teacher), AdapterView(teacher, STUDENT), AdapterView(teacher, FAKE)
 
 
-def card_section(base_model: str, fine_tune: str | None = None, layout: str | None = None) -> str:
-    """The model card's paragraph on loading the exported adapter: `fine_tune` names a teacher
-    LoRA fused before distillation (then the file is the LoRA against the base model), `layout`
-    the kohya/ComfyUI copy of it (cdm.loralayout)."""
+def card_section(
+    base_model: str,
+    pipeline: str = "StableDiffusion3Pipeline",
+    fine_tune: str | None = None,
+    layout: str | None = None,
+) -> str:
+    """The model card's paragraph on loading the exported adapter on the stock `pipeline`: with
+    its LoRA loader where it has one (SD3, Qwen-Image), else on its transformer (LongCat).
+    `fine_tune` names a teacher LoRA fused before distillation (then the file is the LoRA
+    against the base model), `layout` the kohya/ComfyUI copy of it (cdm.loralayout)."""
+    import diffusers
+
+    if hasattr(getattr(diffusers, pipeline), "load_lora_weights"):
+        load = 'pipe.load_lora_weights("<this folder>")\n'
+    else:  # without weight_name diffusers looks for a .bin file
+        load = (
+            'pipe.transformer.load_lora_adapter("<this folder>", prefix="transformer", '
+            f'weight_name="{LORA_FILE}")\n'
+        )
     against = (
         f"the base model `{base_model}`: it holds your fine-tune's LoRA (`{fine_tune}`, fused "
         "into the teacher) and the student's adapter in one"
@@ -285,15 +304,12 @@ def card_section(base_model: str, fine_tune: str | None = None, layout: str | No
         "`transformer/` holds it merged. Load "
         "the adapter on the stock base model with the few-step scheduler of this folder:\n\n"
         "```python\n"
-        "from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline\n\n"
-        f'pipe = StableDiffusion3Pipeline.from_pretrained("{base_model}")\n'
-        'pipe.load_lora_weights("<this folder>")\n'
+        f"from diffusers import {pipeline}\n\n"
+        f'pipe = {pipeline}.from_pretrained("{base_model}")\n'
+        f"{load}"
         'pipe.scheduler = type(pipe.scheduler).from_pretrained("<this folder>", '
         'subfolder="scheduler")\n'
-        "```\n\n"
-        "For LongCat-Image (no pipeline-level LoRA loader): "
-        '`pipe.transformer.load_lora_adapter("<this folder>", prefix="transformer", '
-        f'weight_name="{LORA_FILE}")` (without `weight_name` diffusers looks for a .bin).\n'
+        "```\n"
     )
     if layout:
         text += (

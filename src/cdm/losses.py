@@ -46,10 +46,18 @@ def ca_loss(
     x0_uncond: torch.Tensor,
     guidance: float,
     floor: float = 0.1,
+    guided: torch.Tensor | None = None,
 ) -> MatchLoss:
-    """CFG augmentation (paper §3.1, Decoupled DMD): d = w g (x0_c - x0_u), w from A = x0_c."""
+    """CFG augmentation (paper §3.1, Decoupled DMD): d = w g (x0_c - x0_u), w from A = x0_c.
+
+    g (x0_c - x0_u) is the CFG teacher's offset from x0_c at scale g + 1; `guided`, that
+    teacher's clean estimate where the family's CFG is not linear (cdm.guidance), replaces it
+    by guided - x0_c."""
     w = normaliser(x0_cond, x0_s, floor)
-    d = w * guidance * (x0_cond.float() - x0_uncond.float())
+    if guided is None:
+        d = w * guidance * (x0_cond.float() - x0_uncond.float())
+    else:
+        d = w * (guided.float() - x0_cond.float())
     return MatchLoss(matching_loss(x0_s, d), w.mean())
 
 

@@ -138,6 +138,24 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         },  # fmt: skip
         "vae_factor": 8,
     },
+    # Qwen-Image: a 20B MMDiT of 60 double-stream blocks (QwenImageTransformer2DModel's
+    # defaults are this config); its VAE (AutoencoderKLQwenImage) downsamples 8x.
+    "Qwen/Qwen-Image": {
+        "backend": "qwen-image",
+        "transformer": {
+            "_class_name": "QwenImageTransformer2DModel",
+            "patch_size": 2,
+            "in_channels": 64,
+            "out_channels": 16,
+            "num_layers": 60,
+            "attention_head_dim": 128,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 3584,
+            "guidance_embeds": False,
+            "axes_dims_rope": [16, 56, 56],
+        },  # fmt: skip
+        "vae_factor": 8,
+    },
 }
 # The activation model's constants, in bytes per (token, hidden unit) of a sample in 16-bit:
 # a block's values for its backward, fitted to the H100 measurement without checkpointing
@@ -152,6 +170,13 @@ ACCUMULATION_ROW = "fp32 gradient accumulation (2 engines)"
 LORA_GPUS = (24, 48, 80)  # one-GPU sizes the LoRA plan reports (GiB)
 SD3_TEXT_TOKENS = 77 + 256  # CLIP tokens + T5 max_sequence_length of StableDiffusion3Pipeline
 LONGCAT_TEXT_TOKENS = 512  # LongCatImagePipeline.tokenizer_max_length
+QWEN_TEXT_TOKENS = 512  # cdm.backends.qwenimage.TEXT_TOKENS: the cached (padded) prompt length
+# Backend -> transformer class (diffusers) of the models the plan covers.
+TRANSFORMERS = {
+    "sd3": "SD3Transformer2DModel",
+    "longcat": "LongCatImageTransformer2DModel",
+    "qwen-image": "QwenImageTransformer2DModel",
+}
 
 
 @dataclass(frozen=True)
@@ -171,10 +196,10 @@ class Model:
 
 
 def _meta_model(backend: str, config: dict[str, Any]) -> torch.nn.Module:
+    import diffusers
     from accelerate import init_empty_weights
-    from diffusers import LongCatImageTransformer2DModel, SD3Transformer2DModel
 
-    cls = SD3Transformer2DModel if backend == "sd3" else LongCatImageTransformer2DModel
+    cls = getattr(diffusers, TRANSFORMERS[backend])
     with init_empty_weights():
         return cls.from_config(config)
 
@@ -200,13 +225,17 @@ def describe(
     backend: str, path: str, resolution: int | None, lora_cfg: P.Lora | None = None
 ) -> tuple[Model, str]:
     """The teacher's Model and where its config came from."""
-    if backend not in ("sd3", "longcat"):
-        raise ValueError(f"the memory plan covers the sd3 and longcat backends, not '{backend}'")
+    if backend not in TRANSFORMERS:
+        raise ValueError(
+            f"the memory plan covers the {', '.join(TRANSFORMERS)} backends, not '{backend}'"
+        )
     folder = Path(path)
     if (folder / "transformer" / "config.json").is_file():
+        from cdm.backends.pipelines import config_vae_factor
+
         config = json.loads((folder / "transformer" / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())
-        factor, source = 2 ** (len(vae["block_out_channels"]) - 1), f"config of {folder}"
+        factor, source = config_vae_factor(vae), f"config of {folder}"
     elif path in PUBLISHED:
         known = PUBLISHED[path]
         if known["backend"] != backend:
@@ -224,9 +253,10 @@ def describe(
     if backend == "sd3":
         size = resolution // factor if resolution else int(config["sample_size"])
         tokens, text, channels = (size // config["patch_size"]) ** 2, SD3_TEXT_TOKENS, 16
-    else:
+    else:  # LongCat and Qwen-Image: 2x2-packed 16-channel latents, 1024 px by default
         size = (resolution or 1024) // factor
-        tokens, text, channels = (size // 2) ** 2, LONGCAT_TEXT_TOKENS, config["in_channels"] // 4
+        text = LONGCAT_TEXT_TOKENS if backend == "longcat" else QWEN_TEXT_TOKENS
+        tokens, channels = (size // 2) ** 2, config["in_channels"] // 4
     model = Model(
         config["_class_name"], params, block, blocks, hidden, tokens, text,
         int(config["joint_attention_dim"]), channels * size * size, adapter,
@@ -334,8 +364,9 @@ def host_per_node(p: int, per_node: int, weight_bytes: int = 2, ema: bool = True
 
 
 # The authors' global batch per backend: SD3's recipe 8 GPUs x 16 (docs/method.md), their
-# LongCat-Image preset 8 x 8 (configs/longcat-image.yaml).
-RECIPE_GLOBAL_BATCH = {"sd3": 128, "longcat": 64}
+# LongCat-Image preset 8 x 8 (configs/longcat-image.yaml), carried over to Qwen-Image (the
+# nearest recipe: a Qwen2.5-VL-conditioned MMDiT at 1024 px).
+RECIPE_GLOBAL_BATCH = {"sd3": 128, "longcat": 64, "qwen-image": 64}
 HEADROOM = 0.8  # of a GPU's memory the plan may fill: the CUDA context and fragmentation
 
 

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import torch
 
 from cdm.conditioning import Condition
-from cdm.flow import cfg, euler_step, time_shift
+from cdm.flow import euler_step, time_shift
+from cdm.guidance import combine
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]
 
@@ -37,7 +38,8 @@ def sample_euler(
     null: Condition | None = None,
     cfg_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Euler sampler of a rectified flow, with classifier-free guidance when cfg_scale != 1."""
+    """Euler sampler of a rectified flow, with classifier-free guidance when cfg_scale != 1
+    (combined as the velocity's family does: cdm.guidance)."""
     x = noise
     guided = null is not None and cfg_scale != 1.0
     both = Condition.cat([cond, null.expand(len(cond))]) if guided else cond
@@ -45,7 +47,7 @@ def sample_euler(
         sigma = s.expand(x.shape[0])
         if guided:
             v_c, v_u = velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
-            v = cfg(v_c, v_u, cfg_scale)
+            v = combine(velocity, v_c, v_u, cfg_scale)
         else:
             v = velocity(x, sigma, both)
         x = euler_step(x, v, s, s_next)

@@ -75,3 +75,52 @@ def unpack_longcat(tokens: torch.Tensor, channels: int, h: int, w: int) -> torch
     b = tokens.shape[0]
     x = tokens.view(b, h // 2, w // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, channels, h, w)
+
+
+class QwenImageVelocity(torch.nn.Module):
+    """Wraps diffusers' QwenImageTransformer2DModel as velocity(x, sigma, cond).
+
+    x is the unpacked latent (B, 16, h, w), packed into 2x2-patch tokens like LongCat's; the
+    rotary grid comes from img_shapes [(1, h/2, w/2)] per sample, text positions follow it.
+    QwenImagePipeline passes timestep = t / 1000 = sigma (the transformer scales by 1000
+    itself) and steps x + (s' - s) v from sigma 1 (noise), so v = eps - x0 as in SD3.
+    The cached prompt embeddings are padded to a fixed length; `cond.pooled` carries their
+    mask (1 = a prompt token), which the transformer's attention applies.
+    """
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
+        from diffusers import QwenImagePipeline
+
+        b, c, h, w = x.shape
+        dtype = self.transformer.dtype
+        sigma = sigma.expand(b) if sigma.ndim == 0 else sigma
+        mask = cond.pooled.to(x.device) > 0.5
+        out = self.transformer(
+            hidden_states=QwenImagePipeline._pack_latents(x.to(dtype), b, c, h, w),
+            encoder_hidden_states=cond.embeds.to(dtype),
+            # The pipeline passes no mask when every token is a prompt token.
+            encoder_hidden_states_mask=None if bool(mask.all()) else mask.long(),
+            timestep=sigma.to(dtype),
+            img_shapes=[[(1, h // 2, w // 2)]] * b,
+            return_dict=False,
+        )[0]
+        return unpack_longcat(out.float(), c, h, w)
+
+    @staticmethod
+    def guide(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        """QwenImagePipeline's true CFG: v_u + scale (v_c - v_u), rescaled per packed token
+        (16 channels x 2x2 patch) to the norm of v_c, computed on packed tokens as it does."""
+        from diffusers import QwenImagePipeline
+
+        b, c, h, w = v_cond.shape
+        cond = QwenImagePipeline._pack_latents(v_cond, b, c, h, w)
+        uncond = QwenImagePipeline._pack_latents(v_uncond, b, c, h, w)
+        comb = uncond + scale * (cond - uncond)
+        comb = comb * (
+            torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True)
+        )
+        return unpack_longcat(comb, c, h, w)

@@ -2,13 +2,13 @@
 
 The registry names each backend's module without importing it: a backend's libraries
 (diffusers' pipeline classes, a text encoder's package) load only when that backend is used,
-so the shapes world never pays for SD3 or LongCat, nor a report for any of them.
+so the shapes world never pays for SD3, LongCat or Qwen-Image, nor a report for any of them.
 
 Each backend module offers `load(path, resolution)` (the whole teacher, text encoders
 included, for prepare_teacher and cache_teacher), `load_velocity(path, resolution, dtype)` (the
 velocity network alone, for distill and sample), `load_decoder(path)` (latents -> uint8
 images, for sample) and `export(student, teacher_dir, out, inference, params)`. The
-diffusers-pipeline backends (sd3, longcat) also offer `resolve(path)`: a local folder or
+diffusers-pipeline backends (sd3, longcat, qwen-image) also offer `resolve(path)`: a local folder or
 hub id, checked to hold their pipeline family.
 """
 
@@ -25,6 +25,7 @@ BACKENDS: dict[str, str] = {
     "shapes": "cdm.backends.shapes",
     "sd3": "cdm.backends.sd3",
     "longcat": "cdm.backends.longcat",
+    "qwen-image": "cdm.backends.qwenimage",
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,27 @@ def export_pipeline(
     fields = teacher_license(teacher_dir, family) | teacher_fields(teacher_dir, params, base_model)
     card = model_card(family, recipe, type(scheduler).__name__, schedule, params, fields, dtype)
     card.save(out / "README.md")
+
+
+def export_student(
+    transformer: torch.nn.Module,
+    family: Family,
+    geometry: Callable[[Path, int | None], tuple[float, tuple[int, int, int], int]],
+    teacher_dir: str | Path,
+    out: Path,
+    inference: dict[str, Any],
+    params: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    base_model: str | None = None,
+) -> None:
+    """export_pipeline at the image token count `geometry` gives for params'
+    teacher.resolution (None: the family's default)."""
+    teacher_dir = Path(teacher_dir)
+    resolution = (params or {}).get("teacher", {}).get("resolution")
+    _, _, tokens = geometry(teacher_dir, resolution)
+    export_pipeline(
+        transformer, family, teacher_dir, out, inference, tokens, params, dtype, base_model
+    )
 
 
 def model_card(

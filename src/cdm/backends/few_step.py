@@ -45,7 +45,7 @@ FLOW_MAP = "FlowMapEulerDiscreteScheduler"
 FLOW_MAP_DIFFUSERS = "0.39"  # the first diffusers release with FlowMapEulerDiscreteScheduler
 SCHEDULERS = (FLOW_MATCH, FLOW_MAP)  # diffusers' classes, imported when a student is read
 # Stock pipelines whose call passes sigmas = linspace(1, 1/n, n) to set_timesteps itself.
-PASS_DEFAULT_SIGMAS = ("LongCatImagePipeline",)
+PASS_DEFAULT_SIGMAS = ("LongCatImagePipeline", "QwenImagePipeline")
 # The key export writes into inference.json: how to replay the stock call (see exported_sigmas).
 STOCK = "stock_call"
 
@@ -91,9 +91,18 @@ def sd3_default_call(raw: list[float], shift: float, num_train_timesteps: int) -
     return flow_map(shift, num_train_timesteps) if is_default_raw(raw) else None
 
 
+def passing_default_call(raw: list[float], shift: float, base: dict) -> dict | None:
+    """The teacher's scheduler config `base` with longcat_default_call's overrides, for the
+    pipelines that pass linspace(1, 1/n, n) themselves (PASS_DEFAULT_SIGMAS); None when raw
+    is not that grid."""
+    overrides = longcat_default_call(raw, shift)
+    return None if overrides is None else base | overrides
+
+
 def longcat_default_call(raw: list[float], shift: float) -> dict | None:
     """Overrides under which `LongCatImagePipeline(..., num_inference_steps=len(raw))` uses
-    time_shift(raw, shift) + [0] (the pipeline itself passes linspace(1, 1/n, n))."""
+    time_shift(raw, shift) + [0] (the pipeline itself passes linspace(1, 1/n, n)); the same
+    for QwenImagePipeline, which passes them too."""
     return constant_mu(shift) if is_default_raw(raw) else None
 
 

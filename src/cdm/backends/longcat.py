@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImageTransformer2DModel
+from diffusers import LongCatImageTransformer2DModel
 
-from cdm.backends import few_step, pipelines
+from cdm.backends import pipelines
 from cdm.backends.export import export_pipeline
 from cdm.conditioning import Condition
 from cdm.velocity import LongCatVelocity
@@ -28,19 +28,11 @@ DEFAULT_SAMPLE_SIZE = 128  # LongCatImagePipeline.default_sample_size (x the VAE
 LICENSE = {"license": "apache-2.0"}
 
 
-def _default_call(raw: list[float], shift: float, base: dict) -> dict | None:
-    overrides = few_step.longcat_default_call(raw, shift)
-    return None if overrides is None else base | overrides
-
-
-FAMILY = pipelines.Family(
-    backend="longcat",
-    pipeline="LongCatImagePipeline",
-    parts=("transformer", "scheduler", "vae"),
-    default_call=_default_call,
-    explicit=lambda shift, base: base | few_step.constant_mu(shift),
-    call="num_inference_steps={steps}, guidance_scale=1.0, enable_prompt_rewrite=False{extra}",
-    license=LICENSE,
+FAMILY = pipelines.passing_family(
+    "longcat",
+    "LongCatImagePipeline",
+    "num_inference_steps={steps}, guidance_scale=1.0, enable_prompt_rewrite=False{extra}",
+    LICENSE,
 )
 
 
@@ -51,18 +43,8 @@ def resolve(path: str | Path) -> Path:
 def geometry(folder: Path, resolution: int | None) -> tuple[float, tuple[int, int, int], int]:
     """(shift, unpacked latent shape (C, h, w), image tokens) from the configs alone."""
     config = LongCatImageTransformer2DModel.load_config(folder / "transformer")
-    factor = pipelines.vae_factor(folder)
-    resolution = DEFAULT_SAMPLE_SIZE * factor if resolution is None else resolution
-    if resolution % (2 * factor):
-        raise ValueError(
-            f"teacher.resolution ({resolution}) must be a multiple of {2 * factor} "
-            f"(VAE factor {factor} x packing 2) for this longcat model"
-        )
-    size = resolution // factor
-    tokens = (size // 2) ** 2
-    scheduler = FlowMatchEulerDiscreteScheduler.load_config(folder / "scheduler")
-    shift = few_step.effective_shift(dict(scheduler), tokens)
-    return shift, (int(config["in_channels"]) // 4, size, size), tokens
+    channels = int(config["in_channels"])
+    return pipelines.packed_geometry(folder, resolution, channels, "longcat", DEFAULT_SAMPLE_SIZE)
 
 
 class LongCatTeacher(pipelines.PipelineTeacher):
@@ -76,13 +58,7 @@ class LongCatTeacher(pipelines.PipelineTeacher):
     def __init__(self, folder: Path, resolution: int | None = None):
         from diffusers import LongCatImagePipeline
 
-        self.folder, self.resolution = folder, resolution
-        self.shift, self.latent_shape, _ = geometry(folder, resolution)
-        self.device, dtype = pipelines.text_device()
-        self.pipe = LongCatImagePipeline.from_pretrained(
-            folder, transformer=None, vae=None, dtype=dtype
-        )
-        self.pipe.text_encoder.to(self.device).eval().requires_grad_(False)
+        self.open_text(folder, resolution, geometry, LongCatImagePipeline)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Condition:

@@ -43,6 +43,22 @@ class Family:
         )
 
 
+def passing_family(backend: str, pipeline: str, call: str, license: dict[str, str]) -> Family:
+    """A family whose stock call passes linspace(1, 1/n, n) and a dynamic-shift mu itself
+    (LongCat, Qwen-Image): few_step pins mu to ln(shift), or passes sigmas=raw."""
+    from cdm.backends import few_step
+
+    return Family(
+        backend=backend,
+        pipeline=pipeline,
+        parts=("transformer", "scheduler", "vae"),
+        default_call=few_step.passing_default_call,
+        explicit=lambda shift, base: base | few_step.constant_mu(shift),
+        call=call,
+        license=license,
+    )
+
+
 def resolve(path: str | Path, family: Family) -> Path:
     """A local folder, or a hub id downloaded to the hub cache; checked to be the family."""
     text = str(path)
@@ -133,8 +149,55 @@ def parameter_counts(folder: Path) -> dict[str, int]:
 
 
 def vae_factor(folder: Path) -> int:
-    config = AutoencoderKL.load_config(folder / "vae")
+    return config_vae_factor(AutoencoderKL.load_config(folder / "vae"))
+
+
+def config_vae_factor(config: dict[str, Any]) -> int:
+    """Pixels per latent of a VAE config: AutoencoderKL halves per block after the first;
+    AutoencoderKLQwenImage (Qwen-Image) per entry of temperal_downsample, the factor
+    QwenImagePipeline takes."""
+    if "temperal_downsample" in config:
+        return 2 ** len(config["temperal_downsample"])
     return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def packed_geometry(
+    folder: Path, resolution: int | None, in_channels: int, backend: str, default_size: int = 128
+) -> tuple[float, tuple[int, int, int], int]:
+    """(shift, unpacked latent shape (C, h, w), image tokens) of a family whose transformer
+    reads 2x2-packed latents (LongCat, Qwen-Image): `in_channels` = 4 C, the square
+    `resolution` (None: `default_size` latents, the pipeline's default_sample_size) a multiple
+    of the VAE factor x 2, the shift the scheduler's at the image's token count."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from cdm.backends.few_step import effective_shift
+
+    factor = vae_factor(folder)
+    resolution = default_size * factor if resolution is None else resolution
+    if resolution % (2 * factor):
+        raise ValueError(
+            f"teacher.resolution ({resolution}) must be a multiple of {2 * factor} "
+            f"(VAE factor {factor} x packing 2) for this {backend} model"
+        )
+    size = resolution // factor
+    tokens = (size // 2) ** 2
+    scheduler = FlowMatchEulerDiscreteScheduler.load_config(folder / "scheduler")
+    return effective_shift(dict(scheduler), tokens), (in_channels // 4, size, size), tokens
+
+
+def load_transformer(
+    path: str | Path,
+    family: Family,
+    cls: Any,
+    geometry: Callable[[Path, int | None], tuple[float, tuple[int, int, int], int]],
+    resolution: int | None,
+    dtype: torch.dtype | None,
+) -> tuple[torch.nn.Module, float, tuple[int, int, int]]:
+    """(transformer of class `cls` in `dtype` (None: fp32), shift, latent shape) of a family
+    folder, read without its text encoders."""
+    folder = check(path, family, "model folder")
+    shift, shape, _ = geometry(folder, resolution)
+    return cls.from_pretrained(folder / "transformer", torch_dtype=dtype), shift, shape
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -171,17 +234,32 @@ def load_vae_decoder(path: str | Path, family: Family) -> VaeDecoder:
 
 
 class PipelineTeacher:
-    """What the diffusers teachers (sd3, longcat) share; a subclass sets `family` and
-    `folder` and encodes prompts its pipeline's way."""
+    """What the diffusers teachers (sd3, longcat, qwen-image) share; a subclass sets `family`
+    and `folder` and encodes prompts its pipeline's way."""
 
     family: Family
     folder: Path
+    resolution: int | None
+    shift: float
+    latent_shape: tuple[int, int, int]
+    device: torch.device
     pipe: Any
     # Tokenizer attribute -> the tokens the pipeline's encode_prompt keeps of a prompt.
     token_limits: ClassVar[dict[str, int]] = {}
 
     def encode(self, prompts: list[str]) -> Condition:
         raise NotImplementedError
+
+    def open_text(
+        self, folder: Path, resolution: int | None, geometry: Callable, pipeline: Any
+    ) -> None:
+        """Set folder, geometry (shift, latent shape) and `pipe`: the `pipeline` class read
+        without transformer and VAE, its one text encoder frozen on the text device."""
+        self.folder, self.resolution = folder, resolution
+        self.shift, self.latent_shape, _ = geometry(folder, resolution)
+        self.device, dtype = text_device()
+        self.pipe = pipeline.from_pretrained(folder, transformer=None, vae=None, dtype=dtype)
+        self.pipe.text_encoder.to(self.device).eval().requires_grad_(False)
 
     def truncated(self, prompts: list[str]) -> int:
         """How many prompts some text encoder sees cut (longer than its token limit)."""
