@@ -365,6 +365,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
         "test": report.nodeid,
         "when": report.when,
+        "outcome": report.outcome,
         "start": getattr(report, "start", None),
         "seconds": round(report.duration, 3),
         "cpu": round(cpu - _cpu_seen[0], 3),
