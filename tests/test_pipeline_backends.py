@@ -37,7 +37,11 @@ N_PAIRS = 3
 BACKENDS = {
     "sd3": (tiny_pipelines.sd3_pipeline, "StableDiffusion3Pipeline", 16, (16, 8, 8)),
     "longcat": (tiny_pipelines.longcat_pipeline, "LongCatImagePipeline", 32, (16, 16, 16)),
+    "flux2-klein": (tiny_pipelines.flux2_pipeline, "Flux2KleinPipeline", 32, (32, 8, 8)),
 }
+# The backends whose whole chain runs here; flux2-klein's is checked against its stock
+# pipeline in tests/test_flux2.py and run end to end by tests/test_real_run_orchestration.py.
+CHAINED = ["sd3", "longcat"]
 
 
 def _params(params_file: Path, backend: str, **teacher) -> Path:
@@ -65,7 +69,7 @@ def _run(cwd: Path, script: str, *args: str, env: dict | None = None, check: boo
     return proc
 
 
-@pytest.fixture(scope="module", params=list(BACKENDS))
+@pytest.fixture(scope="module", params=CHAINED)
 def project(request, tmp_path_factory, tiny_dirs) -> Path:
     """A scratch project run through every stage; distill and sample under the guard."""
     backend = request.param
@@ -243,6 +247,11 @@ def test_distill_and_sample_never_build_a_text_encoder(project, tmp_path):
             "holds a StableDiffusion3Pipeline, expected a LongCatImagePipeline",
         ),
         ("longcat", "prompts.txt", "is not a folder; expected a LongCatImagePipeline folder"),
+        (
+            "flux2-klein",
+            "tiny_longcat",
+            "holds a LongCatImagePipeline, expected a Flux2KleinPipeline",
+        ),
         ("sd3", "empty", "has no model_index.json, so it is not a diffusers pipeline"),
     ],
 )

@@ -8,7 +8,7 @@ Each backend module offers `load(path, resolution)` (the whole teacher, text enc
 included, for prepare_teacher and cache_teacher), `load_velocity(path, resolution, dtype)` (the
 velocity network alone, for distill and sample), `load_decoder(path)` (latents -> uint8
 images, for sample) and `export(student, teacher_dir, out, inference, params)`. The
-diffusers-pipeline backends (sd3, longcat) also offer `resolve(path)`: a local folder or
+diffusers-pipeline backends (sd3, longcat, flux2-klein) also offer `resolve(path)`: a local folder or
 hub id, checked to hold their pipeline family.
 """
 
@@ -25,6 +25,7 @@ BACKENDS: dict[str, str] = {
     "shapes": "cdm.backends.shapes",
     "sd3": "cdm.backends.sd3",
     "longcat": "cdm.backends.longcat",
+    "flux2-klein": "cdm.backends.flux2",
 }
 
 

@@ -18,7 +18,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImageTransformer2D
 
 from cdm.backends import few_step, pipelines
 from cdm.backends.export import export_pipeline
-from cdm.conditioning import Condition
 from cdm.velocity import LongCatVelocity
 
 TEXT_TOKENS = 512  # LongCatImagePipeline.tokenizer_max_length: prompt length, image id offset
@@ -28,16 +27,13 @@ DEFAULT_SAMPLE_SIZE = 128  # LongCatImagePipeline.default_sample_size (x the VAE
 LICENSE = {"license": "apache-2.0"}
 
 
-def _default_call(raw: list[float], shift: float, base: dict) -> dict | None:
-    overrides = few_step.longcat_default_call(raw, shift)
-    return None if overrides is None else base | overrides
-
-
 FAMILY = pipelines.Family(
     backend="longcat",
     pipeline="LongCatImagePipeline",
     parts=("transformer", "scheduler", "vae"),
-    default_call=_default_call,
+    default_call=lambda raw, shift, base: few_step.on_base(
+        few_step.longcat_default_call(raw, shift), base
+    ),
     explicit=lambda shift, base: base | few_step.constant_mu(shift),
     call="num_inference_steps={steps}, guidance_scale=1.0, enable_prompt_rewrite=False{extra}",
     license=LICENSE,
@@ -65,31 +61,19 @@ def geometry(folder: Path, resolution: int | None) -> tuple[float, tuple[int, in
     return shift, (int(config["in_channels"]) // 4, size, size), tokens
 
 
-class LongCatTeacher(pipelines.PipelineTeacher):
+class LongCatTeacher(pipelines.TextEncoderTeacher):
     """The teacher as cache_teacher and prepare_teacher see it: the text encoder loaded, the
     transformer and VAE only when asked for."""
 
     name = "longcat"
     family = FAMILY
     token_limits = {"tokenizer": TEXT_TOKENS}  # the prompt's own tokens, before the template
+    geometry = staticmethod(geometry)
 
-    def __init__(self, folder: Path, resolution: int | None = None):
-        from diffusers import LongCatImagePipeline
-
-        self.folder, self.resolution = folder, resolution
-        self.shift, self.latent_shape, _ = geometry(folder, resolution)
-        self.device, dtype = pipelines.text_device()
-        self.pipe = LongCatImagePipeline.from_pretrained(
-            folder, transformer=None, vae=None, dtype=dtype
-        )
-        self.pipe.text_encoder.to(self.device).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> Condition:
+    def embeds(self, prompts: list[str]) -> torch.Tensor:
         """LongCatImagePipeline.encode_prompt: the last hidden states of the padded prompt
-        (TEXT_TOKENS tokens). LongCat has no pooled input: a (B, 1) zero keeps the form."""
-        embeds, _ = self.pipe.encode_prompt(prompts)
-        return Condition(embeds.cpu(), embeds.new_zeros(len(prompts), 1).cpu())
+        (TEXT_TOKENS tokens)."""
+        return self.pipe.encode_prompt(prompts)[0]
 
 
 def load(path: str | Path, resolution: int | None = None) -> LongCatTeacher:
