@@ -12,7 +12,8 @@ produce our numbers at every n a user may ask for:
 - Flux2KleinPipeline passes raw = linspace(1, 1/n, n) too, but its own mu =
   compute_empirical_mu(seq_len, n), which moves with n (no config pins it): the export turns
   dynamic shifting off, so the scheduler ignores mu and shifts by its static `shift` = S,
-  our shift at every n and resolution.
+  our shift at every n and resolution (computed in float32 as S t / (1 + (S - 1) t), which
+  may put t = 1 one ulp low; sample.py runs the stock sigmas, so both sample alike).
 - StableDiffusion3Pipeline passes no sigmas. FlowMatchEulerDiscreteScheduler then shifts
   linspace(1, m, n) with m = 1 / num_train_timesteps (shifted too without dynamic shifting),
   a constant of the config, while ours is linspace(1, 1/n, n): without shift_terminal they
