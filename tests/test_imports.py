@@ -101,10 +101,12 @@ def _modules_after(code: str) -> set[str]:
 
 def test_the_registry_names_backends_without_importing_them():
     """Naming or choosing a backend loads that backend's module only: the shapes world never
-    imports the SD3 or LongCat modules (nor the pipeline helpers they need)."""
+    imports the SD3, LongCat or FLUX.2 modules (nor the pipeline helpers they need)."""
     loaded = _modules_after("from cdm import backends; backends.backend_module('shapes')")
     assert "cdm.backends.shapes" in loaded
-    assert not loaded & {"cdm.backends.sd3", "cdm.backends.longcat", "cdm.backends.pipelines"}
+    assert not loaded & {
+        "cdm.backends.sd3", "cdm.backends.longcat", "cdm.backends.flux2", "cdm.backends.pipelines"
+    }  # fmt: skip
     loaded = _modules_after("from cdm.backends import BACKENDS")
     assert not {m for m in loaded if m.startswith("cdm.backends.")}
     with pytest.raises(ValueError, match="choose one of shapes, sd3, longcat"):
