@@ -103,7 +103,10 @@ def main() -> None:
             backend.export(ema, args.teacher, tmp, inference, card)
             if cfg.lora is not None and (tmp / "README.md").is_file():
                 readme = tmp / "README.md"
-                readme.write_text(readme.read_text() + lora.card_section(params.teacher.path))
+                family = backend.FAMILY.pipeline  # README.md: a diffusers-pipeline backend
+                readme.write_text(
+                    readme.read_text() + lora.card_section(params.teacher.path, family)
+                )
             (tmp / "params.json").write_text(json.dumps(resolved, indent=1))
             manifest.write(tmp)  # last: what the sampler and publish check the export against
         log.info("student written to %s", Path(args.out) / args.method)

@@ -349,6 +349,8 @@ def test_the_exported_lora_loads_on_the_stock_pipeline_and_gives_the_student(
             assert any(part in k for k in keys), part
 
     cls = getattr(diffusers, module.FAMILY.pipeline)
+    card = lora.card_section(str(teacher_dir), module.FAMILY.pipeline)  # what the card says
+    assert f'{cls.__name__}.from_pretrained("{teacher_dir}")' in card
     pipe = cls.from_pretrained(teacher_dir, torch_dtype=torch.float32)
     bare = type(velocity)(copy.deepcopy(pipe.transformer))
     pipe.load_lora_weights(tmp_path / "student")

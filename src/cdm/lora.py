@@ -258,16 +258,16 @@ def networks(
     return Teacher(teacher), AdapterView(teacher, STUDENT), AdapterView(teacher, FAKE)
 
 
-def card_section(base_model: str) -> str:
-    """The model card's paragraph on loading the exported adapter."""
+def card_section(base_model: str, pipeline: str = "StableDiffusion3Pipeline") -> str:
+    """The model card's paragraph on loading the exported adapter on the stock `pipeline`."""
     return (
         "\n## LoRA student\n\n"
         "Trained in LoRA mode (`distill.lora`): the student is an adapter on the frozen teacher. "
         f"`{LORA_FILE}` in this folder is that adapter; `transformer/` holds it merged. Load "
         "the adapter on the stock teacher with the few-step scheduler of this folder:\n\n"
         "```python\n"
-        "from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline\n\n"
-        f'pipe = StableDiffusion3Pipeline.from_pretrained("{base_model}")\n'
+        f"from diffusers import {pipeline}\n\n"
+        f'pipe = {pipeline}.from_pretrained("{base_model}")\n'
         'pipe.load_lora_weights("<this folder>")\n'
         'pipe.scheduler = type(pipe.scheduler).from_pretrained("<this folder>", '
         'subfolder="scheduler")\n'
