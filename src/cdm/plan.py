@@ -178,6 +178,10 @@ TEXT_TOKENS = {
     "flux2-klein": FLUX2_TEXT_TOKENS,
 }
 BACKENDS = tuple(TEXT_TOKENS)  # the backends the plan covers
+TRANSFORMERS = {
+    "sd3": "SD3Transformer2DModel", "longcat": "LongCatImageTransformer2DModel",
+    "flux2-klein": "Flux2Transformer2DModel",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -200,7 +204,7 @@ def _meta_model(backend: str, config: dict[str, Any]) -> torch.nn.Module:
     import diffusers
     from accelerate import init_empty_weights
 
-    cls = getattr(diffusers, config["_class_name"])
+    cls = getattr(diffusers, TRANSFORMERS[backend])
     with init_empty_weights():
         return cls.from_config(config)
 
