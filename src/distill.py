@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cdm import lora, manifest, zero
+from cdm import lora, loralayout, manifest, teacherlora, zero
 from cdm import params as P
 from cdm.backends import backend_module
 from cdm.cache import open_condition
@@ -97,16 +97,21 @@ def main() -> None:
         }  # fmt: skip
         with atomic_dir(Path(args.out) / args.method) as tmp:
             card = resolved | {"teacher": params.teacher.model_dump()}
+            layout = None
             if cfg.lora is not None:  # the adapter as a diffusers LoRA, then merged for the rest
-                lora.save_diffusers_lora(ema, tmp)
+                # Against the base model: with a fused teacher LoRA, stacked with its factors.
+                saved = lora.save_diffusers_lora(ema, tmp, teacherlora.fused(args.teacher))
+                layout = loralayout.export(params.teacher.backend, saved)  # ComfyUI / kohya keys
                 ema = lora.merged(ema)
             backend.export(ema, args.teacher, tmp, inference, card)
             if cfg.lora is not None and (tmp / "README.md").is_file():
                 readme = tmp / "README.md"
-                family = backend.FAMILY.pipeline  # README.md: a diffusers-pipeline backend
-                readme.write_text(
-                    readme.read_text() + lora.card_section(params.teacher.path, family)
-                )
+                fine_tune = params.teacher.lora.path if params.teacher.lora else None
+                section = lora.card_section(
+                    params.teacher.path, fine_tune, layout.name if layout else None,
+                    backend.FAMILY.pipeline,  # README.md: a diffusers-pipeline backend
+                )  # fmt: skip
+                readme.write_text(readme.read_text() + section)
             (tmp / "params.json").write_text(json.dumps(resolved, indent=1))
             manifest.write(tmp)  # last: what the sampler and publish check the export against
         log.info("student written to %s", Path(args.out) / args.method)

@@ -7,7 +7,9 @@ CFG to results/teacher.json.
 For sd3 / longcat: resolve teacher.path (a local folder or a hub id), check it holds the
 backend's pipeline family and that it loads and runs (one seeded forward and decode), link
 it to models/teacher and write its parameter counts, geometry and that check to
-results/teacher.json (the world metrics do not apply).
+results/teacher.json (the world metrics do not apply). With `teacher.lora` the LoRA is fused
+into the transformer first (cdm.teacherlora): models/teacher holds the fused transformer and
+links the rest, and the check runs on it.
 
 The check's wall time goes to logs/timings/prepare_teacher.json, not to results/teacher.json
 (a DVC metric that only moves when the teacher's numbers do: cdm.metrics.timings).
@@ -86,21 +88,31 @@ def prepare_pipeline(params: P.Params, models: str, out: str, timings: str) -> d
     teacher = backend.load(folder, cfg.resolution)
     null = teacher.null_condition()
     del teacher  # the text encoders are not needed past this point
-    velocity, shift, shape = backend.load_velocity(folder, cfg.resolution)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sanity = pipelines.sanity_check(
-        velocity, backend.load_decoder(folder), null, shape, params.seed, device
-    )
+    with atomic_dir(f"{models}/teacher") as tmp:
+        fused = None
+        if cfg.lora is None:
+            pipelines.link_tree(folder, tmp)
+        else:  # your fine-tune: the LoRA fused into the transformer (cdm.teacherlora)
+            from cdm import teacherlora
+
+            fused = teacherlora.prepare(backend, folder, cfg.lora, tmp)
+            log.info("teacher LoRA fused: %s", fused)
+        # The check runs on what the later stages read: the fused teacher when there is one.
+        velocity, shift, shape = backend.load_velocity(tmp, cfg.resolution)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        sanity = pipelines.sanity_check(
+            velocity, backend.load_decoder(tmp), null, shape, params.seed, device
+        )
     report = {
         "backend": cfg.backend, "path": cfg.path, "resolved": str(folder.resolve()),
         "resolution": shape[-1] * pipelines.vae_factor(folder) * backend.FAMILY.latent_patch,
         "latent_shape": list(shape),
         "shift": shift, "parameters": pipelines.parameter_counts(folder), "sanity": sanity,
     }  # fmt: skip
+    if fused is not None:
+        report["lora"] = fused
     seconds = {"seconds": round(time.time() - start, 1)}
     log.info("teacher: %s; %s", report, seconds)
-    with atomic_dir(f"{models}/teacher") as tmp:
-        pipelines.link_tree(folder, tmp)
     atomic_write_json(out, report)
     atomic_write_json(timings, seconds)
     return report

@@ -338,3 +338,40 @@ def _group_ids(items: list[pytest.Item]) -> None:
                  for m in item.iter_markers("xdist_group")}  # fmt: skip
         if names and "@" not in item.nodeid:
             item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(sorted(names))}")
+
+
+# ------------------------------------------------------------------------ the suite's timeline
+
+TIMELINE = "CDM_TEST_TIMELINE"  # a file: one JSON line per test phase (worker, start, seconds)
+_cpu_seen = [0.0]  # this worker's CPU seconds (its own and its finished children's) so far
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = (
+        resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With CDM_TEST_TIMELINE set, where each worker spent the run: a gap between one test's
+    end and the next one's start, a setup that waits on another worker's shared build, or a
+    phase whose CPU seconds (the worker's and its subprocesses') fall short of its wall
+    seconds is a core left idle (python bench/suite_timeline.py reads it)."""
+    path = os.environ.get(TIMELINE)
+    if not path or getattr(report, "node", None) is not None:  # xdist's controller: a copy
+        return
+    cpu = _cpu_seconds()
+    line = {
+        "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+        "test": report.nodeid,
+        "when": report.when,
+        "start": getattr(report, "start", None),
+        "seconds": round(report.duration, 3),
+        "cpu": round(cpu - _cpu_seen[0], 3),
+    }
+    _cpu_seen[0] = cpu
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")

@@ -349,7 +349,7 @@ def test_the_exported_lora_loads_on_the_stock_pipeline_and_gives_the_student(
             assert any(part in k for k in keys), part
 
     cls = getattr(diffusers, module.FAMILY.pipeline)
-    card = lora.card_section(str(teacher_dir), module.FAMILY.pipeline)  # what the card says
+    card = lora.card_section(str(teacher_dir), pipeline=module.FAMILY.pipeline)  # the card
     assert f'{cls.__name__}.from_pretrained("{teacher_dir}")' in card
     pipe = cls.from_pretrained(teacher_dir, torch_dtype=torch.float32)
     bare = type(velocity)(copy.deepcopy(pipe.transformer))

@@ -61,10 +61,17 @@ def test_snakemake_runs_the_whole_dag(scratch, tmp_path):
     assert planned == {"dynamic", "dm_only"}, planned
     (work / "params.yaml").write_text(saved)
 
-    # The ablation target: each preset x seed distilled, sampled and scored, then summarised;
-    # the report, asked again, reads the summary.
+    # The ablation target plans each preset x seed; one preset's two seeds are distilled,
+    # sampled, scored and summarised (the summary over several presets: tests/test_ablation.py),
+    # and the report, asked again, reads the summary.
+    plan = _sh(work, "snakemake", "--cores", "2", "-n", "ablation")
+    planned = re.findall(
+        r"rule ablation_distill:\n(?:.*\n)*?\s+wildcards: seed=(\d+), method=(\w+)", plan
+    )
+    assert sorted(planned) == [("0", "cdm"), ("0", "dmd2"), ("1", "cdm"), ("1", "dmd2")], plan
+    edit_params(work / "params.yaml", ablation={"methods": ["cdm"]})
     _sh(work, "snakemake", "--cores", "2", "ablation")
-    _check_ablation(work)
+    _check_ablation(work, ("cdm",))
     out = _sh(work, "snakemake", "--cores", "2", "--forcerun", "report", "results/report.html")
     assert "rule report" in out
     md = (work / "results/report.md").read_text()

@@ -179,10 +179,15 @@ def test_a_lora_runs_adapter_on_the_stock_teacher_samples_the_students_images(pr
     (pytorch_lora_weights.safetensors), loaded on the stock teacher transformer in the
     student's pipeline (its few-step scheduler), gives the images sample.py wrote for that
     student (at most 1 level apart); the same pipeline without the adapter does not. SD3
-    loads it at pipeline level, LongCat (no pipeline loader) on its transformer."""
+    loads it at pipeline level, LongCat (no pipeline loader) on its transformer.
+
+    On LongCat the teacher is a fine-tune (`teacher.lora`, issue 37): prepare_teacher fuses a
+    LoRA into it, and the exported LoRA, against the *base* model, is loaded on the stock base
+    transformer (the fine-tune's factors stacked with the student's, cdm.lorafactors)."""
     import diffusers
 
     from cdm.lora import LORA_FILE
+    from tests.test_teacher_lora import SCALE, _teacher_lora
 
     backend = _backend(project)
     _, cls_name, resolution, shape = BACKENDS[backend]
@@ -193,7 +198,17 @@ def test_a_lora_runs_adapter_on_the_stock_teacher_samples_the_students_images(pr
     data = yaml.safe_load((project / "params.yaml").read_text())
     # A fast student, so that 2 updates move the adapter to where images show it.
     data["distill"].update(lora={"rank": 4, "alpha": 8.0}, lr_student=0.01)
+    base = work / "models/teacher"
+    if backend == "longcat":  # the teacher's text encoders are the base's: the cache stands
+        mine = _teacher_lora(backend, work / f"tiny_{backend}", tmp_path / "mine")
+        data["teacher"]["lora"] = {"path": str(mine), "scale": SCALE}
+        base = work / f"tiny_{backend}"
     (work / "params.yaml").write_text(yaml.safe_dump(data))
+    if backend == "longcat":
+        shutil.rmtree(work / "models/teacher")
+        _run(work, "prepare_teacher.py")
+        report = json.loads((work / "results/teacher.json").read_text())
+        assert report["lora"]["scale"] == SCALE and report["lora"]["modules"] > 0
     _run(work, "distill.py", "--method", "cdm", env=GUARD)
     _run(work, "sample.py", "--model", "cdm", "--steps", "4", env=GUARD)
     folder = work / "models/students/cdm"
@@ -205,7 +220,7 @@ def test_a_lora_runs_adapter_on_the_stock_teacher_samples_the_students_images(pr
 
     cls = getattr(diffusers, cls_name)
     transformer = type(cls.from_pretrained(folder).transformer).from_pretrained(
-        work / "models/teacher", subfolder="transformer"
+        base, subfolder="transformer"
     )
     pipe = cls.from_pretrained(folder, transformer=transformer)
     bare = _stock_images(pipe, backend, resolution, shape)

@@ -44,6 +44,24 @@ def test_a_distill_jobs_memory_is_the_plans_host_memory_per_node():
         assert rule_resources(params, "distill")["mem_mb"] == -(-want // 10**6), overlay
 
 
+def test_cache_teacher_takes_the_nodes_gpus_and_memory_for_a_process_on_each():
+    """One encoding process per GPU (cache_teacher's --processes default), each holding its
+    text encoders, one batch of embeddings (the plan's cache bytes) and its runtime: a job
+    of one GPU held LongCat's 200k prompts to one process, an hour of encoding (issue 36)."""
+    from cdm.plan import cache_bytes, describe
+    from cdm.resources import TEXT_GIB
+
+    for overlay in ("configs/longcat-image.yaml", "configs/sd3-medium-lora.yaml"):
+        params = _params(overlay)
+        n, t = params.distill.num_processes, params.teacher
+        res = rule_resources(params, "cache_teacher")
+        assert res["gres"] == f"gpu:{n}" and res["cpus_per_task"] == 8 * n, overlay
+        assert threads(params, "cache_teacher") == 8
+        m = describe(t.backend, t.path, t.resolution)[0]
+        per = (TEXT_GIB + PROCESS_GIB) * 1024**3 + cache_bytes(m, params.cache_teacher.batch_size)
+        assert res["mem_mb"] == -(-n * int(per) // 10**6), overlay
+
+
 def test_a_multi_node_distill_asks_per_node_one_task_each():
     res = rule_resources(_params("configs/sd35-large.yaml"), "distill")
     assert res["nodes"] == 2 and res["gres"] == "gpu:8" and res["tasks"] == 2

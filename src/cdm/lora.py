@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cdm import lorafactors
+from cdm.lorafactors import Factors
 from cdm.params import Lora
 
 if TYPE_CHECKING:  # peft loads only in LoRA mode (the functions below import it)
@@ -228,14 +230,22 @@ def merged(student: torch.nn.Module) -> torch.nn.Module:
     return student
 
 
-def save_diffusers_lora(student: torch.nn.Module, folder: Path) -> Path:
+def save_diffusers_lora(
+    student: torch.nn.Module, folder: Path, teacher: Factors | None = None
+) -> Path:
     """The student adapter as a diffusers LoRA (pytorch_lora_weights.safetensors, with its
     rank, alpha and targets as metadata): `StableDiffusion3Pipeline.from_pretrained(teacher)`
-    then `.load_lora_weights(folder)`; any family's transformer: `.load_lora_adapter(folder, weight_name=LORA_FILE)`."""
+    then `.load_lora_weights(folder)`; any family's transformer: `.load_lora_adapter(folder,
+    weight_name=LORA_FILE)`. With `teacher` (the factors of a fused teacher LoRA,
+    cdm.teacherlora) the file is the few-step LoRA against the *base* model: the teacher's
+    factors stacked with the student's, whose delta is exactly the sum (cdm.lorafactors)."""
     from diffusers import StableDiffusion3Pipeline
     from peft.utils import get_peft_model_state_dict
 
     transformer = student.transformer
+    if teacher is not None:
+        student_part = lorafactors.from_peft(transformer, STUDENT)
+        return lorafactors.save(lorafactors.stack(teacher, student_part), folder / LORA_FILE)
     state = get_peft_model_state_dict(transformer, adapter_name=STUDENT)
     meta = transformer.peft_config[STUDENT].to_dict()
     meta["target_modules"] = sorted(meta["target_modules"])
@@ -258,13 +268,27 @@ def networks(
     return Teacher(teacher), AdapterView(teacher, STUDENT), AdapterView(teacher, FAKE)
 
 
-def card_section(base_model: str, pipeline: str = "StableDiffusion3Pipeline") -> str:
-    """The model card's paragraph on loading the exported adapter on the stock `pipeline`."""
-    return (
+def card_section(
+    base_model: str,
+    fine_tune: str | None = None,
+    layout: str | None = None,
+    pipeline: str = "StableDiffusion3Pipeline",
+) -> str:
+    """The model card's paragraph on loading the exported adapter on the stock `pipeline`:
+    `fine_tune` names a teacher LoRA fused before distillation (then the file is the LoRA
+    against the base model), `layout` the kohya/ComfyUI copy of it (cdm.loralayout)."""
+    against = (
+        f"the base model `{base_model}`: it holds your fine-tune's LoRA (`{fine_tune}`, fused "
+        "into the teacher) and the student's adapter in one"
+        if fine_tune
+        else "the frozen teacher"
+    )
+    text = (
         "\n## LoRA student\n\n"
         "Trained in LoRA mode (`distill.lora`): the student is an adapter on the frozen teacher. "
-        f"`{LORA_FILE}` in this folder is that adapter; `transformer/` holds it merged. Load "
-        "the adapter on the stock teacher with the few-step scheduler of this folder:\n\n"
+        f"`{LORA_FILE}` in this folder is the few-step LoRA against {against}; "
+        "`transformer/` holds it merged. Load "
+        "the adapter on the stock base model with the few-step scheduler of this folder:\n\n"
         "```python\n"
         f"from diffusers import {pipeline}\n\n"
         f'pipe = {pipeline}.from_pretrained("{base_model}")\n'
@@ -276,3 +300,9 @@ def card_section(base_model: str, pipeline: str = "StableDiffusion3Pipeline") ->
         '`pipe.transformer.load_lora_adapter("<this folder>", prefix="transformer", '
         f'weight_name="{LORA_FILE}")` (without `weight_name` diffusers looks for a .bin).\n'
     )
+    if layout:
+        text += (
+            f"\n`{layout}` is the same LoRA in the key layout ComfyUI and kohya-ss tools read "
+            "(alpha = rank in every module: load it at strength 1).\n"
+        )
+    return text

@@ -37,6 +37,28 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
+class TeacherLora(Section):
+    """Your fine-tune as the teacher: a LoRA fused into the teacher's transformer by
+    prepare_teacher (cdm.teacherlora), before caching and distillation."""
+
+    # A diffusers/peft LoRA .safetensors file (transformer.<module>.lora_A/lora_B keys)
+    path: str = Field(min_length=1)
+    scale: float = 1.0  # the LoRA's weight, as fuse_lora(lora_scale=...) takes it
+
+    @model_validator(mode="after")
+    def _usable(self) -> TeacherLora:
+        if self.scale == 0:
+            raise ValueError(
+                "scale 0 fuses nothing; set teacher.lora: null to distill the base model"
+            )
+        if not self.path.endswith(".safetensors"):
+            raise ValueError(
+                f"path '{self.path}' is not a .safetensors file; give the LoRA's weight file "
+                "(e.g. pytorch_lora_weights.safetensors)"
+            )
+        return self
+
+
 class Teacher(Section):
     """The pretrained teacher every stage distils or compares against."""
 
@@ -49,6 +71,16 @@ class Teacher(Section):
     # FLUX.2 [klein]: 1024). The backend checks it against the VAE factor and patch size
     # when it loads the model.
     resolution: int | None = Field(None, gt=0)
+    lora: TeacherLora | None = None  # None: the teacher as published
+
+    @model_validator(mode="after")
+    def _lora_backend(self) -> Teacher:
+        if self.lora is not None and self.backend == "shapes":
+            raise ValueError(
+                "lora: the shapes world's teacher takes no LoRA; set teacher.lora: null, or "
+                "choose a diffusers-pipeline backend"
+            )
+        return self
 
 
 class Judge(Section):
@@ -514,7 +546,20 @@ def student_inputs(params: Params, method: str, seed: int | None = None) -> dict
     # process resume 1 node of 2 (and one node keeps its fingerprint).
     distill["num_processes"] = distill.pop("nodes") * distill["num_processes"]
     seed = params.seed if seed is None else seed
-    return {"method": preset.model_dump(), "distill": distill, "seed": seed}
+    inputs = {"method": preset.model_dump(), "distill": distill, "seed": seed}
+    if params.teacher.lora is not None:  # without one: the fingerprints from before it existed
+        inputs["teacher_lora"] = teacher_lora_inputs(params.teacher.lora)
+    return inputs
+
+
+def teacher_lora_inputs(cfg: TeacherLora) -> dict[str, Any]:
+    """The fused teacher LoRA as a student depends on it: its scale and its file's content
+    (a file replaced under the same name is another teacher; None while it is missing).
+    Hashed on every call: a cache by size and mtime misses a rewrite within one clock tick."""
+    from cdm.manifest import sha256
+
+    path = Path(cfg.path)
+    return {"scale": cfg.scale, "sha256": sha256(path) if path.is_file() else None}
 
 
 def ablation_inputs(params: Params) -> dict[str, Any]:

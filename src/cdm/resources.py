@@ -10,6 +10,12 @@ plugin's settings; each rule's request comes from here, so it follows the run it
   its GPU, rank 0 gathers the fp32 EMA (4 P) for previews and the export, plus PROCESS_GIB
   for each process's runtime. A one-GPU LoRA
   run asks for one GPU; a 2-node SD3.5-Large run for 8 GPUs on each of 2 nodes.
+- cache_teacher: a node's GPUs (`distill.num_processes`, the GPUs per node the run is sized
+  for; cache_teacher starts one encoding process per GPU it sees), CPUS_PER_GPU CPUs each,
+  and per process its text encoders as they load (TEXT_GIB), the batch of embeddings in hand
+  (cdm.plan.cache_bytes of `cache_teacher.batch_size` prompts: cdm.cache.write_shard streams
+  each shard to disk batch by batch) and PROCESS_GIB. LongCat's 200k prompts take about an
+  hour on one GPU, minutes on eight.
 - every other GPU rule (the teacher's and the samplers' one-GPU jobs): one GPU, CPUS_PER_GPU
   CPUs, the teacher read in fp32 plus TEXT_GIB for its text encoders; the scorers' memory is
   their own models' (SCORER_MB), not the teacher's.
@@ -62,11 +68,27 @@ def scale(env: dict[str, str] | None = None) -> str:
 
 
 @lru_cache(maxsize=4)
-def _teacher_parameters(backend: str, path: str, resolution: int | None) -> int:
-    """P of the teacher's transformer (cdm.plan builds it on the meta device: no weights)."""
+def _teacher(backend: str, path: str, resolution: int | None):
+    """The plan's model of the teacher's transformer (built on the meta device: no weights)."""
     from cdm.plan import describe
 
-    return describe(backend, path, resolution)[0].params
+    return describe(backend, path, resolution)[0]
+
+
+def _teacher_parameters(backend: str, path: str, resolution: int | None) -> int:
+    return _teacher(backend, path, resolution).params
+
+
+def cache_process_bytes(params: P.Params) -> int:
+    """Host memory of one cache_teacher process: its text encoders as they load, one batch
+    of embeddings (bf16 on a GPU: cdm.backends.pipelines.text_device; a shard is streamed to
+    disk batch by batch) and its runtime."""
+    from cdm.plan import cache_bytes
+
+    teacher = params.teacher
+    model = _teacher(teacher.backend, teacher.path, teacher.resolution)
+    batch = cache_bytes(model, params.cache_teacher.batch_size, 2)
+    return int(TEXT_GIB * 1024**3 + batch + PROCESS_GIB * 1024**3)
 
 
 def rule_resources(params: P.Params, rule: str, shards: int = 1, size: str = "full") -> dict:
@@ -84,7 +106,11 @@ def rule_resources(params: P.Params, rule: str, shards: int = 1, size: str = "fu
     else:
         count = _teacher_parameters(teacher.backend, teacher.path, teacher.resolution)
         fp32 = 4 * count
-        if rule in DISTILL:
+        if rule == "cache_teacher":
+            gpus = cfg.num_processes
+            cpus = CPUS_PER_GPU * gpus
+            mem = gpus * cache_process_bytes(params)
+        elif rule in DISTILL:
             from cdm.plan import host_per_node
 
             gpus, nodes = cfg.num_processes, cfg.nodes
@@ -112,5 +138,5 @@ def threads(params: P.Params, rule: str, shards: int = 1, size: str = "full") ->
     """OMP threads of each process of `rule`'s job: its CPUs, shared by a distill job's
     processes on each node."""
     res = rule_resources(params, rule, shards, size)
-    per_node = params.distill.num_processes if rule in DISTILL else 1
+    per_node = params.distill.num_processes if rule in (*DISTILL, "cache_teacher") else 1
     return max(1, res["cpus_per_task"] // per_node)

@@ -41,6 +41,12 @@ def check_inputs(params: P.Params) -> None:
             f"teacher.path '{teacher.path}' is a file; expected a model folder "
             "(the world teacher's, or a diffusers pipeline's with model_index.json)"
         )
+    if teacher.lora is not None and not Path(teacher.lora.path).is_file():
+        state = "is a folder" if Path(teacher.lora.path).is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"teacher.lora.path '{teacher.lora.path}' {state}; expected your LoRA's "
+            "diffusers/peft .safetensors file"
+        )
     if world and not Path(params.judge.path).is_dir():
         state = "is a file" if Path(params.judge.path).exists() else "does not exist"
         raise FileNotFoundError(

@@ -7,6 +7,8 @@ rule prepare_teacher:
     input:
         code=stage_code("prepare_teacher"),  # dvc.yaml's code deps: a change reruns it
         weights=[] if WORLD else "models/weights.json",  # a hub teacher: fetched on the login node
+        # Your fine-tune's LoRA (teacher.lora): a new file content reruns the teacher's stages.
+        lora=[] if PARAMS.teacher.lora is None else PARAMS.teacher.lora.path,
     output:
         teacher=directory("models/teacher"),
         report="results/teacher.json",

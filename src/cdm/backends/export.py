@@ -24,6 +24,7 @@ from cdm.sampling import inference_sigmas
 # Written by export beside the pipeline's own parts; never copied from a teacher folder.
 OWN_FILES = (
     "transformer", "scheduler", "README.md", "inference.json", "params.json", "model_index.json",
+    "teacher_lora.safetensors",  # a fused teacher LoRA's factors (cdm.teacherlora): in the LoRA
 )  # fmt: skip
 CARD_TAGS = ["text-to-image", "diffusers", "distillation", "cdm"]
 CARD_STEPS = (1, 2, 4, 8)  # step counts whose stock sigmas the model card lists
