@@ -55,16 +55,18 @@ from cdm import checkpoints, engine, lora, plan, zero
 from cdm import params as P
 from cdm.backends import few_step
 from cdm.conditioning import Condition
-from cdm.velocity import LongCatVelocity, TransformerVelocity
+from cdm.velocity import Flux2Velocity, LongCatVelocity, TransformerVelocity
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB = {
     "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
     "longcat": "meituan-longcat/LongCat-Image",
+    "flux2-klein": "black-forest-labs/FLUX.2-klein-base-4B",
 }
 AUTHORS_EVALS = 50.0  # forward-equivalents per student step in the authors' recipe (fwd+bwd = 3)
 LIMIT_EVALS = 33.5  # rollout to each anchor + one student forward for CA and DM (ratio 0.67)
-# LongCat's scheduler (Flux-style dynamic shift); not stored in plan.PUBLISHED.
+# LongCat's scheduler (Flux-style dynamic shift; FLUX.2 [klein]'s has the same keys, which
+# its pipeline overrides with its own mu); not stored in plan.PUBLISHED.
 LONGCAT_SCHEDULER = {
     "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
     "base_image_seq_len": 256, "max_image_seq_len": 4096,
@@ -114,7 +116,11 @@ def build_teacher(
 ) -> tuple[torch.nn.Module, float, tuple[int, int, int], Condition, Condition, int]:
     """(velocity, shift, latent shape, one random prompt-cache entry per batch row + spare,
     null, image tokens) for the cut teacher with random weights."""
-    from diffusers import LongCatImageTransformer2DModel, SD3Transformer2DModel
+    from diffusers import (
+        Flux2Transformer2DModel,
+        LongCatImageTransformer2DModel,
+        SD3Transformer2DModel,
+    )
 
     factor = plan.PUBLISHED[HUB[model]]["vae_factor"]
     size = resolution // factor
@@ -130,14 +136,21 @@ def build_teacher(
         shape = (int(config["in_channels"]), size, size)
         tokens, text, pooled = (size // config["patch_size"]) ** 2, plan.SD3_TEXT_TOKENS, None
         shift = SD3_SHIFT
-    else:
-        if size % 2:
-            raise ValueError(f"--resolution {resolution} must be a multiple of {2 * factor}")
+    elif size % 2:
+        raise ValueError(f"--resolution {resolution} must be a multiple of {2 * factor}")
+    elif model == "longcat":
         transformer = LongCatImageTransformer2DModel.from_config(config)
         velocity = LongCatVelocity(transformer, plan.LONGCAT_TEXT_TOKENS)
         shape = (int(config["in_channels"]) // 4, size, size)
         tokens, text, pooled = (size // 2) ** 2, plan.LONGCAT_TEXT_TOKENS, 1
         shift = few_step.effective_shift(LONGCAT_SCHEDULER, tokens)
+    else:  # FLUX.2 [klein]: 2x2-patchified latents, the teacher's 50-step empirical shift
+        from cdm.backends.flux2 import TEACHER_STEPS
+
+        velocity = Flux2Velocity(Flux2Transformer2DModel.from_config(config))
+        shape = (int(config["in_channels"]), size // 2, size // 2)
+        tokens, text, pooled = (size // 2) ** 2, plan.FLUX2_TEXT_TOKENS, 1
+        shift = few_step.empirical_shift(LONGCAT_SCHEDULER, tokens, TEACHER_STEPS)
     width = int(config["joint_attention_dim"])
     pooled = pooled or int(config["pooled_projection_dim"])
     return velocity, shift, shape, *_conditions(text, width, pooled, seed), tokens
@@ -166,7 +179,7 @@ def plan_model(
     if backend == "sd3":
         tokens, text, channels = (size // config["patch_size"]) ** 2, plan.SD3_TEXT_TOKENS, 16
     else:
-        tokens, text = (size // 2) ** 2, plan.LONGCAT_TEXT_TOKENS
+        tokens, text = (size // 2) ** 2, plan.TEXT_TOKENS[backend]
         channels = int(config["in_channels"]) // 4
     return plan.Model(
         config["_class_name"], params, block, blocks, hidden, tokens, text,

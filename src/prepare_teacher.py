@@ -105,7 +105,8 @@ def prepare_pipeline(params: P.Params, models: str, out: str, timings: str) -> d
         )
     report = {
         "backend": cfg.backend, "path": cfg.path, "resolved": str(folder.resolve()),
-        "resolution": shape[-1] * pipelines.vae_factor(folder), "latent_shape": list(shape),
+        "resolution": shape[-1] * pipelines.vae_factor(folder) * backend.FAMILY.latent_patch,
+        "latent_shape": list(shape),
         "shift": shift, "parameters": pipelines.parameter_counts(folder), "sanity": sanity,
     }  # fmt: skip
     if fused is not None:

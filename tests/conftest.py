@@ -167,19 +167,23 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _tiny_pipelines(root: Path) -> None:
     from tests import tiny_pipelines
 
-    for name, build in {
-        "sd3": tiny_pipelines.sd3_pipeline, "longcat": tiny_pipelines.longcat_pipeline,
-        "qwen-image": tiny_pipelines.qwen_pipeline,
-    }.items():  # fmt: skip
-        tiny_pipelines.save(build(), root / name)
+    for name, build in TINY_PIPELINES.items():
+        tiny_pipelines.save(getattr(tiny_pipelines, build)(), root / name)
+
+
+# teacher.backend -> the tests.tiny_pipelines builder of its tiny pipeline
+TINY_PIPELINES = {
+    "sd3": "sd3_pipeline", "longcat": "longcat_pipeline", "qwen-image": "qwen_pipeline",
+    "flux2-klein": "flux2_pipeline",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny random SD3, LongCat-Image and Qwen-Image pipelines saved with save_pretrained
-    (offline)."""
+    """Tiny random SD3, LongCat-Image, Qwen-Image and FLUX.2 [klein] pipelines saved with
+    save_pretrained (offline), by teacher.backend."""
     root = shared(tmp_path_factory, "tiny_pipelines", _tiny_pipelines)
-    return {name: root / name for name in ("sd3", "longcat", "qwen-image")}
+    return {name: root / name for name in TINY_PIPELINES}
 
 
 # ------------------------------------------------------------- tiny scorers (test_scorers, hpsv3)
@@ -284,8 +288,8 @@ MULTIPROC_MODULES = {"test_multinode", "test_checkpoint_ranks", "test_zero_parti
 # Modules whose module-scoped fixtures cost a run each: their tests stay on one xdist worker
 # (`--dist loadgroup`), so the fixture is built once. The costliest are session-wide instead.
 GROUPED_MODULES = {
-    "test_compare", "test_eval_stages", "test_export", "test_pipeline_backends", "test_plan",
-    "test_preference", "test_slurm",
+    "test_compare", "test_eval_stages", "test_export", "test_flux2", "test_pipeline_backends",
+    "test_plan", "test_preference", "test_slurm",
 }  # fmt: skip
 
 

@@ -23,7 +23,7 @@ def _run(script: str, *args: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("model", ["sd3", "longcat"])
+@pytest.mark.parametrize("model", ["sd3", "longcat", "flux2-klein"])
 def test_scale_reports_phases_memory_and_evaluations(tmp_path, model):
     out = tmp_path / f"scale-{model}.json"
     _run(

@@ -101,10 +101,11 @@ def _modules_after(code: str) -> set[str]:
 
 def test_the_registry_names_backends_without_importing_them():
     """Naming or choosing a backend loads that backend's module only: the shapes world never
-    imports the SD3, LongCat or Qwen-Image modules (nor the pipeline helpers they need)."""
+    imports the SD3, LongCat, Qwen-Image or FLUX.2 modules (nor the pipeline helpers they
+    need)."""
     loaded = _modules_after("from cdm import backends; backends.backend_module('shapes')")
     assert "cdm.backends.shapes" in loaded
-    pipelines = {"sd3", "longcat", "qwenimage", "pipelines"}
+    pipelines = {"sd3", "longcat", "qwenimage", "flux2", "pipelines"}
     assert not loaded & {f"cdm.backends.{name}" for name in pipelines}
     loaded = _modules_after("from cdm.backends import BACKENDS")
     assert not {m for m in loaded if m.startswith("cdm.backends.")}

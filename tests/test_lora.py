@@ -324,7 +324,11 @@ def test_the_plans_adapter_count_is_what_peft_builds():
 
 @pytest.mark.parametrize(
     "overlay, gib, at_least",
-    [("configs/sd3-medium-lora.yaml", 24, 2), ("configs/longcat-image-lora.yaml", 80, 1)],
+    [
+        ("configs/sd3-medium-lora.yaml", 24, 2),
+        ("configs/longcat-image-lora.yaml", 80, 1),
+        ("configs/flux2-klein-lora.yaml", 80, 8),  # the recipe's batch 8 on one GPU
+    ],
 )
 def test_the_lora_configs_fit_one_gpu_by_the_plan(overlay, gib, at_least):
     cmd = [PYTHON, "-m", "cdm.plan", overlay]
@@ -346,13 +350,20 @@ def test_the_lora_configs_fit_one_gpu_by_the_plan(overlay, gib, at_least):
 # --- export as a diffusers LoRA ---------------------------------------------------------------
 
 
-def test_the_exported_lora_loads_on_the_stock_sd3_pipeline_and_gives_the_student(tmp_path):
-    from diffusers import StableDiffusion3Pipeline
+@pytest.mark.parametrize(("backend", "resolution"), [("sd3", 16), ("flux2-klein", 32)])
+def test_the_exported_lora_loads_on_the_stock_pipeline_and_gives_the_student(
+    tiny_dirs, tmp_path, backend, resolution
+):
+    """The student adapter saved as a diffusers LoRA: the stock pipeline's load_lora_weights
+    (SD3's loader, Flux2LoraLoaderMixin) puts it on the teacher transformer, which then
+    predicts the student's velocity; merged, it is the project's full student. FLUX.2's
+    targets include its single blocks' fused to_qkv_mlp_proj and to_out."""
+    import diffusers
 
-    from cdm.backends import sd3
+    from cdm.backends import backend_module
 
-    teacher_dir = tiny_pipelines.save(tiny_pipelines.sd3_pipeline(), tmp_path / "teacher")
-    velocity, _, shape = sd3.load_velocity(teacher_dir, 16)
+    module, teacher_dir = backend_module(backend), tiny_dirs[backend]
+    velocity, _, shape = module.load_velocity(teacher_dir, resolution)
     velocity.float()
     _, view, _ = lora.networks(velocity, P.Lora(rank=4, alpha=8.0), 0, False)
     with torch.no_grad():
@@ -362,17 +373,24 @@ def test_the_exported_lora_loads_on_the_stock_sd3_pipeline_and_gives_the_student
     student = lora.student_module(velocity, ema, view)
     path = lora.save_diffusers_lora(student, tmp_path / "student")
     assert path.is_file()
+    if backend == "flux2-klein":
+        keys = load_file(path).keys()
+        for part in ("attn.to_qkv_mlp_proj", "single_transformer_blocks.0.attn.to_out"):
+            assert any(part in k for k in keys), part
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(teacher_dir, torch_dtype=torch.float32)
-    bare = TransformerVelocity(copy.deepcopy(pipe.transformer))
+    cls = getattr(diffusers, module.FAMILY.pipeline)
+    card = lora.card_section(str(teacher_dir), pipeline=module.FAMILY.pipeline)  # the card
+    assert f'{cls.__name__}.from_pretrained("{teacher_dir}")' in card
+    pipe = cls.from_pretrained(teacher_dir, torch_dtype=torch.float32)
+    bare = type(velocity)(copy.deepcopy(pipe.transformer))
     pipe.load_lora_weights(tmp_path / "student")
-    stock = TransformerVelocity(pipe.transformer)
-    x, s, cond = _sample(stock, shape)
-    width = pipe.transformer.config.joint_attention_dim
+    stock = type(velocity)(pipe.transformer)
+    x, s, _ = _sample(stock, shape)
+    config = pipe.transformer.config
     gen = torch.Generator().manual_seed(2)
     cond = Condition(
-        torch.randn(3, 5, width, generator=gen),
-        torch.randn(3, pipe.transformer.config.pooled_projection_dim, generator=gen),
+        torch.randn(3, 5, config.joint_attention_dim, generator=gen),
+        torch.randn(3, config.get("pooled_projection_dim", 1), generator=gen),
     )
     with torch.no_grad():
         want, got = student(x, s, cond), stock(x, s, cond)

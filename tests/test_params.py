@@ -42,7 +42,9 @@ def test_negative_step_count_is_rejected():
 
 
 def test_unknown_backend_lists_choices():
-    with pytest.raises(P.ParamsError, match="'shapes', 'sd3', 'longcat' or 'qwen-image'"):
+    with pytest.raises(
+        P.ParamsError, match="'shapes', 'sd3', 'longcat', 'qwen-image' or 'flux2-klein'"
+    ):
         P.parse({"teacher": {"backend": "sdxl"}})
 
 

@@ -38,13 +38,18 @@ BACKENDS = {
     "sd3": (tiny_pipelines.sd3_pipeline, "StableDiffusion3Pipeline", 16, (16, 8, 8)),
     "longcat": (tiny_pipelines.longcat_pipeline, "LongCatImagePipeline", 32, (16, 16, 16)),
     "qwen-image": (tiny_pipelines.qwen_pipeline, "QwenImagePipeline", 32, (16, 16, 16)),
+    "flux2-klein": (tiny_pipelines.flux2_pipeline, "Flux2KleinPipeline", 32, (32, 8, 8)),
 }
 # The stock call without CFG, as each model card shows it.
 NO_CFG = {
     "sd3": {"guidance_scale": 1.0},
     "longcat": {"guidance_scale": 1.0, "enable_prompt_rewrite": False},
     "qwen-image": {"true_cfg_scale": 1.0},
+    "flux2-klein": {"guidance_scale": 1.0},
 }
+# The backends whose whole chain runs here; flux2-klein's is checked against its stock
+# pipeline in tests/test_flux2.py and run end to end by tests/test_real_run_orchestration.py.
+CHAINED = ["sd3", "longcat", "qwen-image"]
 
 
 def _params(params_file: Path, backend: str, **teacher) -> Path:
@@ -72,7 +77,7 @@ def _run(cwd: Path, script: str, *args: str, env: dict | None = None, check: boo
     return proc
 
 
-@pytest.fixture(scope="module", params=list(BACKENDS))
+@pytest.fixture(scope="module", params=CHAINED)
 def project(request, tmp_path_factory, tiny_dirs) -> Path:
     """A scratch project run through every stage; distill and sample under the guard."""
     backend = request.param
@@ -295,6 +300,11 @@ def test_distill_and_sample_never_build_a_text_encoder(project, tmp_path):
             "qwen-image",
             "tiny_longcat",
             "holds a LongCatImagePipeline, expected a QwenImagePipeline",
+        ),
+        (
+            "flux2-klein",
+            "tiny_longcat",
+            "holds a LongCatImagePipeline, expected a Flux2KleinPipeline",
         ),
         ("sd3", "empty", "has no model_index.json, so it is not a diffusers pipeline"),
     ],

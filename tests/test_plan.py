@@ -87,6 +87,34 @@ def test_sd3_medium_and_longcat_from_their_published_configs():
     assert 6.0e9 < lc.params < 6.5e9 and lc.blocks == 30 and lc.image_tokens == 4096  # "6B"
 
 
+def test_flux2_klein_from_its_published_configs():
+    """[klein] base 4B and 9B: 5 + 20 and 8 + 24 blocks, 1024 px = 64x64 patchified cells,
+    512 text tokens of 3 Qwen3 layers (Qwen3-4B's 2560 wide, Qwen3-8B's 4096)."""
+    small, source = plan.describe("flux2-klein", "black-forest-labs/FLUX.2-klein-base-4B", 1024)
+    assert "published config" in source and 3.8e9 < small.params < 4.0e9  # "4B"
+    assert (small.blocks, small.hidden, small.image_tokens) == (25, 3072, 4096)
+    assert (small.text_tokens, small.text_width) == (512, 3 * 2560)
+    large, _ = plan.describe("flux2-klein", "black-forest-labs/FLUX.2-klein-base-9B", None)
+    assert 9.0e9 < large.params < 9.2e9 and large.blocks == 32 and large.text_width == 3 * 4096
+    assert large.latent_numel == small.latent_numel == 128 * 64 * 64
+
+
+def test_the_plans_flux2_geometry_is_the_backends(tiny_dirs):
+    """A local pipeline folder: the plan's image tokens and latent size are what the backend
+    trains on (cdm.backends.flux2.geometry), its parameters what diffusers builds."""
+    from diffusers import Flux2Transformer2DModel
+
+    from cdm.backends import flux2
+
+    folder = tiny_dirs["flux2-klein"]
+    model, source = plan.describe("flux2-klein", str(folder), 32)
+    _, shape, tokens = flux2.geometry(folder, 32)
+    assert source == f"config of {folder}" and model.image_tokens == tokens
+    assert model.latent_numel == shape[0] * shape[1] * shape[2]
+    built = Flux2Transformer2DModel.from_pretrained(folder / "transformer")
+    assert model.params == sum(p.numel() for p in built.parameters())
+
+
 def test_sd35_from_their_published_configs():
     large, _ = plan.describe("sd3", "stabilityai/stable-diffusion-3.5-large", 1024)
     assert 8.0e9 < large.params < 8.2e9  # "8.1B"
@@ -160,6 +188,17 @@ def _total_gib(out: str) -> float:
     return float(re.search(r"^  total\s+([0-9.]+)$", out, re.MULTILINE).group(1))
 
 
+def test_cli_plans_the_flux2_overlay_under_zero2_at_the_authors_batch():
+    """configs/flux2-klein.yaml: the LongCat preset's batch 8 on 8 GPUs under ZeRO-2 (its
+    comment), within the plan's headroom of an 80 GiB GPU."""
+    cmd = [PYTHON, "-m", "cdm.plan", "configs/flux2-klein.yaml", "--gpus", "8"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "8 GPUs, ZeRO-2, bf16; batch 8 per GPU (global 64)" in proc.stdout
+    assert _total_gib(proc.stdout) <= plan.HEADROOM * 80
+    assert "1 x 8 x 8 x 1:" in proc.stdout and "the pick" in proc.stdout
+
+
 def test_cli_plans_the_longcat_overlay_at_the_authors_batch():
     """configs/longcat-image.yaml: batch 8 per GPU (their LongCat preset) under its own ZeRO
     stage, with room left on an 80 GiB GPU; ZeRO-2 would leave under 8 GiB (its comment)."""
@@ -178,7 +217,9 @@ def test_cli_plans_the_longcat_overlay_at_the_authors_batch():
     assert 80 - _total_gib(own) >= 8 > 80 - _total_gib(outs[2])
 
 
-@pytest.mark.parametrize("overlay", ["configs/sd3-medium.yaml", "configs/longcat-image.yaml"])
+@pytest.mark.parametrize(
+    "overlay", ["configs/sd3-medium.yaml", "configs/longcat-image.yaml", "configs/flux2-klein.yaml"]
+)
 def test_the_prompt_cache_disk_figure_without_the_prompts_file(overlay):
     """200k training prompts x text tokens x width x 2 bytes (SD3-Medium: 333 x 4096, 545 GB)."""
     out = plan.plan(overlay, str(ROOT / "params.yaml"), 8, None, 80.0, train_prompts=200_000)
@@ -201,10 +242,8 @@ def test_cli_error_is_one_line():
     cmd = [PYTHON, "-m", "cdm.plan", "configs/ablation.yaml", "--gpus", "8"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
-    assert (
-        proc.stderr.count("\n") == 1
-        and "covers the sd3, longcat, qwen-image backends" in proc.stderr
-    )
+    assert proc.stderr.count("\n") == 1
+    assert "covers the sd3, longcat, qwen-image, flux2-klein backends" in proc.stderr
 
 
 # Measured on one H100 (bf16, torch 2.11, SDPA) with random weights of SD3-Medium's published

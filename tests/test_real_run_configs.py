@@ -1,5 +1,6 @@
 """The real-run overlays (configs/sd3-medium.yaml, configs/longcat-image.yaml): the authors'
-presets value by value (docs/method.md's table), a valid params file once applied, and a
+presets value by value (docs/method.md's table; configs/flux2-klein*.yaml: LongCat's but the
+teacher), a valid params file once applied, and a
 Snakemake DAG that dry-runs on the cluster profile with the world-only stages left out."""
 
 from __future__ import annotations
@@ -125,7 +126,33 @@ def test_changing_any_one_overlay_value_is_caught(overlay, tmp_path):
     ]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+# FLUX.2 [klein] overlay -> the LongCat-Image preset it carries over, and the keys it sets
+# otherwise: the teacher (backend, hub id, the pipeline's guidance_scale 4.0) and, for full
+# fine-tuning, ZeRO-2 (the 4B fits an 80 GiB GPU with it: tests/test_plan.py).
+FLUX2 = {
+    "configs/flux2-klein.yaml": ("configs/longcat-image.yaml", {"distill.zero_stage"}),
+    "configs/flux2-klein-lora.yaml": ("configs/longcat-image-lora.yaml", set()),
+}
+FLUX2_TEACHER = {"teacher.backend", "teacher.path", "teacher.cfg_scale"}
+
+
+@pytest.mark.parametrize("overlay", FLUX2)
+def test_flux2_overlays_are_the_longcat_presets_but_the_teacher(overlay):
+    preset, own = FLUX2[overlay]
+    ours = preset_leaves(yaml.safe_load((ROOT / overlay).read_text()))
+    theirs = preset_leaves(yaml.safe_load((ROOT / preset).read_text()))
+    differing = {
+        k for k in ours.keys() | theirs.keys()
+        if k not in ours or k not in theirs or not _same(ours[k], theirs[k])
+    }  # fmt: skip
+    assert differing == FLUX2_TEACHER | own
+    params = P.parse(yaml.safe_load(apply(ROOT / overlay, ROOT / "params.yaml", write=False)))
+    assert (params.teacher.backend, params.teacher.cfg_scale) == ("flux2-klein", 4.0)
+    assert params.teacher.path == "black-forest-labs/FLUX.2-klein-base-4B"  # Apache-2.0
+    assert params.teacher.resolution % 16 == 0  # VAE factor 8 x patch 2
+
+
+@pytest.mark.parametrize("overlay", [*OVERLAYS, *FLUX2])
 def test_real_run_prompts_are_fetched_never_committed(overlay):
     params = P.parse(yaml.safe_load(apply(ROOT / overlay, ROOT / "params.yaml", write=False)))
     # Fetched (sha256-checked) by the fetch_prompts rule; never part of the repository.

@@ -53,7 +53,7 @@ def test_the_transformer_runs_in_the_sampling_dtype(tiny_teacher_dir, tmp_path, 
         assert np.abs(images - reference).max() <= 16
 
 
-@pytest.mark.parametrize("backend", ["sd3", "longcat"])
+@pytest.mark.parametrize("backend", ["sd3", "longcat", "flux2-klein"])
 def test_the_real_backends_sample_in_bf16(tiny_dirs, tmp_path, backend):
     """The sample stage's path for a real teacher (load_sampler -> backend.load_velocity with
     torch_dtype -> sample_pairs -> the backend's decoder) on the tiny pipelines, in bf16

@@ -1,4 +1,5 @@
-"""Tiny random SD3, LongCat-Image and Qwen-Image pipelines, built offline and saved with save_pretrained.
+"""Tiny random SD3, LongCat-Image, Qwen-Image and FLUX.2 [klein] pipelines, built offline and
+saved with save_pretrained.
 
 Tokenizers come from files shipped by installed packages or from vocabularies made here:
 CLIP's BPE merges from open_clip's `bpe_simple_vocab_16e6.txt.gz` (cut to the first
@@ -211,6 +212,65 @@ def qwen_pipeline(seed: int = 0):
         tokenizer=tokenizer,
         transformer=transformer,
     )
+
+
+# Qwen3's chat template as Flux2KleinPipeline uses it (one user turn, the generation prompt,
+# thinking switched off by an empty think block), over the byte-level vocabulary.
+QWEN3_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}"
+)
+FLUX2_TEXT_LAYERS = 27  # the pipeline stacks hidden states 9, 18 and 27: 27 layers at least
+
+
+def flux2_pipeline(seed: int = 0):
+    """Flux2KleinPipeline (base: is_distilled false): 1 double + 1 single block, a 27-layer
+    Qwen3 of width 8, a 2x AutoencoderKLFlux2 with random batch-norm statistics (so that
+    decoding checks them)."""
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = qwen_tokenizer()
+    tokenizer.chat_template = QWEN3_TEMPLATE
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=8,
+            intermediate_size=16,
+            head_dim=4,
+            num_hidden_layers=FLUX2_TEXT_LAYERS,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=1024,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        )  # fmt: skip
+    )
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=32, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=3 * 8, timestep_guidance_channels=16,
+        axes_dims_rope=(2, 2, 2, 2), guidance_embeds=False,
+    )  # fmt: skip
+    vae = AutoencoderKLFlux2(
+        latent_channels=8, layers_per_block=1, block_out_channels=(8, 8), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=16, use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
+    vae.bn.running_mean.normal_(std=0.5)
+    vae.bn.running_var.uniform_(0.5, 2.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )  # fmt: skip
+    return Flux2KleinPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=encoder, tokenizer=tokenizer,
+        transformer=transformer, is_distilled=False,
+    )  # fmt: skip
 
 
 def save(pipeline, path: Path) -> Path:

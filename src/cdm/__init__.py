@@ -13,7 +13,7 @@ tests/test_layers.py), so each layer reads without the ones above it:
 4. `world`: the embedded shapes domain (prompts, renders, its judge and teacher, and its
    metrics of sample sets, built on the statistics of `metrics`).
 5. `backends`: the model families behind one interface (shapes wraps the world's teacher;
-   sd3 and longcat load diffusers pipelines and export students).
+   sd3, longcat and flux2-klein load diffusers pipelines and export students).
 6. the run machinery: `engine` (the iteration and the loop), `lora` (LoRA mode: two
    adapters on one frozen base), `checkpoints` (the checkpoint store), `preemption` (signals
    and the SLURM deadline), `runlog`, `zero`, `cache`, `sampler`, `baselines` (the published

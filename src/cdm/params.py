@@ -62,14 +62,14 @@ class TeacherLora(Section):
 class Teacher(Section):
     """The pretrained teacher every stage distils or compares against."""
 
-    backend: Literal["shapes", "sd3", "longcat", "qwen-image"] = "shapes"
+    backend: Literal["shapes", "sd3", "longcat", "qwen-image", "flux2-klein"] = "shapes"
     path: str = "src/cdm/world/pretrained/teacher"  # local folder or hub id
     cfg_scale: float = Field(3.0, ge=1.0)  # the teacher's own CFG when it is sampled
     steps: int = Field(28, gt=0)  # the teacher's own Euler steps
-    # Square image size in pixels of distillation and sampling (sd3, longcat, qwen-image);
-    # None: the model's default (SD3: transformer sample_size x VAE factor; LongCat and
-    # Qwen-Image: 1024). The
-    # backend checks it against the VAE factor and patch size when it loads the model.
+    # Square image size in pixels of distillation and sampling (the diffusers backends);
+    # None: the model's default (SD3: transformer sample_size x VAE factor; LongCat,
+    # Qwen-Image and FLUX.2 [klein]: 1024). The backend checks it against the VAE factor and
+    # patch size when it loads the model.
     resolution: int | None = Field(None, gt=0)
     lora: TeacherLora | None = None  # None: the teacher as published
 

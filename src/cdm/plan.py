@@ -58,6 +58,19 @@ GIB = 1024**3
 ROOT = Path(__file__).resolve().parents[2]
 DS_REDUCE_BUCKET_DEFAULT = 500_000_000  # DeepSpeed's reduce_bucket_size when a config sets none
 
+
+def _flux2_klein(double: int, single: int, heads: int, text_width: int) -> dict[str, Any]:
+    """A FLUX.2 [klein] size: its blocks, heads and Qwen3 width (3 layers x hidden)."""
+    transformer = {
+        "_class_name": "Flux2Transformer2DModel", "patch_size": 1, "in_channels": 128,
+        "num_layers": double, "num_single_layers": single, "attention_head_dim": 128,
+        "num_attention_heads": heads, "joint_attention_dim": text_width,
+        "timestep_guidance_channels": 256, "mlp_ratio": 3.0, "axes_dims_rope": [32, 32, 32, 32],
+        "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": False,
+    }  # fmt: skip
+    return {"backend": "flux2-klein", "transformer": transformer, "vae_factor": 8}
+
+
 # Published transformer configs (transformer/config.json of the hub repositories; LongCat-Image
 # is a 6B Flux-style MMDiT of 10 double-stream and 20 single-stream blocks) with the pipeline
 # facts the plan needs, so a plan needs no download.
@@ -156,6 +169,11 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         },  # fmt: skip
         "vae_factor": 8,
     },
+    # FLUX.2 [klein] base: the transformer configs diffusers' scripts/convert_flux2_to_diffusers.py
+    # builds for klein-4b and klein-9b (the [klein] base and distilled checkpoints share one
+    # architecture per size); the VAE is FLUX.2's AutoencoderKLFlux2, 4 levels: factor 8.
+    "black-forest-labs/FLUX.2-klein-base-4B": _flux2_klein(5, 20, 24, 7680),
+    "black-forest-labs/FLUX.2-klein-base-9B": _flux2_klein(8, 24, 32, 12288),
 }
 # The activation model's constants, in bytes per (token, hidden unit) of a sample in 16-bit:
 # a block's values for its backward, fitted to the H100 measurement without checkpointing
@@ -171,11 +189,21 @@ LORA_GPUS = (24, 48, 80)  # one-GPU sizes the LoRA plan reports (GiB)
 SD3_TEXT_TOKENS = 77 + 256  # CLIP tokens + T5 max_sequence_length of StableDiffusion3Pipeline
 LONGCAT_TEXT_TOKENS = 512  # LongCatImagePipeline.tokenizer_max_length
 QWEN_TEXT_TOKENS = 512  # cdm.backends.qwenimage.TEXT_TOKENS: the cached (padded) prompt length
+FLUX2_TEXT_TOKENS = 512  # Flux2KleinPipeline's max_sequence_length (the templated prompt)
+# Text tokens of one cached prompt, per backend.
+TEXT_TOKENS = {
+    "sd3": SD3_TEXT_TOKENS,
+    "longcat": LONGCAT_TEXT_TOKENS,
+    "qwen-image": QWEN_TEXT_TOKENS,
+    "flux2-klein": FLUX2_TEXT_TOKENS,
+}
+BACKENDS = tuple(TEXT_TOKENS)  # the backends the plan covers
 # Backend -> transformer class (diffusers) of the models the plan covers.
 TRANSFORMERS = {
     "sd3": "SD3Transformer2DModel",
     "longcat": "LongCatImageTransformer2DModel",
     "qwen-image": "QwenImageTransformer2DModel",
+    "flux2-klein": "Flux2Transformer2DModel",
 }
 
 
@@ -225,9 +253,9 @@ def describe(
     backend: str, path: str, resolution: int | None, lora_cfg: P.Lora | None = None
 ) -> tuple[Model, str]:
     """The teacher's Model and where its config came from."""
-    if backend not in TRANSFORMERS:
+    if backend not in BACKENDS:
         raise ValueError(
-            f"the memory plan covers the {', '.join(TRANSFORMERS)} backends, not '{backend}'"
+            f"the memory plan covers the {', '.join(BACKENDS)} backends, not '{backend}'"
         )
     folder = Path(path)
     if (folder / "transformer" / "config.json").is_file():
@@ -250,12 +278,12 @@ def describe(
     params, block, blocks = count_parameters(backend, config)
     adapter = adapter_parameters(backend, config, lora_cfg) if lora_cfg is not None else 0
     hidden = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    text = TEXT_TOKENS[backend]
     if backend == "sd3":
         size = resolution // factor if resolution else int(config["sample_size"])
-        tokens, text, channels = (size // config["patch_size"]) ** 2, SD3_TEXT_TOKENS, 16
-    else:  # LongCat and Qwen-Image: 2x2-packed 16-channel latents, 1024 px by default
+        tokens, channels = (size // config["patch_size"]) ** 2, 16
+    else:  # LongCat, Qwen-Image, FLUX.2: 2x2 latent patches per token (packed or patchified)
         size = (resolution or 1024) // factor
-        text = LONGCAT_TEXT_TOKENS if backend == "longcat" else QWEN_TEXT_TOKENS
         tokens, channels = (size // 2) ** 2, config["in_channels"] // 4
     model = Model(
         config["_class_name"], params, block, blocks, hidden, tokens, text,
@@ -364,9 +392,9 @@ def host_per_node(p: int, per_node: int, weight_bytes: int = 2, ema: bool = True
 
 
 # The authors' global batch per backend: SD3's recipe 8 GPUs x 16 (docs/method.md), their
-# LongCat-Image preset 8 x 8 (configs/longcat-image.yaml), carried over to Qwen-Image (the
-# nearest recipe: a Qwen2.5-VL-conditioned MMDiT at 1024 px).
-RECIPE_GLOBAL_BATCH = {"sd3": 128, "longcat": 64, "qwen-image": 64}
+# LongCat-Image preset 8 x 8 (configs/longcat-image.yaml), carried over to Qwen-Image and
+# FLUX.2 [klein] (the nearest recipe: a Qwen-conditioned MMDiT at 1024 px).
+RECIPE_GLOBAL_BATCH = {"sd3": 128, "longcat": 64, "qwen-image": 64, "flux2-klein": 64}
 HEADROOM = 0.8  # of a GPU's memory the plan may fill: the CUDA context and fragmentation
 
 

@@ -44,7 +44,8 @@ def publish(method: str, students: Path, results: Path, out: Path) -> Path:
     if not (student / "model_index.json").is_file() and (student / "inference.json").is_file():
         raise ValueError(
             f"{student} is a shapes-world student (teacher.backend: shapes), a toy model with "
-            "no diffusers pipeline or model card; publish exports sd3, longcat and qwen-image students only"
+            "no diffusers pipeline or model card; publish exports sd3, longcat, qwen-image and "
+            "flux2-klein students only"
         )
     if not (student / "model_index.json").is_file():
         raise FileNotFoundError(f"{student} holds no exported student; run distill for {method}")

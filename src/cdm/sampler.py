@@ -66,7 +66,7 @@ class Sampler:
         return steps * (2 if self.guidance != 1.0 else 1)
 
     def sigmas(self, steps: int) -> torch.Tensor:
-        """What the exported student's stock pipeline runs at `steps` (sd3 / longcat), else
+        """What the exported student's stock pipeline runs at `steps` (sd3 / longcat / flux2-klein), else
         the student's own schedule at its recipe's step count and evenly spaced raw sigmas
         otherwise; shifted, a final 0."""
         stock = exported_sigmas(self.folder, steps) if self.folder is not None else None

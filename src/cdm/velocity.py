@@ -124,3 +124,39 @@ class QwenImageVelocity(torch.nn.Module):
             torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True)
         )
         return unpack_longcat(comb, c, h, w)
+
+
+class Flux2Velocity(torch.nn.Module):
+    """Wraps diffusers' Flux2Transformer2DModel as velocity(x, sigma, cond).
+
+    x is Flux2KleinPipeline's own latent: the VAE's 32 channels patchified 2x2 into 128 and
+    batch-norm normalised, (B, 128, h, w), so the flow runs where the pipeline's does. The
+    transformer reads it flattened to tokens (B, h w, 128) with 4-axis position ids
+    (t, h, w, l): image (0, row, col, 0), text (0, 0, 0, i). It takes timestep = sigma (the
+    pipeline passes its scheduler's timestep / 1000; the model multiplies by 1000) and no
+    guidance embedding ([klein] base guides by two-pass CFG). Its flow is SD3's (sigma = 1 is
+    noise, v = eps - x0).
+    """
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
+        from diffusers import Flux2KleinPipeline
+
+        b, c, h, w = x.shape
+        dtype = self.transformer.dtype
+        sigma = sigma.expand(b) if sigma.ndim == 0 else sigma
+        embeds = cond.embeds.to(dtype)
+        out = self.transformer(
+            hidden_states=Flux2KleinPipeline._pack_latents(x.to(dtype)),
+            encoder_hidden_states=embeds,
+            timestep=sigma.to(dtype),
+            img_ids=Flux2KleinPipeline._prepare_latent_ids(x[:1]).to(x.device),
+            txt_ids=Flux2KleinPipeline._prepare_text_ids(embeds[:1]).to(x.device),
+            guidance=None,
+            return_dict=False,
+        )[0]
+        # Tokens come back in the order they went in (row-major): undo the flattening.
+        return out.float().permute(0, 2, 1).reshape(b, c, h, w)

@@ -8,8 +8,8 @@ Each backend module offers `load(path, resolution)` (the whole teacher, text enc
 included, for prepare_teacher and cache_teacher), `load_velocity(path, resolution, dtype)` (the
 velocity network alone, for distill and sample), `load_decoder(path)` (latents -> uint8
 images, for sample) and `export(student, teacher_dir, out, inference, params)`. The
-diffusers-pipeline backends (sd3, longcat, qwen-image) also offer `resolve(path)`: a local folder or
-hub id, checked to hold their pipeline family.
+diffusers-pipeline backends (sd3, longcat, qwen-image, flux2-klein) also offer
+`resolve(path)`: a local folder or hub id, checked to hold their pipeline family.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ BACKENDS: dict[str, str] = {
     "sd3": "cdm.backends.sd3",
     "longcat": "cdm.backends.longcat",
     "qwen-image": "cdm.backends.qwenimage",
+    "flux2-klein": "cdm.backends.flux2",
 }
 
 

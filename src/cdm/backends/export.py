@@ -1,4 +1,4 @@
-"""A distilled student as a complete diffusers pipeline folder (sd3, longcat): the student
+"""A distilled student as a complete diffusers pipeline folder (sd3, longcat, flux2-klein): the student
 transformer in the teacher's dtype, the teacher's other parts linked, a scheduler under which
 stock calls run our sigmas at every step count (configs from cdm.backends.few_step), its
 model_index.json, inference.json and a model card; and the run's results added to that card
@@ -138,7 +138,7 @@ def export_pipeline(
     scheduler = few_step.scheduler_from(config)
     scheduler.save_pretrained(out / "scheduler")
     index = json.loads((teacher_dir / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", type(scheduler).__name__]
+    index |= family.index | {"scheduler": ["diffusers", type(scheduler).__name__]}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     stock = few_step.stock_call(family.pipeline, seq_len)
     recipe = inference | {"default_call_exact": exact, few_step.STOCK: stock}
@@ -208,7 +208,7 @@ def model_card(
         "",
         f'pipe = {family.pipeline}.from_pretrained("<this folder>", torch_dtype=torch.{dtype_name})',
         'pipe.to("cuda")',
-        f"image = pipe(prompt, {family.call.format(steps=steps, extra=extra)}).images[0]",
+        f"image = pipe(prompt=prompt, {family.call.format(steps=steps, extra=extra)}).images[0]",
         "```",
         "",
         *schedule_text(recipe, scheduler, schedule),

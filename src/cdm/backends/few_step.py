@@ -9,6 +9,11 @@ produce our numbers at every n a user may ask for:
   itself. FlowMatchEulerDiscreteScheduler with use_dynamic_shifting and base_shift = max_shift
   = ln S pins mu = ln S at every resolution, and e^mu t / (e^mu t + 1 - t) is our shift by S:
   exact at every n (computed in float32, so up to one float32 ulp from ours).
+- Flux2KleinPipeline passes raw = linspace(1, 1/n, n) too, but its own mu =
+  compute_empirical_mu(seq_len, n), which moves with n (no config pins it): the export turns
+  dynamic shifting off, so the scheduler ignores mu and shifts by its static `shift` = S,
+  our shift at every n and resolution (computed in float32 as S t / (1 + (S - 1) t), which
+  may put t = 1 one ulp low; sample.py runs the stock sigmas, so both sample alike).
 - StableDiffusion3Pipeline passes no sigmas. FlowMatchEulerDiscreteScheduler then shifts
   linspace(1, m, n) with m = 1 / num_train_timesteps (shifted too without dynamic shifting),
   a constant of the config, while ours is linspace(1, 1/n, n): without shift_terminal they
@@ -45,7 +50,7 @@ FLOW_MAP = "FlowMapEulerDiscreteScheduler"
 FLOW_MAP_DIFFUSERS = "0.39"  # the first diffusers release with FlowMapEulerDiscreteScheduler
 SCHEDULERS = (FLOW_MATCH, FLOW_MAP)  # diffusers' classes, imported when a student is read
 # Stock pipelines whose call passes sigmas = linspace(1, 1/n, n) to set_timesteps itself.
-PASS_DEFAULT_SIGMAS = ("LongCatImagePipeline", "QwenImagePipeline")
+PASS_DEFAULT_SIGMAS = ("LongCatImagePipeline", "QwenImagePipeline", "Flux2KleinPipeline")
 # The key export writes into inference.json: how to replay the stock call (see exported_sigmas).
 STOCK = "stock_call"
 
@@ -95,8 +100,7 @@ def passing_default_call(raw: list[float], shift: float, base: dict) -> dict | N
     """The teacher's scheduler config `base` with longcat_default_call's overrides, for the
     pipelines that pass linspace(1, 1/n, n) themselves (PASS_DEFAULT_SIGMAS); None when raw
     is not that grid."""
-    overrides = longcat_default_call(raw, shift)
-    return None if overrides is None else base | overrides
+    return on_base(longcat_default_call(raw, shift), base)
 
 
 def longcat_default_call(raw: list[float], shift: float) -> dict | None:
@@ -104,6 +108,18 @@ def longcat_default_call(raw: list[float], shift: float) -> dict | None:
     time_shift(raw, shift) + [0] (the pipeline itself passes linspace(1, 1/n, n)); the same
     for QwenImagePipeline, which passes them too."""
     return constant_mu(shift) if is_default_raw(raw) else None
+
+
+def static_default_call(raw: list[float], shift: float) -> dict | None:
+    """Overrides under which a pipeline that passes linspace(1, 1/n, n) and its own mu
+    (Flux2KleinPipeline) uses time_shift(raw, shift) + [0] at n = len(raw): dynamic shifting
+    off, so mu is ignored; None when raw is not that grid (the call passes sigmas=raw)."""
+    return plain(shift) if is_default_raw(raw) else None
+
+
+def on_base(overrides: dict | None, base: dict) -> dict | None:
+    """The teacher's scheduler config with a default call's overrides (None stays None)."""
+    return None if overrides is None else base | overrides
 
 
 def calculate_shift(seq_len: int, config: dict[str, Any]) -> float:
@@ -119,8 +135,23 @@ def effective_shift(config: dict[str, Any], seq_len: int) -> float:
     """The SD3 time shift S a scheduler config applies at `seq_len` image tokens."""
     if not config.get("use_dynamic_shifting", False):
         return float(config.get("shift", 1.0))
-    mu = calculate_shift(seq_len, config)
+    return shift_of_mu(config, calculate_shift(seq_len, config))
+
+
+def shift_of_mu(config: dict[str, Any], mu: float) -> float:
+    """The SD3 time shift S that a dynamic-shifting scheduler applies for `mu`."""
     return float(mu if config.get("time_shift_type", "exponential") == "linear" else math.exp(mu))
+
+
+def empirical_shift(config: dict[str, Any], seq_len: int, steps: int) -> float:
+    """The time shift Flux2KleinPipeline's default call at `steps` applies: it passes its
+    scheduler mu = compute_empirical_mu(seq_len, steps) (a fit of BFL's, not calculate_shift);
+    a scheduler without dynamic shifting keeps its own shift."""
+    if not config.get("use_dynamic_shifting", False):
+        return float(config.get("shift", 1.0))
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    return shift_of_mu(config, compute_empirical_mu(seq_len, steps))
 
 
 def scheduler_from(config: dict[str, Any]):

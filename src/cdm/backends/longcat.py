@@ -18,7 +18,6 @@ from diffusers import LongCatImageTransformer2DModel
 
 from cdm.backends import pipelines
 from cdm.backends.export import export_pipeline
-from cdm.conditioning import Condition
 from cdm.velocity import LongCatVelocity
 
 TEXT_TOKENS = 512  # LongCatImagePipeline.tokenizer_max_length: prompt length, image id offset
@@ -47,25 +46,19 @@ def geometry(folder: Path, resolution: int | None) -> tuple[float, tuple[int, in
     return pipelines.packed_geometry(folder, resolution, channels, "longcat", DEFAULT_SAMPLE_SIZE)
 
 
-class LongCatTeacher(pipelines.PipelineTeacher):
+class LongCatTeacher(pipelines.TextEncoderTeacher):
     """The teacher as cache_teacher and prepare_teacher see it: the text encoder loaded, the
     transformer and VAE only when asked for."""
 
     name = "longcat"
     family = FAMILY
     token_limits = {"tokenizer": TEXT_TOKENS}  # the prompt's own tokens, before the template
+    geometry = staticmethod(geometry)
 
-    def __init__(self, folder: Path, resolution: int | None = None):
-        from diffusers import LongCatImagePipeline
-
-        self.open_text(folder, resolution, geometry, LongCatImagePipeline)
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> Condition:
+    def embeds(self, prompts: list[str]) -> torch.Tensor:
         """LongCatImagePipeline.encode_prompt: the last hidden states of the padded prompt
-        (TEXT_TOKENS tokens). LongCat has no pooled input: a (B, 1) zero keeps the form."""
-        embeds, _ = self.pipe.encode_prompt(prompts)
-        return Condition(embeds.cpu(), embeds.new_zeros(len(prompts), 1).cpu())
+        (TEXT_TOKENS tokens)."""
+        return self.pipe.encode_prompt(prompts)[0]
 
 
 def load(path: str | Path, resolution: int | None = None) -> LongCatTeacher:

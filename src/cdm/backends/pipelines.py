@@ -1,4 +1,4 @@
-"""What the diffusers-pipeline backends (sd3, longcat) share on the teacher's side: the family
+"""What the diffusers-pipeline backends (sd3, longcat, flux2-klein) share on the teacher's side: the family
 description, resolving a folder or hub id, checking it holds the expected family, linking it,
 decoding with its VAE, counting its parameters, the text encoders' device and the teacher's
 sanity check. Exporting a student as a pipeline folder with a model card: cdm.backends.export."""
@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,6 +35,10 @@ class Family:
     explicit: Callable[[float, dict], dict]  # (shift, teacher config) -> config for sigmas=raw
     call: str  # the stock call shown in the model card, with {steps} and {extra}
     license: dict[str, str]  # model card license fields when the teacher's card declares none
+    # VAE latent pixels per side of one cell of the flow's latent (2: FLUX.2's 2x2 patchified)
+    latent_patch: int = 1
+    # model_index.json entries the export sets (FLUX.2 [klein]: is_distilled, no CFG)
+    index: dict[str, Any] = field(default_factory=dict)
 
     def expected(self) -> str:
         return (
@@ -185,21 +189,6 @@ def packed_geometry(
     return effective_shift(dict(scheduler), tokens), (in_channels // 4, size, size), tokens
 
 
-def load_transformer(
-    path: str | Path,
-    family: Family,
-    cls: Any,
-    geometry: Callable[[Path, int | None], tuple[float, tuple[int, int, int], int]],
-    resolution: int | None,
-    dtype: torch.dtype | None,
-) -> tuple[torch.nn.Module, float, tuple[int, int, int]]:
-    """(transformer of class `cls` in `dtype` (None: fp32), shift, latent shape) of a family
-    folder, read without its text encoders."""
-    folder = check(path, family, "model folder")
-    shift, shape, _ = geometry(folder, resolution)
-    return cls.from_pretrained(folder / "transformer", torch_dtype=dtype), shift, shape
-
-
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3), rounded like diffusers' postprocess."""
     images = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
@@ -209,11 +198,14 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 class VaeDecoder:
     """Latents -> uint8 images with the pipeline's VAE and its scaling and shift factors."""
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: torch.nn.Module):
         self.vae = vae.eval().requires_grad_(False)
-        self.scale = float(vae.config.scaling_factor)
-        self.shift = float(vae.config.shift_factor or 0.0)
-        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent cell
+
+    def vae_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """The flow's latents as the VAE's decoder reads them."""
+        config = self.vae.config
+        return z / float(config.scaling_factor) + float(config.shift_factor or 0.0)
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
@@ -221,7 +213,7 @@ class VaeDecoder:
         pixels = latents.shape[-2] * latents.shape[-1] * self.factor**2
         out = []
         for chunk in latents.split(max(1, DECODE_PIXELS // pixels)):
-            z = chunk.to(vae.dtype) / self.scale + self.shift
+            z = self.vae_latents(chunk.to(vae.dtype))
             out.append(to_uint8(vae.decode(z, return_dict=False)[0]))
         return torch.cat(out)
 
@@ -234,8 +226,8 @@ def load_vae_decoder(path: str | Path, family: Family) -> VaeDecoder:
 
 
 class PipelineTeacher:
-    """What the diffusers teachers (sd3, longcat, qwen-image) share; a subclass sets `family`
-    and `folder` and encodes prompts its pipeline's way."""
+    """What the diffusers teachers (sd3, longcat, qwen-image, flux2-klein) share; a subclass
+    sets `family` and `folder` and encodes prompts its pipeline's way."""
 
     family: Family
     folder: Path
@@ -281,6 +273,48 @@ class PipelineTeacher:
 
     def save_teacher(self, path: Path) -> None:
         link_tree(self.folder, path)
+
+
+class TextEncoderTeacher(PipelineTeacher):
+    """A teacher whose pipeline has one text encoder and no pooled input (longcat,
+    flux2-klein): the pipeline loaded without its transformer and VAE; a subclass gives its
+    `geometry` and the pipeline's own prompt embeddings (`embeds`)."""
+
+    def __init__(self, folder: Path, resolution: int | None = None):
+        import diffusers
+
+        self.open_text(folder, resolution, self.geometry, getattr(diffusers, self.family.pipeline))
+
+    @staticmethod
+    def geometry(folder: Path, resolution: int | None) -> tuple[float, tuple[int, ...], int]:
+        raise NotImplementedError
+
+    def embeds(self, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Condition:
+        """The pipeline's prompt embeddings; no pooled input: a (B, 1) zero keeps the form."""
+        embeds = self.embeds(prompts)
+        return Condition(embeds.cpu(), embeds.new_zeros(len(prompts), 1).cpu())
+
+
+def load_transformer(
+    path: str | Path,
+    family: Family,
+    geometry: Callable[[Path, int | None], tuple[float, tuple[int, int, int], int]],
+    resolution: int | None,
+    dtype: torch.dtype | None,
+) -> tuple[Any, float, tuple[int, int, int]]:
+    """(transformer, shift, latent shape) of a `family` folder: the transformer alone, its
+    weights read in `dtype` (None: fp32)."""
+    folder = check(path, family, "model folder")
+    shift, shape, _ = geometry(folder, resolution)
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    import diffusers
+
+    cls = getattr(diffusers, config["_class_name"])
+    return cls.from_pretrained(folder / "transformer", torch_dtype=dtype), shift, shape
 
 
 def text_device() -> tuple[torch.device, torch.dtype]:

@@ -117,7 +117,7 @@ def load_velocity(
     """The transformer alone (no text encoder): (velocity, shift, latent shape); its weights
     read in `dtype` (None: fp32)."""
     transformer, shift, shape = pipelines.load_transformer(
-        path, FAMILY, QwenImageTransformer2DModel, geometry, resolution, dtype
+        path, FAMILY, geometry, resolution, dtype
     )
     return QwenImageVelocity(transformer), shift, shape
 

@@ -46,4 +46,7 @@ TABLE1: dict[str, tuple[Row, ...]] = {
         Row("CDM", 4, (5.919, 88.35, 21.53, 10.65, 26.72), "cdm"),
     ),
 }
-MODEL_NAMES = {"sd3": "SD3-Medium", "longcat": "LongCat-Image", "qwen-image": "Qwen-Image"}
+MODEL_NAMES = {
+    "sd3": "SD3-Medium", "longcat": "LongCat-Image", "qwen-image": "Qwen-Image",
+    "flux2-klein": "FLUX.2 [klein] base",
+}  # fmt: skip

@@ -180,7 +180,12 @@ def protocol(metrics: dict, params: P.Params, samples: Path) -> list[str]:
         + f". DPGBench: key `{KEYS['dpg']}`"
         + ("" if _has(metrics, KEYS["dpg"]) else f" ({NOT_MEASURED} in this run)")
         + ".",
-        f"- Published values: {SOURCE}, {MODEL_NAMES.get(teacher.backend, teacher.backend)}; "
-        "NFE (paper) counts as the paper does.",
+        (
+            f"- Published values: {SOURCE}, {MODEL_NAMES[teacher.backend]}; "
+            "NFE (paper) counts as the paper does."
+            if teacher.backend in TABLE1
+            else f"- Published values: none (the paper distils no "
+            f"{MODEL_NAMES.get(teacher.backend, teacher.backend)})."
+        ),
     ]
     return lines
