@@ -109,7 +109,9 @@ def test_the_registry_names_backends_without_importing_them():
     assert not loaded & {f"cdm.backends.{name}" for name in pipelines}
     loaded = _modules_after("from cdm.backends import BACKENDS")
     assert not {m for m in loaded if m.startswith("cdm.backends.")}
-    with pytest.raises(ValueError, match="choose one of shapes, sd3, longcat, qwen-image$"):
+    with pytest.raises(
+        ValueError, match="choose one of shapes, sd3, longcat, qwen-image, flux2-klein$"
+    ):
         from cdm.backends import backend_module
 
         backend_module("flux")

@@ -102,16 +102,16 @@ def _latents(pipe, backend: str, steps: int = 2) -> torch.Tensor:
     _, _, resolution, shape = BACKENDS[backend]
     noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(5))
     extra = {"enable_prompt_rewrite": False} if backend == "longcat" else {}
-    if backend == "longcat":
+    if backend in ("longcat", "qwen-image"):  # their calls take packed 2x2 tokens
         noise = pipe._pack_latents(noise, 1, *shape)
     return pipe(
-        PROMPTS[1], num_inference_steps=steps, guidance_scale=1.0, latents=noise,
+        prompt=PROMPTS[1], num_inference_steps=steps, guidance_scale=1.0, latents=noise,
         height=resolution, width=resolution, output_type="latent", **extra,
     ).images  # fmt: skip
 
 
 def _load_student_lora(pipe, backend: str, folder: Path) -> None:
-    if backend == "sd3":
+    if hasattr(pipe, "load_lora_weights"):
         pipe.load_lora_weights(folder)
     else:  # LongCat has no pipeline-level loader
         pipe.transformer.load_lora_adapter(folder, prefix="transformer", weight_name=lora.LORA_FILE)
