@@ -52,9 +52,7 @@ test-min:
 MIN_TESTS := tests/test_install.py tests/test_params.py tests/test_hpsv3.py \
 	tests/test_scorers.py tests/test_frechet.py tests/test_report.py \
 	tests/test_sampling_dtype.py tests/test_zero_partitions.py \
-	tests/test_pipeline_backends.py::test_cache_holds_the_pipelines_own_prompt_encoding \
 	tests/test_pipeline_backends.py::test_export_is_a_stock_pipeline_that_samples_like_our_sampler \
-	tests/test_pipeline_backends.py::test_a_lora_runs_adapter_on_the_stock_teacher_samples_the_students_images \
 	tests/test_export.py::test_stock_pipeline_runs_our_sigmas_at_1_2_4_8_steps \
 	tests/test_lora.py::test_only_adapter_weights_train_and_the_base_stays_bitwise \
 	tests/test_lora.py::test_the_plans_adapter_count_is_what_peft_builds \
