@@ -10,8 +10,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # share ~/.cache/torch_extensions rebuild it in turn, a minute each (tests/conftest.py agrees).
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
-.PHONY: install run ablation test test-fast cpu-ops browser lint format world-judge world-teacher dry-run clean \
-	slurm-up slurm-down
+.PHONY: install run ablation test test-fast test-min min-tests cpu-ops browser lint format world-judge \
+	world-teacher dry-run clean slurm-up slurm-down
 
 install: $(STAMP)
 
@@ -41,6 +41,31 @@ test: $(STAMP) browser cpu-ops
 # The fast tier (minutes): no whole DAGs, trainings or multi-process runs.
 test-fast: $(STAMP)
 	$(PY) -m pytest $(XDIST) -m "not e2e and not multiproc"
+
+# The declared lower bounds (pyproject.toml's >=): every requirement at its minimum
+# (constraints-min.txt) in a second environment, .venv-min, and the tests that touch those
+# packages (docs/testing.md, "Lower bounds"). Not part of `make test` or CI.
+test-min:
+	$(MAKE) VENV=.venv-min LOCK=constraints-min.txt min-tests
+
+# One test or a few per package, each using the API the code uses (make test-min runs them).
+MIN_TESTS := tests/test_install.py tests/test_params.py tests/test_hpsv3.py \
+	tests/test_scorers.py tests/test_frechet.py tests/test_report.py \
+	tests/test_sampling_dtype.py tests/test_zero_partitions.py \
+	tests/test_pipeline_backends.py::test_export_is_a_stock_pipeline_that_samples_like_our_sampler \
+	tests/test_export.py::test_stock_pipeline_runs_our_sigmas_at_1_2_4_8_steps \
+	tests/test_lora.py::test_only_adapter_weights_train_and_the_base_stays_bitwise \
+	tests/test_lora.py::test_the_plans_adapter_count_is_what_peft_builds \
+	tests/test_lora.py::test_the_exported_lora_loads_on_the_stock_sd3_pipeline_and_gives_the_student \
+	tests/test_engine.py::test_two_micro_batches_step_on_their_mean_loss \
+	tests/test_security.py::test_snakemake_plans_the_unmodified_params \
+	tests/test_security.py::test_an_overlay_changes_only_its_own_lines \
+	tests/test_resources.py::test_a_cancelled_job_reads_cancelled_to_the_slurm_plugin \
+	tests/test_slurm.py::test_every_rule_is_submitted \
+	tests/test_stagecode.py tests/test_lock.py
+
+min-tests: $(STAMP) cpu-ops
+	$(PY) -m pytest $(XDIST) $(MIN_TESTS)
 
 # DeepSpeed's CPU communication extension (gloo runs on CPU) compiles on first use, about a
 # minute, once per environment ($(VENV)/torch_extensions): built here, before the tests start.

@@ -17,13 +17,13 @@ from tests.conftest import ROOT
 tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11")
 
 
-def lock() -> dict[str, Version]:
+def lock(path: Path = ROOT / "constraints.txt") -> dict[str, Version]:
     pins = {}
-    for line in (ROOT / "constraints.txt").read_text().splitlines():
+    for line in path.read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
             name, _, version = line.partition("==")
-            assert version, f"constraints.txt: {line!r} is not an exact pin (name==version)"
+            assert version, f"{path.name}: {line!r} is not an exact pin (name==version)"
             pins[canonicalize_name(name)] = Version(version)
     return pins
 
@@ -44,23 +44,44 @@ def test_every_requirement_is_a_range_that_admits_its_lock_pin():
         assert not exact, f"pyproject.toml pins {req} exactly; declare a range"
 
 
-def _installed_with_lock() -> bool:
-    """False where make install ran with LOCK= (the ranges alone, e.g. a cluster's torch)."""
+def test_the_minimum_constraints_pin_each_lower_bound():
+    """constraints-min.txt (`make test-min`) pins every requirement at its declared lower bound,
+    but torch and torchvision: their lowest pair cannot run on this machine (PyPI's torchvision
+    0.28 fails to import beside the CPU build of torch 2.13 on disk), so they stay at the lock."""
+    pins, locked = lock(ROOT / "constraints-min.txt"), lock()
+    names = {canonicalize_name(req.name) for req in requirements()}
+    assert set(pins) == names, set(pins) ^ names
+    for req in requirements():
+        name = canonicalize_name(req.name)
+        lower = [Version(s.version) for s in req.specifier if s.operator == ">="]
+        want = locked[name] if name in ("torch", "torchvision") else lower[0]
+        assert pins[name] == want, (str(req), f"constraints-min.txt: {pins[name]}")
+
+
+def _installed_lock() -> Path | None:
+    """The file `make install` constrained this environment with, from its stamp ('lock:
+    constraints.txt'; `make test-min`'s .venv-min: constraints-min.txt); None where it ran
+    with LOCK= (the ranges alone, e.g. a cluster's torch)."""
     stamp = Path(sys.prefix) / ".installed"
-    return not stamp.is_file() or stamp.read_text().strip() != "lock:"
+    if not stamp.is_file():
+        return ROOT / "constraints.txt"
+    name = stamp.read_text().strip().removeprefix("lock:").strip()
+    return ROOT / name if name else None
 
 
-@pytest.mark.skipif(not _installed_with_lock(), reason="installed without the lock (LOCK=)")
+@pytest.mark.skipif(_installed_lock() is None, reason="installed without the lock (LOCK=)")
 def test_this_environment_holds_the_lock():
     moved = {}
-    for name, version in lock().items():
+    for name, version in lock(_installed_lock()).items():
         try:
             installed = Version(importlib.metadata.version(name))
         except importlib.metadata.PackageNotFoundError:
             continue  # another platform's package (a constraint installs nothing)
         if installed != version:
             moved[name] = (str(version), str(installed))
-    assert not moved, f"installed versions differ from constraints.txt (pinned, installed): {moved}"
+    assert not moved, (
+        f"installed versions differ from {_installed_lock().name} (pinned, installed): {moved}"
+    )
 
 
 def test_the_installed_torch_is_in_range():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import yaml
 
 from cdm import checkpoints, stagecode
 from cdm.stagecode import stage_code
-from tests.conftest import ROOT
+from tests.conftest import PYTHON, ROOT, copy_project
 
 ABLATION = ROOT / "workflow/ablation/dvc.yaml"
 
@@ -80,3 +81,26 @@ def test_a_run_folder_is_keyed_by_distills_code(monkeypatch):
     assert checkpoints.run_name("cdm", inputs) != now
     monkeypatch.setattr(stagecode, "digest", lambda stage, root=None: "")
     assert checkpoints.run_name("cdm", inputs) == f"cdm-{checkpoints.fingerprint(inputs)}"
+
+
+def test_dvc_lists_every_stage_of_both_pipelines(tmp_path):
+    """DVC's own reading of dvc.yaml and the ablation's (params interpolated, `foreach` and
+    `matrix` expanded): `dvc stage list` names every plain stage, and the others once per item
+    of the params (none for an empty list). The light DVC test of `make test-min` (the
+    installed dvc, at its lower bound there)."""
+    work = copy_project(tmp_path / "work")
+    for cmd in (["git", "init", "-q"], [str(Path(PYTHON).parent / "dvc"), "init", "-q", "--force"]):
+        subprocess.run(cmd, cwd=work, check=True, capture_output=True)
+    for path in (ROOT / "dvc.yaml", ABLATION):
+        proc = subprocess.run(
+            [str(Path(PYTHON).parent / "dvc"), "stage", "list"],
+            cwd=work / path.parent.relative_to(ROOT), capture_output=True, text=True,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        listed = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+        stages = _stages(path)
+        plain = {n for n, stage in stages.items() if not {"foreach", "matrix"} & set(stage)}
+        assert plain <= set(listed) and {n.split("@")[0] for n in listed} <= set(stages), (
+            proc.stdout
+        )
+        assert any("@" in name for name in listed), proc.stdout  # a foreach stage, expanded
