@@ -66,7 +66,9 @@ COMMON = {"--parsable", "--export=ALL", "--requeue", "--open-mode=append", f"-A 
 COMMON |= {f"-p {PARTITION}"}
 EXPECTED = {  # cdm.resources for configs/sd3-medium.yaml (P = 2,028,328,000) and the world
     "prepare_teacher": {"-t 60", "--mem 42474", "--cpus-per-task=8", "--gres=gpu:1"},
-    "cache_teacher": {"-t 60", "--mem 42474", "--cpus-per-task=8", "--gres=gpu:1"},
+    # The node's 8 GPUs, one encoding process on each: 8 x (32 GiB of text encoders as they
+    # load + one batch of embeddings + 8 GiB)
+    "cache_teacher": {"-t 60", "--mem 344296", "--cpus-per-task=64", "--gres=gpu:8"},
     "distill": {  # 8 processes: 8 x (2 P + 8 GiB) + rank 0's fp32 EMA (4 P)
         "-t 1440",
         "--mem 109287",
@@ -80,7 +82,7 @@ EXPECTED = {  # cdm.resources for configs/sd3-medium.yaml (P = 2,028,328,000) an
     "score": {"-t 240", "--mem 4000", "--ntasks=1", "--cpus-per-task=2"},
     "report": {"-t 30", "--mem 4000", "--ntasks=1", "--cpus-per-task=2"},
 }
-GPUS = {"prepare_teacher": 1, "cache_teacher": 1, "distill": 8, "sample_part": 1}
+GPUS = {"prepare_teacher": 1, "cache_teacher": 8, "distill": 8, "sample_part": 1}
 PER_RUN = ("--job-name", "--output", "-D", "--comment")
 
 
