@@ -163,9 +163,7 @@ def _set_dpg(work: Path) -> tuple[dict, dict]:
     data = yaml.safe_load((work / "params.yaml").read_text())
     data["prompts"]["dpg_file"] = "dpg.csv"
     sets = {"teacher_cfg": data["teacher"]["steps"], "cdm": int(data["report"]["steps"])}
-    # One published baseline's DPG set: a baseline's DPG images come from the same recipe
-    # loading as its evaluation images, which every baseline proves in the run before.
-    sets |= {name: c["steps"] for name, c in list((data.get("compare") or {}).items())[:1]}
+    sets |= {name: c["steps"] for name, c in (data.get("compare") or {}).items()}
     vqa = [sys.executable, "-c", BRIGHT_RUNNER]
     data["dpg"] = {"sets": sets, "bench": ["dpg_bench"], "vqa": vqa}
     (work / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
