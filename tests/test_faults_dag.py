@@ -234,7 +234,7 @@ def test_score_and_report_read_only_the_sets_the_params_name(work):
 
 def test_publish_refuses_the_shapes_world_in_one_line(work):
     proc = _run(work, PYTHON, "-m", "cdm.publish", "cdm")
-    one_line(proc, "models/students/cdm is a shapes-world student", "sd3, longcat and flux2-klein")
+    one_line(proc, "models/students/cdm is a shapes-world student", "qwen-image and flux2-klein")
     assert not (work / "exports").exists()
 
 
