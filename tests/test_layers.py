@@ -16,7 +16,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("cdm", "cdm.params", "cdm.io", "cdm.hub", "cdm.conditioning", "cdm.places", "cdm.safeyaml"),
     (
         "cdm.flow", "cdm.velocity", "cdm.losses", "cdm.schedules", "cdm.rollout", "cdm.sampling",
-        "cdm.ema",
+        "cdm.ema", "cdm.guidance", "cdm.lorafactors",
     ),
     ("cdm.metrics",),
     ("cdm.world",),
@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "cdm.lifeline", "cdm.launch", "cdm.nodes", "cdm.overlay", "cdm.plan", "cdm.fetch",
         "cdm.validate", "cdm.publish", "cdm.stagecode", "cdm.keep", "cdm.safeload",
         "cdm.requeue", "cdm.resources", "cdm.fits", "cdm.jobends",
-        "cdm.slurmstate",
+        "cdm.slurmstate", "cdm.teacherlora", "cdm.loralayout",
     ),
     ("cdm.report",),
 )  # fmt: skip
