@@ -26,7 +26,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
 from cdm.backends import few_step, pipelines
-from cdm.backends.export import export_pipeline
+from cdm.backends.export import export_student
 from cdm.velocity import Flux2Velocity
 
 TEXT_TOKENS = 512  # Flux2KleinPipeline's max_sequence_length: the templated prompt, padded
@@ -162,9 +162,7 @@ def export(
     """A complete Flux2KleinPipeline folder (is_distilled: no CFG) whose stock call with
     num_inference_steps=k runs our k-step sigmas at every k, the recipe's at its step count,
     plus a model card; the transformer in the teacher's dtype unless `dtype`."""
-    teacher_dir = Path(teacher_dir)
-    resolution = (params or {}).get("teacher", {}).get("resolution")
-    _, _, tokens = geometry(teacher_dir, resolution)
-    export_pipeline(
-        student.transformer, FAMILY, teacher_dir, out, inference, tokens, params, dtype, base_model
-    )
+    export_student(
+        student.transformer, FAMILY, geometry, teacher_dir, out, inference, params, dtype,
+        base_model,
+    )  # fmt: skip

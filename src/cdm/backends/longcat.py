@@ -17,7 +17,7 @@ import torch
 from diffusers import LongCatImageTransformer2DModel
 
 from cdm.backends import pipelines
-from cdm.backends.export import export_pipeline
+from cdm.backends.export import export_student
 from cdm.velocity import LongCatVelocity
 
 TEXT_TOKENS = 512  # LongCatImagePipeline.tokenizer_max_length: prompt length, image id offset
@@ -70,10 +70,8 @@ def load_velocity(
 ) -> tuple[LongCatVelocity, float, tuple[int, int, int]]:
     """The transformer alone (no text encoder): (velocity, shift, latent shape); its weights
     read in `dtype` (None: fp32)."""
-    folder = pipelines.check(path, FAMILY, "model folder")
-    shift, shape, _ = geometry(folder, resolution)
-    transformer = LongCatImageTransformer2DModel.from_pretrained(
-        folder / "transformer", torch_dtype=dtype
+    transformer, shift, shape = pipelines.load_transformer(
+        path, FAMILY, geometry, resolution, dtype
     )
     return LongCatVelocity(transformer, TEXT_TOKENS), shift, shape
 
@@ -95,9 +93,7 @@ def export(
     """A complete LongCatImagePipeline folder whose stock call with num_inference_steps=k (and
     enable_prompt_rewrite=False) runs our k-step sigmas at every k, the recipe's at its step
     count, plus a model card; the transformer in the teacher's dtype unless `dtype`."""
-    teacher_dir = Path(teacher_dir)
-    resolution = (params or {}).get("teacher", {}).get("resolution")
-    _, _, tokens = geometry(teacher_dir, resolution)
-    export_pipeline(
-        student.transformer, FAMILY, teacher_dir, out, inference, tokens, params, dtype, base_model
-    )
+    export_student(
+        student.transformer, FAMILY, geometry, teacher_dir, out, inference, params, dtype,
+        base_model,
+    )  # fmt: skip

@@ -14,7 +14,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 from cdm.backends import few_step, pipelines
-from cdm.backends.export import export_pipeline
+from cdm.backends.export import export_student
 from cdm.conditioning import Condition
 from cdm.velocity import TransformerVelocity
 
@@ -129,9 +129,9 @@ def load_velocity(
 ) -> tuple[TransformerVelocity, float, tuple[int, int, int]]:
     """The transformer alone (no text encoder): (velocity, shift, latent shape); its weights
     read in `dtype` (None: fp32)."""
-    folder = pipelines.check(path, FAMILY, "model folder")
-    shift, shape, _ = geometry(folder, resolution)
-    transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype)
+    transformer, shift, shape = pipelines.load_transformer(
+        path, FAMILY, geometry, resolution, dtype
+    )
     return TransformerVelocity(transformer), shift, shape
 
 
@@ -152,9 +152,7 @@ def export(
     """A complete StableDiffusion3Pipeline folder whose stock call with num_inference_steps=k
     runs our k-step sigmas at every k, the recipe's at its step count (see few_step), plus
     inference.json and a model card; the transformer in the teacher's dtype unless `dtype`."""
-    teacher_dir = Path(teacher_dir)
-    resolution = (params or {}).get("teacher", {}).get("resolution")
-    _, _, tokens = geometry(teacher_dir, resolution)
-    export_pipeline(
-        student.transformer, FAMILY, teacher_dir, out, inference, tokens, params, dtype, base_model
-    )
+    export_student(
+        student.transformer, FAMILY, geometry, teacher_dir, out, inference, params, dtype,
+        base_model,
+    )  # fmt: skip
