@@ -144,6 +144,15 @@ def call_stage(cwd: Path, script: str, *args: str) -> tuple[int, str]:
     return code, err.getvalue()
 
 
+def call_main(main: Callable[[list[str]], int], *argv: str) -> tuple[int, str, str]:
+    """A module's `main(argv)` in this process, from the project root: (exit code, stdout,
+    stderr). A CLI's parsing and printing without the start of a Python with torch."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
@@ -275,11 +284,32 @@ def snakemade(tmp_path_factory: pytest.TempPathFactory, finished: Path) -> Path:
     return shared(tmp_path_factory, "snakemade", build) / "p"
 
 
+# teacher.backend of the real-run families, each run once to the report by Snakemake
+REAL_BACKENDS = ["sd3", "longcat", "qwen-image", "flux2-klein"]
+
+
+@pytest.fixture(scope="session")
+def real_runs(tmp_path_factory, tiny_dirs, tiny_clip, tiny_pick, tiny) -> Callable[[str], Path]:
+    """`real_runs(backend)`: a scratch project on the backend's tiny pipeline and tiny scorers,
+    run to the report by Snakemake, distill and sample under the text-encoder guard (test_real_run_orchestration reads
+    its plan, test_pipeline_backends its stages). Read only; the tests that take it are grouped by backend on
+    one xdist worker, which builds it."""
+    from tests import test_real_run_orchestration as R
+
+    def get(backend: str) -> Path:
+        def build(path: Path) -> None:
+            R.real_run(path, backend, tiny_dirs, tiny_clip, tiny_pick, tiny)
+
+        return shared(tmp_path_factory, f"real_run_{backend}", build) / "p"
+
+    return get
+
+
 # ------------------------------------------------------------- markers of the costly families
 
 # Whole DAGs, stage chains and trainings: a test is `e2e` when it takes one of these fixtures
 # or lives in one of these modules; `multiproc` when it starts several processes of one run.
-E2E_FIXTURES = {"finished", "snakemade", "distill_project", "reference", "tiny_dirs"}
+E2E_FIXTURES = {"finished", "snakemade", "distill_project", "reference", "tiny_dirs", "real_runs"}
 E2E_MODULES = {
     "test_orchestration", "test_real_run_orchestration", "test_pipeline_backends",
     "test_eval_stages", "test_dpg_stages", "test_stages", "test_cache_resume",
@@ -288,8 +318,7 @@ MULTIPROC_MODULES = {"test_multinode", "test_checkpoint_ranks", "test_zero_parti
 # Modules whose module-scoped fixtures cost a run each: their tests stay on one xdist worker
 # (`--dist loadgroup`), so the fixture is built once. The costliest are session-wide instead.
 GROUPED_MODULES = {
-    "test_compare", "test_eval_stages", "test_export", "test_flux2", "test_pipeline_backends",
-    "test_plan", "test_preference", "test_slurm",
+    "test_compare", "test_eval_stages", "test_export", "test_flux2", "test_plan", "test_preference", "test_slurm",
 }  # fmt: skip
 
 
@@ -320,6 +349,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.multiproc)
         if module in GROUPED_MODULES:
             item.add_marker(pytest.mark.xdist_group(module))
+        elif "real_runs" in fixtures:  # one worker per backend's run, whichever module
+            backend = next(v for v in item.callspec.params.values() if v in REAL_BACKENDS)
+            item.add_marker(pytest.mark.xdist_group(f"real_{backend}"))
     if getattr(config.option, "loadgroup", False):
         _group_ids(items)
     items.sort(key=_cost_rank)  # stable: the order within each rank is kept

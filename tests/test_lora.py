@@ -22,7 +22,7 @@ from cdm.backends.shapes import load_velocity
 from cdm.conditioning import Condition
 from cdm.velocity import LongCatVelocity, TransformerVelocity
 from tests import tiny_pipelines
-from tests.conftest import PYTHON, ROOT
+from tests.conftest import PYTHON, ROOT, call_main
 from tests.test_distill import ACCELERATE, ENV, _clone, _max_diff, _reference, _run, _student
 
 LORA = P.Lora(rank=4, alpha=8.0)
@@ -331,20 +331,15 @@ def test_the_plans_adapter_count_is_what_peft_builds():
     ],
 )
 def test_the_lora_configs_fit_one_gpu_by_the_plan(overlay, gib, at_least):
-    cmd = [PYTHON, "-m", "cdm.plan", overlay]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = proc.stdout
+    code, out, err = call_main(plan.main, overlay)
+    assert code == 0, err[-2000:]
     assert "1 GPUs, ZeRO-2" in out and "rank 64, alpha 128" in out
     assert "base (frozen; teacher, student and fake score share it)" in out
     fits = re.search(rf"{gib} GiB: (\d+)", out)
     assert fits and int(fits.group(1)) >= at_least, out
-    full = subprocess.run(
-        [PYTHON, "-m", "cdm.plan", overlay.replace("-lora", ""), "--gpus", "1", "--zero", "2"],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    _, full, _ = call_main(plan.main, overlay.replace("-lora", ""), "--gpus", "1", "--zero", "2")
     total = lambda text: float(re.search(r"^  total\s+([0-9.]+)$", text, re.M).group(1))  # noqa: E731
-    assert total(out) < total(full.stdout) / 2  # one base instead of three, small optimizers
+    assert total(out) < total(full) / 2  # one base instead of three, small optimizers
 
 
 # --- export as a diffusers LoRA ---------------------------------------------------------------

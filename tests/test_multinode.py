@@ -129,22 +129,23 @@ def test_two_nodes_equal_one_node_of_two_processes(project, reference, tmp_path,
 
 
 def test_checkpoints_cross_between_one_and_two_nodes(project, reference, tmp_path, cluster):
-    """Stop after 2 of 6 iterations in one layout, finish in the other: the straight student."""
+    """Two nodes to iteration 2, one node to iteration 4, two nodes to the end (6): both
+    crossings in one run, which must give the straight student."""
     straight = _student(_two_processes(reference, project, 2), "cdm")
-    for first, then in ((2, 1), (1, 2)):
-        work = _layout(project, tmp_path / f"{first}-then-{then}", first, 2)
-        _run(work, cluster, first, 2, 29630, "--stop-after", "2")
+    work = _layout(project, tmp_path / "work", 2, 2)
+    _run(work, cluster, 2, 2, 29630, "--stop-after", "2")
+    for nodes, start, stop in ((1, 2, ("--stop-after", "4")), (2, 4, ())):
         assert not (work / "models/students/cdm").exists()
         (work / "params.yaml").write_text(
-            _layout(project, tmp_path / f"params-{then}", then, 2)
+            _layout(project, tmp_path / f"params-{start}", nodes, 2)
             .joinpath("params.yaml")
             .read_text()
         )
-        proc = _run(work, cluster, then, 2, 29631)
-        assert "resuming from iteration 2" in proc.stderr, proc.stderr[-2000:]
-        diff = _max_diff(straight, _student(work, "cdm"))
-        print(f"ZeRO-2: {first} node(s) to iteration 2, then {then}: max abs diff {diff:.3g}")
-        assert diff <= 1e-6
+        proc = _run(work, cluster, nodes, 2, 29631 + start, *stop)
+        assert f"resuming from iteration {start}" in proc.stderr, proc.stderr[-2000:]
+    diff = _max_diff(straight, _student(work, "cdm"))
+    print(f"ZeRO-2: 2 nodes to iteration 2, 1 node to 4, 2 nodes to 6: max abs diff {diff:.3g}")
+    assert diff <= 1e-6
 
 
 def test_a_dead_node_ends_the_other_and_the_rerun_resumes(project, reference, tmp_path, cluster):

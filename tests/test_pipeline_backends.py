@@ -26,11 +26,14 @@ from cdm.sampling import inference_sigmas
 from cdm.world.evaluate import EvalPairs
 from tests import tiny_pipelines
 from tests.conftest import PYTHON, ROOT, call_stage
-from tests.test_hpsv3 import tiny_hpsv3_config
-from tests.test_scorers import TINY_CLIP, tiny_scorer_configs
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
 GUARD = ENV | {"PYTHONPATH": str(ROOT / "tests" / "guard"), "CDM_FORBID_TEXT_ENCODERS": "1"}
+# The guard on a whole Snakemake run (conftest.real_runs): the scripts that must not build a
+# text encoder; cache_teacher and the published baselines' sample jobs must.
+SMK_GUARD = GUARD | {
+    "CDM_FORBID_TEXT_ENCODERS": "distill.py,sample.py:cdm,sample.py:teacher_cfg,sample.py:teacher_nocfg"
+}
 PROMPTS = ["a red cat", "a blue dog on a green mat", "an apple", "two birds in the sky"]
 N_PAIRS = 3
 # backend -> (builder, pipeline class, resolution in px, latent shape (C, h, w))
@@ -77,20 +80,11 @@ def _run(cwd: Path, script: str, *args: str, env: dict | None = None, check: boo
     return proc
 
 
-@pytest.fixture(scope="module", params=CHAINED)
-def project(request, tmp_path_factory, tiny_dirs) -> Path:
-    """A scratch project run through every stage; distill and sample under the guard."""
-    backend = request.param
-    path = tmp_path_factory.mktemp(f"project_{backend}")
-    shutil.copytree(tiny_dirs[backend], path / f"tiny_{backend}")
-    (path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    _params(path / "params.yaml", backend)
-    _run(path, "prepare_teacher.py")
-    _run(path, "cache_teacher.py")
-    _run(path, "distill.py", "--method", "cdm", env=GUARD)
-    _run(path, "sample.py", "--model", "cdm", "--steps", "4", env=GUARD)
-    _run(path, "sample.py", "--model", "teacher_cfg", "--steps", "2", env=GUARD)
-    return path
+@pytest.fixture(params=CHAINED)
+def project(request, real_runs) -> Path:
+    """The backend's project run through every stage by Snakemake (conftest.real_runs:
+    prepare_teacher, cache_teacher, then distill and sample under the guard). Read only."""
+    return real_runs(request.param)
 
 
 def _backend(project: Path) -> str:
@@ -271,13 +265,22 @@ def test_a_lora_runs_adapter_on_the_stock_teacher_samples_the_students_images(pr
 
 
 def test_distill_and_sample_never_build_a_text_encoder(project, tmp_path):
-    """The fixture ran distill and sample under the guard; here the guard itself is shown to
-    bite: cache_teacher, which must build the text encoders, fails under it."""
+    """The run ran distill and sample under the guard, named by script (tests/guard); here
+    that form of the guard is shown to bite: cache_teacher, which must build the text
+    encoders, fails under it."""
     work = tmp_path / "guarded"
     shutil.copytree(project, work, ignore=shutil.ignore_patterns("cache", "samples"))
-    proc = _run(work, "cache_teacher.py", env=GUARD, check=False)
+    env = GUARD | {"CDM_FORBID_TEXT_ENCODERS": "sample.py:cdm,cache_teacher.py"}
+    proc = _run(work, "cache_teacher.py", env=env, check=False)
     assert proc.returncode != 0 and "text encoder instantiated" in proc.stderr
     assert (project / "samples/teacher_cfg/2/index.parquet").is_file()
+    from tests.guard.sitecustomize import _guarded  # which processes the run's form guards
+
+    run_guard = SMK_GUARD["CDM_FORBID_TEXT_ENCODERS"]
+    assert _guarded(run_guard, ["/p/src/distill.py", "--method", "cdm"])
+    assert _guarded(run_guard, ["src/sample.py", "--model", "cdm", "--steps", "4"])
+    assert not _guarded(run_guard, ["src/sample.py", "--model", "tdm", "--steps", "4"])
+    assert not _guarded(run_guard, ["src/cache_teacher.py", "--params", "params.yaml"])
 
 
 @pytest.mark.parametrize(
@@ -378,39 +381,3 @@ def test_geometry_from_configs_alone(tiny_dirs):
     shift, shape, tokens = longcat.geometry(tiny_dirs["longcat"], 32)
     assert shape == (16, 16, 16) and tokens == 64
     assert shift == pytest.approx(np.exp(few_step.calculate_shift(64, {})))
-
-
-def test_score_and_report_with_the_papers_metrics(
-    project,
-    tmp_path,
-    tiny_clip,
-    tiny_pick,
-    tiny,
-):
-    """score (tiny scorers of the real classes, loaded offline) and report for a real run:
-    every metric with its interval, the conventions beside every number."""
-    work = tmp_path / "work"
-    shutil.copytree(project, work, symlinks=True)
-    data = yaml.safe_load((work / "params.yaml").read_text())
-    data["score"]["models"] = tiny_scorer_configs(tiny_clip, tiny_pick, tmp_path)
-    data["score"]["models"]["hpsv3"] = tiny_hpsv3_config(tiny)
-    data["score"]["n_boot"] = 200
-    (work / "params.yaml").write_text(yaml.safe_dump(data))
-    code, err = call_stage(work, "score.py")
-    assert code == 0, err[-2000:]
-    metrics = json.loads((work / "results/metrics.json").read_text())
-    entry = metrics["cdm"]["4"]
-    for m in ("clip", "pickscore", "aesthetic", "hpsv3"):
-        low, high = entry[f"{m}_ci"]
-        assert low <= entry[m] <= high
-    assert entry["conventions"]["clip"]["model"] == TINY_CLIP and not entry["skipped"]
-    assert (
-        entry["fd_to_teacher_cfg"] >= 0 and metrics["teacher_cfg"]["2"]["fd_to_teacher_cfg"] < 1e-6
-    )
-    code, err = call_stage(work, "report.py")
-    assert code == 0, err[-2000:]
-    md = (work / "results/report.md").read_text()
-    assert "| model | steps | nfe | CLIP score | PickScore | aesthetic | HPSv3 |" in md
-    assert "Hessel" in md and "## Conventions" in md
-    page = (work / "results/report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3

@@ -14,7 +14,7 @@ import yaml
 
 from cdm import params as P
 from cdm import plan
-from tests.conftest import PYTHON, ROOT
+from tests.conftest import PYTHON, ROOT, call_main
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 TOLERANCE = 0.05  # DeepSpeed pads each flat partition a little for alignment
@@ -174,10 +174,8 @@ def test_zero3_shards_weights_and_checkpointing_shrinks_activations():
 
 @pytest.mark.parametrize("zero", ["2", "3"])
 def test_cli_prints_the_plan_of_the_sd3_overlay(zero):
-    cmd = [PYTHON, "-m", "cdm.plan", "configs/sd3-medium.yaml", "--gpus", "8", "--zero", zero]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = proc.stdout
+    code, out, err = call_main(plan.main, "configs/sd3-medium.yaml", "--gpus", "8", "--zero", zero)
+    assert code == 0, err[-2000:]
     assert "2,028,328,000 parameters" in out and f"8 GPUs, ZeRO-{zero}" in out
     for row in ("teacher", "student weights", "fake score weights", "optimizer states"):
         assert row in out
@@ -191,12 +189,11 @@ def _total_gib(out: str) -> float:
 def test_cli_plans_the_flux2_overlay_under_zero2_at_the_authors_batch():
     """configs/flux2-klein.yaml: the LongCat preset's batch 8 on 8 GPUs under ZeRO-2 (its
     comment), within the plan's headroom of an 80 GiB GPU."""
-    cmd = [PYTHON, "-m", "cdm.plan", "configs/flux2-klein.yaml", "--gpus", "8"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "8 GPUs, ZeRO-2, bf16; batch 8 per GPU (global 64)" in proc.stdout
-    assert _total_gib(proc.stdout) <= plan.HEADROOM * 80
-    assert "1 x 8 x 8 x 1:" in proc.stdout and "the pick" in proc.stdout
+    code, out, err = call_main(plan.main, "configs/flux2-klein.yaml", "--gpus", "8")
+    assert code == 0, err[-2000:]
+    assert "8 GPUs, ZeRO-2, bf16; batch 8 per GPU (global 64)" in out
+    assert _total_gib(out) <= plan.HEADROOM * 80
+    assert "1 x 8 x 8 x 1:" in out and "the pick" in out
 
 
 def test_cli_plans_the_longcat_overlay_at_the_authors_batch():
@@ -206,11 +203,9 @@ def test_cli_plans_the_longcat_overlay_at_the_authors_batch():
     distill = yaml.safe_load(overlay.read_text())["distill"]
     outs = {}
     for zero in (None, 2):
-        cmd = [PYTHON, "-m", "cdm.plan", str(overlay), "--gpus", "8"]
-        cmd += [] if zero is None else ["--zero", str(zero)]
-        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        outs[zero] = proc.stdout
+        args = [str(overlay), "--gpus", "8", *([] if zero is None else ["--zero", str(zero)])]
+        code, outs[zero], err = call_main(plan.main, *args)
+        assert code == 0, err[-2000:]
     own = outs[None]
     assert f"ZeRO-{distill['zero_stage']}, bf16; batch {distill['batch_size']} per GPU" in own
     assert "6,270,668,864 parameters" in own and "fits in 80 GiB" in own

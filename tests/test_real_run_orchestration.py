@@ -21,46 +21,57 @@ from cdm.metrics import dpg
 from cdm.report import published as PUB
 from cdm.report import table1 as T1
 from tests import tiny_pipelines as T
-from tests.conftest import copy_project
+from tests.conftest import REAL_BACKENDS, copy_project
 from tests.test_dpg import ITEMS, rows
 from tests.test_hpsv3 import tiny_hpsv3_config
 from tests.test_orchestration import ENV
-from tests.test_pipeline_backends import PROMPTS, _params
+from tests.test_pipeline_backends import PROMPTS, SMK_GUARD, _params
 from tests.test_scorers import TINY_CLIP, tiny_scorer_configs
 
 METRIC_HEADER = "| model | steps | nfe | CLIP score | PickScore | aesthetic | HPSv3 |"
 
 
-def _sh(cwd: Path, *cmd: str) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=1500)
+def _sh(cwd: Path, *cmd: str, env: dict | None = None) -> str:
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=1500
+    )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-4000:])
     return proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="module", params=["sd3", "longcat", "qwen-image", "flux2-klein"])
-def real_project(request, tmp_path_factory, tiny_dirs, tiny_clip, tiny_pick, tiny) -> Path:
-    """A scratch copy of the project whose params name a tiny local pipeline and tiny scorers.
+def real_project(path: Path, backend: str, tiny_dirs, tiny_clip, tiny_pick, tiny) -> Path:
+    """A scratch copy of the project at `path` whose params name a tiny local pipeline and
+    tiny scorers.
 
     The open_clip scorers name their architecture by a config file (an open_clip model the
     package does not ship), so the scripts Snakemake and DVC start find it too.
     """
-    backend = request.param
-    path = copy_project(tmp_path_factory.mktemp(f"real_{backend}"), skip=("dvc.lock",))
+    path.mkdir(parents=True)
+    copy_project(path, skip=("dvc.lock",))
     shutil.copytree(tiny_dirs[backend], path / f"tiny_{backend}")
     (path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     _params(path / "params.yaml", backend)
     data = yaml.safe_load((path / "params.yaml").read_text())
-    models = tiny_scorer_configs(tiny_clip, tiny_pick, tmp_path_factory.mktemp("head"))
+    (path / "heads").mkdir()
+    models = tiny_scorer_configs(tiny_clip, tiny_pick, path / "heads")
     config = str(tiny_clip.parent / f"{TINY_CLIP}.json")
     models["clip"]["model"] = models["aesthetic"]["clip_model"] = config
     models["hpsv3"] = tiny_hpsv3_config(tiny)
     data["score"].update(models=models, n_boot=100)
     data["report"].update(grid_prompts=2)
     if backend == "sd3":  # the paper's SD3 baselines, on stand-ins of their recipes
-        stand_ins = T.compare_stand_ins(path / "tiny_sd3", tmp_path_factory.mktemp("compare"))
+        stand_ins = T.compare_stand_ins(path / "tiny_sd3", path / "compare")
         data["compare"] = {name: make(stand_ins) for name, make in T.COMPARE_RECIPES.items()}
     (path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def real_run(path: Path, backend: str, *fixtures) -> None:
+    """`snakemake --cores 2` over `real_project` in `path`/p, to the report, its output in
+    `path`/snakemake.out; distill and sample under the text-encoder guard (the chain of
+    tests/test_pipeline_backends.py reads this run). conftest.real_runs shares it."""
+    work = real_project(path / "p", backend, *fixtures)
+    (path / "snakemake.out").write_text(_sh(work, "snakemake", "--cores", "2", "-p", env=SMK_GUARD))
 
 
 def _check_report(path: Path) -> None:
@@ -70,10 +81,11 @@ def _check_report(path: Path) -> None:
     for m in ("clip", "pickscore", "aesthetic", "hpsv3"):
         low, high = entry[f"{m}_ci"]
         assert low <= entry[m] <= high, m
-    assert entry["conventions"]["clip"]["model"] == TINY_CLIP
+    assert entry["conventions"]["clip"]["model"] == TINY_CLIP and not entry["skipped"]
+    assert entry["fd_to_teacher_cfg"] >= 0
     assert metrics["teacher_cfg"]["2"]["fd_to_teacher_cfg"] < 1e-6
     md = (path / "results/report.md").read_text()
-    assert METRIC_HEADER in md and "Hessel" in md
+    assert METRIC_HEADER in md and "Hessel" in md and "## Conventions" in md
     assert re.search(r"\| cdm \| 4 \| 4 \| [-\d.e]+ \[[-\d.e]+, [-\d.e]+\]", md), md[:3000]
     _check_table1(path, metrics, md)
     page = (path / "results/report.html").read_text()
@@ -117,18 +129,60 @@ def _check_table1(path: Path, metrics: dict, md: str) -> None:
         assert loaded["recipe"]["steps"] == recipe["steps"] and f"- `{name}`:" in md
 
 
-def test_snakemake_runs_a_real_backend_to_the_report(real_project, tmp_path):
-    work = tmp_path / "smk"
-    shutil.copytree(real_project, work, symlinks=True)
-    out = _sh(work, "snakemake", "--cores", "2")
+@pytest.fixture(params=REAL_BACKENDS)
+def finished_real(request, real_runs) -> Path:
+    """The backend's finished Snakemake run (shared, read only): conftest.real_runs."""
+    return real_runs(request.param)
+
+
+def test_snakemake_runs_a_real_backend_to_the_report(finished_real, tmp_path):
+    out = (finished_real.parent / "snakemake.out").read_text()
     for rule in ("fetch_weights", "prepare_teacher", "cache_teacher", "distill", "score"):
         assert f"rule {rule}:" in out, rule
-    assert "rule world_judge" not in out and not (work / "models/judge").exists()
-    _check_report(work)
-    assert json.loads((work / "models/weights.json").read_text())["fetched"] == []
+    assert "rule world_judge" not in out and not (finished_real / "models/judge").exists()
+    _check_report(finished_real)
+    assert json.loads((finished_real / "models/weights.json").read_text())["fetched"] == []
+    work = shutil.copytree(finished_real, tmp_path / "smk", symlinks=True)
     assert "Nothing to be done" in _sh(work, "snakemake", "--cores", "2", "-n")
     if (work / "tiny_sd3").is_dir():
         _check_dpg_run(work)
+
+
+# A stage call in an orchestrator's plan: the script (or `-m cdm.fetch`) and its arguments
+# but the params file's and the launcher's (Snakemake and DVC spell those differently).
+# Shell lines: Snakemake's `-p` prints "Shell command: ...", DVC's "> ...".
+SHELL = re.compile(r"^(?:Shell command: |> )(.*)$", re.M)
+CALL = re.compile(r"(src/\w+\.py|-m cdm\.fetch)((?: +[^\s|>]+(?=\s|$))*)")
+LAUNCHER_ARGS = {"--params", "--record"}
+
+
+def _calls(output: str) -> set[tuple[str, ...]]:
+    calls = set()
+    for line in SHELL.findall(output):
+        match = CALL.search(line)
+        if not match:  # DVC's validate stage: Snakemake validates at parse time
+            continue
+        script, args = match.groups()
+        words = args.split()
+        kept = [w for i, w in enumerate(words) if w not in LAUNCHER_ARGS
+                and (i == 0 or words[i - 1] not in LAUNCHER_ARGS)]  # fmt: skip
+        calls.add((script.removeprefix("-m "), *kept))
+    return calls
+
+
+def test_dvc_plans_the_stage_calls_snakemake_ran(finished_real, tmp_path):
+    """dvc.yaml, on the backend's params, calls the stage scripts Snakemake ran, with the same
+    arguments: the stages are the same code, so the DVC run of one backend (the test below,
+    on SD3 with its baselines and DPG) stands for the others."""
+    work = shutil.copytree(finished_real, tmp_path / "dvc", symlinks=True)
+    ran = _calls((finished_real.parent / "snakemake.out").read_text())
+    _sh(work, "git", "init", "-q")
+    _sh(work, "dvc", "init", "-q", "--force")
+    planned = _calls(_sh(work, "dvc", "repro", "--dry", "--force"))
+    assert ran == planned, (ran - planned, planned - ran)
+    want = {("src/distill.py", "--method", "cdm"), ("src/score.py",), ("src/report.py",),
+            ("src/sample.py", "--model", "cdm", "--steps", "4")}  # fmt: skip
+    assert want <= planned, planned
 
 
 # A stand-in VQA that answers any image: "yes" when the image's mean grey level plus the
@@ -218,9 +272,12 @@ def _check_dpg_repro(work: Path) -> None:
     assert "up to date" in _sh(work, "dvc", "status", "dvc.yaml")
 
 
-def test_dvc_repro_runs_a_real_backend_to_the_report(real_project, tmp_path):
-    work = tmp_path / "dvc"
-    shutil.copytree(real_project, work, symlinks=True)
+def test_dvc_repro_runs_a_real_backend_to_the_report(
+    tmp_path, tiny_dirs, tiny_clip, tiny_pick, tiny
+):
+    """SD3 (its baselines and DPG too) from a fresh project; the other backends' plans are
+    Snakemake's (above)."""
+    work = real_project(tmp_path / "dvc", "sd3", tiny_dirs, tiny_clip, tiny_pick, tiny)
     # One published baseline: dvc.yaml's foreach stage is proved by one of its items; every
     # recipe's loading is proved under Snakemake above.
     data = yaml.safe_load((work / "params.yaml").read_text())
@@ -240,5 +297,4 @@ def test_dvc_repro_runs_a_real_backend_to_the_report(real_project, tmp_path):
     (work / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     rerun = set(re.findall(r"Running stage '([^']+)'", _sh(work, "dvc", "repro")))
     assert rerun - {"validate"} == {"score", "report"}, rerun  # validate: any param
-    if (work / "tiny_sd3").is_dir():
-        _check_dpg_repro(work)
+    _check_dpg_repro(work)

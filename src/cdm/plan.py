@@ -42,6 +42,7 @@ preview / export peaks (lora_peaks: built on the CPU in the export dtype).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -234,18 +235,32 @@ def _meta_model(backend: str, config: dict[str, Any]) -> torch.nn.Module:
 
 def count_parameters(backend: str, config: dict[str, Any]) -> tuple[int, int, int]:
     """(P, largest block's parameters, blocks) of the transformer built on the meta device."""
-    model = _meta_model(backend, config)
+    return _counts(backend, json.dumps(config, sort_keys=True))
+
+
+def adapter_parameters(backend: str, config: dict[str, Any], cfg: P.Lora) -> int:
+    """A: one LoRA adapter's parameters, r (in + out) on each target linear (cdm.lora)."""
+    return _adapter_count(backend, json.dumps(config, sort_keys=True), cfg.model_dump_json())
+
+
+# Building a 20B model on the meta device takes seconds; a plan (and a test session) asks for
+# the same config's counts many times.
+@functools.lru_cache(maxsize=32)
+def _counts(backend: str, config: str) -> tuple[int, int, int]:
+    model = _meta_model(backend, json.loads(config))
     blocks = list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", []))
     sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
     return sum(p.numel() for p in model.parameters()), max(sizes), len(blocks)
 
 
-def adapter_parameters(backend: str, config: dict[str, Any], cfg: P.Lora) -> int:
-    """A: one LoRA adapter's parameters, r (in + out) on each target linear (cdm.lora)."""
+@functools.lru_cache(maxsize=32)
+def _adapter_count(backend: str, config: str, cfg: str) -> int:
     from cdm.lora import targets
 
-    model = _meta_model(backend, config)
-    linears = [model.get_submodule(name) for name in targets(model, cfg)]
+    model = _meta_model(backend, json.loads(config))
+    linears = [
+        model.get_submodule(name) for name in targets(model, P.Lora.model_validate_json(cfg))
+    ]
     return sum(cfg.rank * (m.in_features + m.out_features) for m in linears)
 
 
