@@ -254,13 +254,12 @@ def _counts(backend: str, config: str) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=32)
-def _adapter_count(backend: str, config: str, cfg: str) -> int:
+def _adapter_count(backend: str, config: str, lora_json: str) -> int:
     from cdm.lora import targets
 
+    cfg = P.Lora.model_validate_json(lora_json)
     model = _meta_model(backend, json.loads(config))
-    linears = [
-        model.get_submodule(name) for name in targets(model, P.Lora.model_validate_json(cfg))
-    ]
+    linears = [model.get_submodule(name) for name in targets(model, cfg)]
     return sum(cfg.rank * (m.in_features + m.out_features) for m in linears)
 
 
