@@ -274,16 +274,15 @@ def test_bad_input_is_one_line_and_writes_nothing(project, tmp_path, distill, ar
 
 
 def test_gradient_checkpointing_gives_the_same_student(project, reference, tmp_path):
-    plain = _reference(reference, project, "cdm", iterations=6)
-    ckpt = _clone(project, tmp_path / "ckpt", iterations=6, gradient_checkpointing=True)
+    plain = _reference(reference, project, "cdm", zero_stage=2, **SMALL)  # two-process test's
+    ckpt = _clone(project, tmp_path / "ckpt", zero_stage=2, **SMALL, gradient_checkpointing=True)
     _run(ckpt, "distill.py", "--method", "cdm")
     a, b = _student(plain, "cdm"), _student(ckpt, "cdm")
     assert _max_diff(a, b) <= 1e-6
 
 
-def test_changed_params_start_afresh_and_keep_the_other_runs(project, tmp_path):
-    work = _clone(project, tmp_path, iterations=4)
-    _run(work, "distill.py", "--method", "dmd2")
+def test_changed_params_start_afresh_and_keep_the_other_runs(project, reference, tmp_path):
+    work = clone(_reference(reference, project, "dmd2", iterations=4), tmp_path / "work")
     first = {p.name for p in (work / "checkpoints").iterdir()}
     _write_params(work / "params.yaml", iterations=4, lr_student=3e-4)
     _run(work, "distill.py", "--method", "dmd2")
@@ -298,11 +297,10 @@ def test_changed_params_start_afresh_and_keep_the_other_runs(project, tmp_path):
     )
 
 
-def test_params_a_method_does_not_read_keep_its_run(project, tmp_path):
+def test_params_a_method_does_not_read_keep_its_run(project, reference, tmp_path):
     """k_max (dmd2's fixed schedule ignores it) and bookkeeping keys leave dmd2's run as is:
     the rerun finds its finished checkpoint and trains nothing."""
-    work = _clone(project, tmp_path, iterations=4)
-    _run(work, "distill.py", "--method", "dmd2")
+    work = clone(_reference(reference, project, "dmd2", iterations=4), tmp_path / "work")
     run = next((work / "checkpoints").iterdir())
     log = (work / "logs/dmd2/train.csv").read_text()
     _write_params(

@@ -241,9 +241,9 @@ def test_a_lora_run_goes_end_to_end_and_exports_a_full_student(project, referenc
 
 def test_lora_with_gradient_checkpointing_gives_the_same_student(project, reference, tmp_path):
     """The recomputation in backward runs the engine's own adapter (lora.engine_adapter)."""
-    plain = _reference(reference, project, "cdm", iterations=6, lora=LORA_RUN)
+    plain = _reference(reference, project, "cdm", iterations=10, lora=LORA_RUN)  # shared
     ckpt = _clone(
-        project, tmp_path / "ckpt", iterations=6, lora=LORA_RUN, gradient_checkpointing=True
+        project, tmp_path / "ckpt", iterations=10, lora=LORA_RUN, gradient_checkpointing=True
     )
     _run(ckpt, "distill.py", "--method", "cdm")
     # The adapters moved (a few 1e-5 here), and agree to a thousandth of that.

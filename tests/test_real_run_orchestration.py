@@ -1,8 +1,10 @@
-"""Both orchestrators over a real-run backend, end to end: tiny offline SD3, LongCat-Image,
+"""Both orchestrators over the real-run backends: tiny offline SD3, LongCat-Image,
 Qwen-Image and FLUX.2 [klein] pipelines and tiny scorers of the real classes (weights in local
-files), run by `snakemake` and by `dvc repro` in scratch copies of the project, up to results/report.html. On SD3, tiny
-stand-ins of the three published baselines (params compare:) are sampled and scored too, and
-the report's Table 1 has every row and column of the paper's."""
+files). Snakemake runs each to results/report.html (conftest.real_runs, shared with
+tests/test_pipeline_backends.py); DVC takes each run over (its plan is exactly the stage
+calls Snakemake ran, its declared deps and outs are all there) and, on SD3 with a stand-in of
+one published baseline and DPG-Bench, reruns the scoring stages and the report after a scorer
+setting changes. The report's Table 1 has every row and column of the paper's."""
 
 from __future__ import annotations
 
@@ -59,9 +61,11 @@ def real_project(path: Path, backend: str, tiny_dirs, tiny_clip, tiny_pick, tiny
     models["hpsv3"] = tiny_hpsv3_config(tiny)
     data["score"].update(models=models, n_boot=100)
     data["report"].update(grid_prompts=2)
-    if backend == "sd3":  # the paper's SD3 baselines, on stand-ins of their recipes
+    if backend == "sd3":  # one of the paper's SD3 baselines, on a stand-in of its recipe
+        # (each recipe's loading and sampling: tests/test_compare.py; one proves the DAG's)
         stand_ins = T.compare_stand_ins(path / "tiny_sd3", path / "compare")
-        data["compare"] = {name: make(stand_ins) for name, make in T.COMPARE_RECIPES.items()}
+        name, make = next(iter(T.COMPARE_RECIPES.items()))
+        data["compare"] = {name: make(stand_ins)}
     (path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -145,7 +149,9 @@ def test_snakemake_runs_a_real_backend_to_the_report(finished_real, tmp_path):
     work = shutil.copytree(finished_real, tmp_path / "smk", symlinks=True)
     assert "Nothing to be done" in _sh(work, "snakemake", "--cores", "2", "-n")
     if (work / "tiny_sd3").is_dir():
-        _check_dpg_run(work)
+        data, sets, out = _check_dpg_run(work)
+        ran = _calls((finished_real.parent / "snakemake.out").read_text()) | _calls(out)
+        _check_dvc_continues(work, data, sets, ran)
 
 
 # A stage call in an orchestrator's plan: the script (or `-m cdm.fetch`) and its arguments
@@ -170,19 +176,30 @@ def _calls(output: str) -> set[tuple[str, ...]]:
     return calls
 
 
-def test_dvc_plans_the_stage_calls_snakemake_ran(finished_real, tmp_path):
-    """dvc.yaml, on the backend's params, calls the stage scripts Snakemake ran, with the same
-    arguments: the stages are the same code, so the DVC run of one backend (the test below,
-    on SD3 with its baselines and DPG) stands for the others."""
-    work = shutil.copytree(finished_real, tmp_path / "dvc", symlinks=True)
-    ran = _calls((finished_real.parent / "snakemake.out").read_text())
+def _dvc_takes_over(work: Path, ran: set[tuple[str, ...]]) -> None:
+    """DVC on a finished Snakemake run of the same params: dvc.yaml plans exactly the stage
+    calls Snakemake ran (`ran`), every dep and out it declares is there (`dvc commit`
+    refuses a missing one), and then it has nothing to do."""
     _sh(work, "git", "init", "-q")
     _sh(work, "dvc", "init", "-q", "--force")
     planned = _calls(_sh(work, "dvc", "repro", "--dry", "--force"))
     assert ran == planned, (ran - planned, planned - ran)
+    _sh(work, "dvc", "repro", "--single-item", "validate")  # Snakemake keeps no record of it
+    _sh(work, "dvc", "commit", "--force", "dvc.yaml")  # the root pipeline (not the ablation's)
+    assert "up to date" in _sh(work, "dvc", "status", "dvc.yaml")
+
+
+def test_dvc_takes_over_the_snakemake_run(finished_real, tmp_path):
+    """dvc.yaml, on each backend's params, calls the stage scripts Snakemake ran, with the
+    same arguments, and declares the files they wrote: the stages are the same code and
+    DVC's own running of them is proved on the shapes world (tests/test_orchestration.py)
+    and, for score, score_dpg and report, on SD3 (below: `_check_dvc_continues`)."""
+    work = shutil.copytree(finished_real, tmp_path / "dvc", symlinks=True)
+    ran = _calls((finished_real.parent / "snakemake.out").read_text())
     want = {("src/distill.py", "--method", "cdm"), ("src/score.py",), ("src/report.py",),
             ("src/sample.py", "--model", "cdm", "--steps", "4")}  # fmt: skip
-    assert want <= planned, planned
+    assert want <= ran, ran
+    _dvc_takes_over(work, ran)
 
 
 # A stand-in VQA that answers any image: "yes" when the image's mean grey level plus the
@@ -248,53 +265,36 @@ def _check_dpg_results(work: Path, data: dict, sets: dict) -> None:
     assert f"{cdm['dpg_score']:.4g} [" in line, line
 
 
-def _check_dpg_run(work: Path) -> None:
+def _check_dpg_run(work: Path) -> tuple[dict, dict, str]:
     """The DPG stages run under Snakemake (cache_teacher too, whose params hold the prompts
     section), then the report, which depends on results/dpg.json."""
     data, sets = _set_dpg(work)
-    out = _sh(work, "snakemake", "--cores", "2")
+    out = _sh(work, "snakemake", "--cores", "2", "-p")
     for rule in ("cache_dpg", "sample_dpg", "score_dpg", "report"):
         assert f"rule {rule}:" in out, rule
     _check_dpg_results(work, data, sets)
     assert "Nothing to be done" in _sh(work, "snakemake", "--cores", "2", "-n")
+    return data, sets, out
 
 
-def _check_dpg_repro(work: Path) -> None:
-    """The same under DVC: dpg.sets and dpg.bench make the stages; the report has no edge
-    to results/dpg.json (docs/real-runs.md), so it is rerun by hand as the docs say."""
-    data, sets = _set_dpg(work)
-    ran = set(re.findall(r"Running stage '([^']+)'", _sh(work, "dvc", "repro")))
-    want = {"cache_dpg@dpg_bench", "score_dpg@dpg_bench"}
-    want |= {f"sample_dpg@{model}" for model in sets}
-    assert want <= ran, ran
-    _sh(work, "dvc", "repro", "-f", "report")
-    _check_dpg_results(work, data, sets)
-    assert "up to date" in _sh(work, "dvc", "status", "dvc.yaml")
-
-
-def test_dvc_repro_runs_a_real_backend_to_the_report(
-    tmp_path, tiny_dirs, tiny_clip, tiny_pick, tiny
-):
-    """SD3 (its baselines and DPG too) from a fresh project; the other backends' plans are
-    Snakemake's (above)."""
-    work = real_project(tmp_path / "dvc", "sd3", tiny_dirs, tiny_clip, tiny_pick, tiny)
-    # One published baseline: dvc.yaml's foreach stage is proved by one of its items; every
-    # recipe's loading is proved under Snakemake above.
-    data = yaml.safe_load((work / "params.yaml").read_text())
-    if data.get("compare"):
-        data["compare"] = dict(list(data["compare"].items())[:1])
-        (work / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    _sh(work, "git", "init", "-q")
-    _sh(work, "dvc", "init", "-q", "--force")
-    ran = set(re.findall(r"Running stage '([^']+)'", _sh(work, "dvc", "repro")))
-    assert {"fetch_weights", "prepare_teacher", "cache_teacher", "distill@cdm",
-            "sample_student@cdm-4", "score", "report"} <= ran  # fmt: skip
-    _check_report(work)
-    assert "up to date" in _sh(work, "dvc", "status", "dvc.yaml")
-    # A scorer setting reruns score and report only.
-    data = yaml.safe_load((work / "params.yaml").read_text())
+def _check_dvc_continues(work: Path, data: dict, sets: dict, ran: set) -> None:
+    """DVC takes over the SD3 run with its baseline and DPG sets (dvc.yaml's foreach stages
+    for them included); a scorer setting then reruns the scoring stages and the report only,
+    whose results are the new setting's. `ran`: the stage calls of both Snakemake runs (the
+    run, then its DPG sets). The report has no edge to results/dpg.json
+    (docs/real-runs.md), so it is rerun by hand after score_dpg, as the docs say."""
+    assert {("src/score_dpg.py",), ("src/sample.py", "--prompts", "dpg", "--model", "cdm",
+            "--steps", str(sets["cdm"]))} <= ran  # fmt: skip
+    _dvc_takes_over(work, ran)
+    before = json.loads((work / "results/metrics.json").read_text())["cdm"]["4"]
     data["score"]["n_boot"] = 50
     (work / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     rerun = set(re.findall(r"Running stage '([^']+)'", _sh(work, "dvc", "repro")))
-    assert rerun - {"validate"} == {"score", "report"}, rerun  # validate: any param
-    _check_dpg_repro(work)
+    assert rerun - {"validate"} == {"score", "score_dpg@dpg_bench", "report"}, rerun
+    _sh(work, "dvc", "repro", "-f", "report")
+    after = json.loads((work / "results/metrics.json").read_text())["cdm"]["4"]
+    # The same images scored again: the same values, intervals of 50 resamples, not 100.
+    assert all(after[m] == before[m] for m in ("clip", "pickscore", "aesthetic", "hpsv3"))
+    assert any(after[f"{m}_ci"] != before[f"{m}_ci"] for m in ("clip", "pickscore", "hpsv3"))
+    _check_dpg_results(work, data, sets)
+    assert "up to date" in _sh(work, "dvc", "status", "dvc.yaml")
