@@ -9,6 +9,8 @@ killing it never leaves a worker writing checkpoints afterwards.
 
 A leading `--nodes N` (distill.nodes; `--num_processes` then counts the GPUs of one node)
 with N > 1 runs one such launcher per node of the SLURM allocation under srun (cdm.nodes).
+On one node, a launch that names no `--main_process_port` (here or in its config file) gets
+a free one.
 
 A run that stopped to resume (distill near its time limit: exit RESUME) inside a SLURM batch
 job asks Slurm to requeue that job (`cdm.requeue`): the same job comes back and resumes from
@@ -21,6 +23,7 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     from cdm.lock import watch
 
     args = launch_command_parser().parse_args(argv)
+    if args.main_process_port is None and not configured_port(args.config_file):
+        args.main_process_port = free_port()
     watch()  # the launcher, too, ends with its orchestrator (its workers then with it)
     verbose = os.environ.get("CDM_VERBOSE") == "1"
     if not verbose:  # torch elastic logs each failed rank (and a Ctrl-C) as records too
@@ -68,6 +73,25 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return 128 + getattr(exc, "sigval", signal.SIGINT)
     return 0
+
+
+def free_port() -> int:
+    """A port nothing on this host listens on. One node's rendezvous is local, so any free
+    port serves; accelerate's fixed default (29500) fails the second of two runs on a node
+    (two single-GPU jobs, or `dvc repro` beside a Snakemake run) with EADDRINUSE."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def configured_port(config_file: str | None) -> bool:
+    """Whether the accelerate config file names a main_process_port (then it is kept)."""
+    if not config_file or not os.path.exists(config_file):
+        return False
+    import yaml
+
+    with open(config_file) as f:
+        return (yaml.safe_load(f) or {}).get("main_process_port") is not None
 
 
 def run_step(step: list[str]) -> int:
