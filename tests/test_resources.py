@@ -172,3 +172,33 @@ def test_a_cancelled_job_reads_cancelled_to_the_slurm_plugin():
         assert plugin.query_job_status is patched  # not wrapped twice
     finally:
         plugin.query_job_status = before
+
+
+def test_status_checks_at_a_fixed_interval_when_asked(monkeypatch):
+    """CDM_SLURM_STATUS_EVERY=2: every check 2 s after the last, where the plugin would add
+    10 s after each check that finds nothing finished; a bad value is one line."""
+    import snakemake_executor_plugin_slurm as plugin
+
+    from cdm.slurmstate import patch_plugin, status_every
+
+    executor = plugin.Executor.__new__(plugin.Executor)  # the property alone, no workflow
+    executor._next_seconds_between_status_checks = None
+    own = plugin.Executor.__dict__.get("next_seconds_between_status_checks")
+    before = plugin.query_job_status
+    monkeypatch.setenv("CDM_SLURM_STATUS_EVERY", "2")
+    try:
+        executor.next_seconds_between_status_checks = 52  # the plugin's back-off
+        assert executor.next_seconds_between_status_checks == 52
+        assert patch_plugin()
+        executor.next_seconds_between_status_checks = 52
+        assert executor.next_seconds_between_status_checks == 2.0
+    finally:
+        plugin.query_job_status = before
+        if own is None:
+            del plugin.Executor.next_seconds_between_status_checks
+        else:
+            plugin.Executor.next_seconds_between_status_checks = own
+    assert status_every({}) is None
+    for bad in ("0", "soon"):
+        with pytest.raises(ValueError, match="CDM_SLURM_STATUS_EVERY=.*seconds > 0"):
+            status_every({"CDM_SLURM_STATUS_EVERY": bad})
