@@ -47,3 +47,21 @@ def test_bf16_module_holds_the_blended_masters(stage, tmp_path):
     assert d["blend_module"] == 0.0, d["blend_module"]
     for key in ("blend", "ema", "ema_reload", "student_untouched"):
         assert d[key] <= 1e-6, (key, d[key])
+
+
+def test_a_zero3_copy_is_never_whole_on_a_ranks_host(tmp_path):
+    """zero.trainable_copy at ZeRO-3, two ranks: each rank's resident memory grows by its
+    half of the copy and about one parameter more, never by the whole copy (built whole
+    first, it grew by the copy's 64 MiB); the gathered copy is the teacher, trainable."""
+    cmd = [
+        PYTHON, "-m", "cdm.launch", "--config_file", str(ROOT / "configs/accelerate/zero3.yaml"),
+        "--num_processes", "2", str(ROOT / "tests/workers/zero3_copy.py"), str(tmp_path / "r.json"),
+    ]  # fmt: skip
+    env = ENV | {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # each tensor its own mapping
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads((tmp_path / "r.json").read_text())
+    assert d["world"] == 2 and d["worst"] == 0.0 and d["trainable"]
+    assert d["partition_bytes"] <= 0.51 * d["copy_bytes"]
+    one = d["copy_bytes"] / 16  # the largest parameter
+    assert d["peak_growth"] < d["partition_bytes"] + 3 * one, d

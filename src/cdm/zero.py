@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import socket
 from collections.abc import Iterator
@@ -299,12 +300,26 @@ def trainable_copy(
     """A trainable copy of the teacher (the student, the fake score), built on the CPU in
     `dtype`: bf16 on GPUs, the dtype DeepSpeed casts the module to anyway, so no device ever
     holds an fp32 copy (DeepSpeed's fp32 masters come from these bf16 weights, as before).
-    At ZeRO-3 it is partitioned as it is built (deepspeed.zero.Init, one parameter at a
-    time): no rank holds it whole on its device."""
-    model = _cpu_copy(teacher, dtype, values=True).requires_grad_(True).train()
-    if config["zero_optimization"]["stage"] == 3:
-        # mem_efficient_linear=False: leave torch's linear alone (the teacher runs outside ZeRO).
-        deepspeed.zero.Init(module=model, config_dict_or_path=config, mem_efficient_linear=False)
+
+    At ZeRO-3 no rank holds it whole, on its device or its host: the parameters are allocated
+    unwritten (a large tensor's untouched pages take no host memory), then each is filled
+    and partitioned in turn, in the order deepspeed.zero.Init(module=) would take them, so a
+    rank holds its partitions and one full parameter. Eight ranks of a node each building a
+    whole copy first would need 8 x 2 x 12.5 GB of host memory for LongCat-Image's two."""
+    if config["zero_optimization"]["stage"] != 3:
+        return _cpu_copy(teacher, dtype, values=True).requires_grad_(True).train()
+    model = _cpu_copy(teacher, dtype, values=False).requires_grad_(True).train()
+    # mem_efficient_linear=False: leave torch's linear alone (the teacher runs outside ZeRO).
+    init = functools.partial(
+        deepspeed.zero.Init, config_dict_or_path=config, mem_efficient_linear=False
+    )
+    with torch.no_grad():
+        for param, source in zip(model.parameters(), teacher.parameters(), strict=True):
+            param.copy_(source)
+            holder = torch.nn.Module()
+            holder.register_parameter("weight", param)
+            init(module=holder)
+    init(module=model)  # converts nothing more; keeps the buffers it names in fp32
     return model
 
 

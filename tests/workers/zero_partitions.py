@@ -89,6 +89,11 @@ def main() -> None:
     result |= diffs
     result["partition_floats"] = sum(p.numel() for p in ema.parts)
     result["model_floats"] = sum(p.numel() for p in model.parameters())
+    write_result(out, result)
+
+
+def write_result(out: str, result: dict) -> None:
+    """Rank 0 writes the JSON; every rank waits for it (collective)."""
     if zero.rank() == 0:
         with open(out, "w") as f:
             json.dump(result, f)
