@@ -57,3 +57,18 @@ def test_a_port_named_on_the_command_line_or_in_the_config_is_kept(ports, tmp_pa
     ) + "main_process_port: 29888\n")  # fmt: skip
     assert launch.main(["--config_file", str(config), *ARGS[2:]]) == 0
     assert ports == [29777, 29888]
+
+
+def test_one_node_of_a_multi_node_step_keeps_the_shared_default(ports, tmp_path: Path):
+    """A node's launcher in cdm.nodes' srun step (--num_machines 2, no port: DVC's distill
+    command names none) keeps accelerate's default, the port every node meets at; a free
+    port per node hung the two-node run under DVC (tests/test_real_slurm.py)."""
+    node = ["--num_machines", "2", "--machine_rank", "0", "--main_process_ip", "127.0.0.1"]
+    assert launch.main([*node, *ARGS]) == 0
+    config = tmp_path / "two.yaml"
+    text = (ROOT / "configs/accelerate/zero2.yaml").read_text()
+    config.write_text(text.replace("num_machines: 1", "num_machines: 2").replace(
+        "deepspeed_config_file: configs/", f"deepspeed_config_file: {ROOT}/configs/"
+    ))  # fmt: skip
+    assert launch.main(["--config_file", str(config), *node[2:], *ARGS[2:]]) == 0
+    assert ports == [None, None]  # left to accelerate: its default, 29500, on every node

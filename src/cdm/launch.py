@@ -9,7 +9,7 @@ killing it never leaves a worker writing checkpoints afterwards.
 
 A leading `--nodes N` (distill.nodes; `--num_processes` then counts the GPUs of one node)
 with N > 1 runs one such launcher per node of the SLURM allocation under srun (cdm.nodes).
-On one node, a launch that names no `--main_process_port` (here or in its config file) gets
+A one-machine launch that names no `--main_process_port` (here or in its config file) gets
 a free one.
 
 A run that stopped to resume (distill near its time limit: exit RESUME) inside a SLURM batch
@@ -19,6 +19,7 @@ its checkpoint, while every other failure fails once, with its own line (no `ret
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shlex
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from cdm.lock import watch
 
     args = launch_command_parser().parse_args(argv)
-    if args.main_process_port is None and not configured_port(args.config_file):
+    if args.main_process_port is None and one_machine(args):
         args.main_process_port = free_port()
     watch()  # the launcher, too, ends with its orchestrator (its workers then with it)
     verbose = os.environ.get("CDM_VERBOSE") == "1"
@@ -84,14 +85,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def configured_port(config_file: str | None) -> bool:
-    """Whether the accelerate config file names a main_process_port (then it is kept)."""
-    if not config_file or not os.path.exists(config_file):
-        return False
-    import yaml
+def one_machine(args: argparse.Namespace) -> bool:
+    """Whether this launch is one machine's whole run with no port named (command line or
+    accelerate config). One of several machines (a node of cdm.nodes' srun step) keeps
+    accelerate's default: every node must meet at the same port."""
+    config: dict = {}
+    if args.config_file and os.path.exists(args.config_file):
+        import yaml
 
-    with open(config_file) as f:
-        return (yaml.safe_load(f) or {}).get("main_process_port") is not None
+        with open(args.config_file) as f:
+            config = yaml.safe_load(f) or {}
+    machines = args.num_machines if args.num_machines is not None else config.get("num_machines")
+    return config.get("main_process_port") is None and int(machines or 1) == 1
 
 
 def run_step(step: list[str]) -> int:
