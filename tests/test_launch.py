@@ -33,6 +33,18 @@ def ports(monkeypatch) -> list[int | None]:
 ARGS = ["--config_file", "configs/accelerate/zero2.yaml", "--num_processes", "1", "src/distill.py"]
 
 
+def _config(path: Path, old: str = "", new: str = "") -> str:
+    """configs/accelerate/zero2.yaml copied to `path`, `old` replaced by `new` (no `old`:
+    `new` appended), its DeepSpeed file made absolute so the copy reads from anywhere."""
+    text = (ROOT / "configs/accelerate/zero2.yaml").read_text()
+    text = text.replace(
+        "deepspeed_config_file: configs/", f"deepspeed_config_file: {ROOT}/configs/"
+    )
+    assert old in text
+    path.write_text(text.replace(old, new) if old else text + new)
+    return str(path)
+
+
 def test_a_launch_without_a_port_gets_a_free_one_while_29500_is_taken(ports):
     with socket.socket() as held:
         held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -50,12 +62,8 @@ def test_a_launch_without_a_port_gets_a_free_one_while_29500_is_taken(ports):
 
 def test_a_port_named_on_the_command_line_or_in_the_config_is_kept(ports, tmp_path: Path):
     assert launch.main(["--main_process_port", "29777", *ARGS]) == 0
-    config = tmp_path / "acc.yaml"
-    text = (ROOT / "configs/accelerate/zero2.yaml").read_text()
-    config.write_text(text.replace(
-        "deepspeed_config_file: configs/", f"deepspeed_config_file: {ROOT}/configs/"
-    ) + "main_process_port: 29888\n")  # fmt: skip
-    assert launch.main(["--config_file", str(config), *ARGS[2:]]) == 0
+    config = _config(tmp_path / "acc.yaml", new="main_process_port: 29888\n")
+    assert launch.main(["--config_file", config, *ARGS[2:]]) == 0
     assert ports == [29777, 29888]
 
 
@@ -65,10 +73,6 @@ def test_one_node_of_a_multi_node_step_keeps_the_shared_default(ports, tmp_path:
     port per node hung the two-node run under DVC (tests/test_real_slurm.py)."""
     node = ["--num_machines", "2", "--machine_rank", "0", "--main_process_ip", "127.0.0.1"]
     assert launch.main([*node, *ARGS]) == 0
-    config = tmp_path / "two.yaml"
-    text = (ROOT / "configs/accelerate/zero2.yaml").read_text()
-    config.write_text(text.replace("num_machines: 1", "num_machines: 2").replace(
-        "deepspeed_config_file: configs/", f"deepspeed_config_file: {ROOT}/configs/"
-    ))  # fmt: skip
-    assert launch.main(["--config_file", str(config), *node[2:], *ARGS[2:]]) == 0
+    config = _config(tmp_path / "two.yaml", "num_machines: 1", "num_machines: 2")
+    assert launch.main(["--config_file", config, *node[2:], *ARGS[2:]]) == 0
     assert ports == [None, None]  # left to accelerate: its default, 29500, on every node

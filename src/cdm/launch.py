@@ -24,12 +24,18 @@ import logging
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-from cdm.nodes import NodesError, cpus_per_node, require_allocation, split_nodes, srun_command
+from cdm.nodes import (
+    NodesError,
+    cpus_per_node,
+    free_port,
+    require_allocation,
+    split_nodes,
+    srun_command,
+)
 from cdm.requeue import RESUME, requeue
 
 
@@ -51,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from cdm.lock import watch
 
     args = launch_command_parser().parse_args(argv)
-    if args.main_process_port is None and one_machine(args):
+    if args.main_process_port is None and needs_free_port(args):
         args.main_process_port = free_port()
     watch()  # the launcher, too, ends with its orchestrator (its workers then with it)
     verbose = os.environ.get("CDM_VERBOSE") == "1"
@@ -76,19 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def free_port() -> int:
-    """A port nothing on this host listens on. One node's rendezvous is local, so any free
-    port serves; accelerate's fixed default (29500) fails the second of two runs on a node
-    (two single-GPU jobs, or `dvc repro` beside a Snakemake run) with EADDRINUSE."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def one_machine(args: argparse.Namespace) -> bool:
+def needs_free_port(args: argparse.Namespace) -> bool:
     """Whether this launch is one machine's whole run with no port named (command line or
-    accelerate config). One of several machines (a node of cdm.nodes' srun step) keeps
-    accelerate's default: every node must meet at the same port."""
+    accelerate config): its rendezvous is local, so any free port serves, where accelerate's
+    fixed default (29500) fails the second of two runs on a node (two single-GPU jobs, or
+    `dvc repro` beside a Snakemake run) with EADDRINUSE. One of several machines (a node of
+    cdm.nodes' srun step) keeps the default: every node must meet at the same port."""
     config: dict = {}
     if args.config_file and os.path.exists(args.config_file):
         import yaml

@@ -23,12 +23,20 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import socket
 import sys
 
 from cdm.requeue import IN_STEP, show_job
 
 # The first host of the allocation: the rendezvous of every node's torchrun.
 FIRST_HOST = '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
+
+
+def free_port() -> int:
+    """A port nothing on this host listens on: the rendezvous of a run on one machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class NodesError(ValueError):

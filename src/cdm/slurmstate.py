@@ -9,8 +9,8 @@ only says "Will exit after finishing currently running jobs"). Seen on a real Sl
 
 The plugin also waits 10 s longer after each status check that finds no job finished (up to
 3 minutes), which suits day-long jobs, while a DAG of one-minute jobs (a local Slurm, the
-scaled-down profile) learns of each job's end tens of seconds late. `CDM_SLURM_STATUS_EVERY=<seconds>` checks at that
-fixed interval instead.
+scaled-down profile) learns of each job's end tens of seconds late.
+`CDM_SLURM_STATUS_EVERY=<seconds>` checks at that fixed interval instead.
 """
 
 from __future__ import annotations

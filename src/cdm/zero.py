@@ -12,7 +12,6 @@ import contextlib
 import copy
 import functools
 import os
-import socket
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -26,11 +25,7 @@ from deepspeed.utils import (
     safe_set_full_fp32_param,
 )
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cdm.nodes import free_port
 
 
 def init_distributed(
@@ -53,7 +48,7 @@ def init_distributed(
         plugin = getattr(Accelerator(kwargs_handlers=[kwargs]).state, "deepspeed_plugin", None)
     if not dist.is_initialized():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), plugin.deepspeed_config if plugin else None
 
